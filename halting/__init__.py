@@ -1,0 +1,5 @@
+"""Token halting across blocks and timesteps (A-SSA). Model-agnostic: imports nothing of the
+project; a model opts in by implementing :class:`HaltableModel`."""
+from .protocol import HaltableBlock, HaltableModel, run_stepwise
+
+__all__ = ["HaltableBlock", "HaltableModel", "run_stepwise"]

@@ -1,0 +1,66 @@
+"""The haltable-model protocol: what a spiking transformer offers to be driven per timestep.
+
+Both the direct-trained models (``stas_core``) and converted ViTs (``convert``) implement it,
+so the halting plugin never needs to know which path made a model. This module imports
+nothing of the project.
+
+Execution order is timestep-major, ``for t: for l:``; tensors of one timestep are
+``[B, N, D]`` and ``active`` masks are ``[B, N]`` bool.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class HaltableBlock(Protocol):
+    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        """One block at one timestep. Tokens with ``active`` False must come out unchanged,
+        send nothing to the other tokens (no Q/K/V), cost no ops, and keep their neuron
+        state frozen."""
+
+
+@runtime_checkable
+class HaltableModel(Protocol):
+    timesteps: int
+    blocks: Sequence[HaltableBlock]
+
+    def reset(self) -> None:
+        """Clear all neuron state (start of a sample)."""
+
+    def tokens(self, x: Tensor, t: int) -> Tensor:
+        """Input tokens ``[B, N, D]`` of timestep ``t`` (I-SPS: the same tensor every t)."""
+
+    def readout(self, per_token_out: Tensor) -> Tensor:
+        """Logits ``[B, classes]`` from per-token outputs ``[B, N, D]``."""
+
+
+def run_stepwise(model: HaltableModel, x: Tensor, timesteps: Optional[int] = None, *,
+                 on_timestep: Optional[Callable[[int], None]] = None,
+                 cumulative: bool = False):
+    """Run ``model`` timestep-major with every token active.
+
+    Returns the mean over timesteps of the per-timestep readout, ``[B, classes]``; with
+    ``cumulative=True`` returns ``[T, B, classes]`` where entry t is the mean of the first
+    t + 1 readouts (the answer the model would give if stopped after t + 1 timesteps).
+    ``on_timestep(t)`` is called before each timestep (used by op counters).
+    """
+    steps = model.timesteps if timesteps is None else timesteps
+    model.reset()
+    total, outs = None, []
+    for t in range(steps):
+        if on_timestep is not None:
+            on_timestep(t)
+        h = model.tokens(x, t)
+        for blk in model.blocks:
+            h = blk.step(h)
+        logits = model.readout(h)
+        total = logits if total is None else total + logits
+        if cumulative:
+            outs.append(total / (t + 1))
+    if cumulative:
+        import torch
+        return torch.stack(outs)
+    return total / steps

@@ -1,0 +1,152 @@
+"""Spikformer (Zhou et al., ICLR 2023): SPS + spiking self-attention (SSA) + spiking MLP.
+
+Every Linear/Conv is followed by BatchNorm and a LIF neuron, so blocks exchange spikes;
+residuals add spikes; attention has no softmax: ``attn_lif((Q K^T) V * 0.125)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..layers import LinearBN, SpikeMatMul, fire, mask_tokens
+from .base import SpikingTransformer, TransformerBlock
+from .registry import register_family, register_model
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """``[..., N, D]`` -> ``[..., heads, N, D / heads]``."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``[..., heads, N, d]`` -> ``[..., N, heads * d]``."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spikformer SSA. ``(Q K^T) V`` on spike counts, scaled after the product (same value,
+    integer intermediate: the op counter sees spike counts). Halted tokens (``active``
+    False) send no Q/K/V spikes, so they leave attention for everyone else.
+    """
+
+    def __init__(self, dim: int, num_heads: int, neuron_layer, scale: float = 0.125,
+                 attn_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, scale
+        self.q, self.k, self.v = LinearBN(dim, dim), LinearBN(dim, dim), LinearBN(dim, dim)
+        self.q_lif, self.k_lif, self.v_lif = neuron_layer(), neuron_layer(), neuron_layer()
+        self.qk, self.av = SpikeMatMul(), SpikeMatMul()
+        self.attn_lif = neuron_layer(v_threshold=attn_threshold)
+        self.proj = LinearBN(dim, dim)
+        self.proj_lif = neuron_layer()
+
+    def qkv_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        h = self.num_heads
+        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
+        return merge_heads(self.av(self.qk(q, k.transpose(-2, -1)), v) * self.scale)
+
+    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+        x = mask_tokens(x, active)
+        q = fire(self.q_lif, self.q(x, active), active, multi)
+        k = fire(self.k_lif, self.k(x, active), active, multi)
+        v = fire(self.v_lif, self.v(x, active), active, multi)
+        y = fire(self.attn_lif, self.qkv_attention(q, k, v), active, multi)
+        return fire(self.proj_lif, self.proj(y, active), active, multi)
+
+
+class SpikingMLP(nn.Module):
+    """``LIF(BN(fc2(LIF(BN(fc1(x))))))``."""
+
+    def __init__(self, dim: int, hidden: int, neuron_layer) -> None:
+        super().__init__()
+        self.fc1, self.lif1 = LinearBN(dim, hidden), neuron_layer()
+        self.fc2, self.lif2 = LinearBN(hidden, dim), neuron_layer()
+
+    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+        x = mask_tokens(x, active)
+        x = fire(self.lif1, self.fc1(x, active), active, multi)
+        return fire(self.lif2, self.fc2(x, active), active, multi)
+
+
+class SPS(nn.Module):
+    """Spiking patch splitting: 4 x (Conv3x3 -> BN -> LIF [-> MaxPool]) + a relative position
+    branch (Conv3x3 -> BN -> LIF) added to its input. ``[T, B, C, H, W] -> [T, B, N, D]``.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, n_pools: int, neuron_layer) -> None:
+        super().__init__()
+        chans = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim]
+        self.convs, self.bns, self.lifs, self.pools = (nn.ModuleList() for _ in range(4))
+        prev = in_chans
+        for i, c in enumerate(chans):
+            self.convs.append(nn.Conv2d(prev, c, 3, padding=1, bias=False))
+            self.bns.append(nn.BatchNorm2d(c))
+            self.lifs.append(neuron_layer())
+            pooled = i >= len(chans) - n_pools
+            self.pools.append(nn.MaxPool2d(3, 2, 1) if pooled else nn.Identity())
+            prev = c
+        self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, bias=False)
+        self.rpe_bn = nn.BatchNorm2d(embed_dim)
+        self.rpe_lif = neuron_layer()
+
+    @staticmethod
+    def _lif2d(lif, y: Tensor, steps: int) -> Tensor:
+        return lif.multi_step(y.unflatten(0, (steps, -1))).flatten(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps = x.shape[0]
+        y = x.flatten(0, 1)
+        for conv, bn, lif, pool in zip(self.convs, self.bns, self.lifs, self.pools):
+            y = pool(self._lif2d(lif, bn(conv(y)), steps))
+        y = y + self._lif2d(self.rpe_lif, self.rpe_bn(self.rpe_conv(y)), steps)
+        return y.flatten(2).transpose(1, 2).unflatten(0, (steps, -1))
+
+
+@register_family("spikformer")
+class Spikformer(SpikingTransformer):
+    """Spikformer backbone; see :class:`SpikingTransformer` for the shared arguments.
+
+    ``sps_layer``, ``attn_layer`` and ``mlp_layer`` may be swapped (timm style).
+    """
+
+    def __init__(self, *, sps_layer=SPS, attn_layer=SpikingSelfAttention,
+                 mlp_layer=SpikingMLP, **kwargs) -> None:
+        super().__init__(**kwargs)
+        nl, dim = self.neuron_layer, self.embed_dim
+        self.patch_embed = sps_layer(self.in_chans, dim, self.n_pools, nl)
+        hidden = int(dim * self.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(attn_layer(dim, self.num_heads, nl), mlp_layer(dim, hidden, nl))
+            for _ in range(self.depth))
+        self._finish_init()
+
+
+@register_model
+def spikformer_2_128(**kwargs) -> Spikformer:
+    """Small CPU config: 2 blocks, dim 128, 4 heads."""
+    return Spikformer(depth=2, embed_dim=128, **{"num_heads": 4, **kwargs})
+
+
+@register_model
+def spikformer_4_384(**kwargs) -> Spikformer:
+    """CIFAR config of the paper: 4 blocks, dim 384, 12 heads."""
+    return Spikformer(depth=4, embed_dim=384, **{"num_heads": 12, **kwargs})
+
+
+@register_model
+def spikformer_8_384(**kwargs) -> Spikformer:
+    return Spikformer(depth=8, embed_dim=384, **{"num_heads": 12, **kwargs})
+
+
+@register_model
+def spikformer_8_512(**kwargs) -> Spikformer:
+    """ImageNet config: 8 blocks, dim 512, 8 heads (default input 3x224x224)."""
+    kwargs = {"num_heads": 8, "img_size": 224, "num_classes": 1000, **kwargs}
+    return Spikformer(depth=8, embed_dim=512, **kwargs)
+
+
+@register_model
+def spikformer_8_768(**kwargs) -> Spikformer:
+    kwargs = {"num_heads": 12, "img_size": 224, "num_classes": 1000, **kwargs}
+    return Spikformer(depth=8, embed_dim=768, **kwargs)
