@@ -27,12 +27,16 @@ class TokenBN(nn.BatchNorm1d):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if active is None or not self.training:
-            return super().forward(flat).reshape(shape)
+            return self._norm(flat).reshape(shape)
         keep = active.reshape(-1).to(torch.bool)
         out = flat.clone()
         if keep.any():
-            out[keep] = super().forward(flat[keep])
+            out[keep] = self._norm(flat[keep])
         return out.reshape(shape)
+
+    def _norm(self, flat: Tensor) -> Tensor:
+        """BatchNorm of ``[M, D]`` rows (overridden for cross-process statistics)."""
+        return super().forward(flat)
 
 
 class SpikeMatMul(nn.Module):

@@ -207,6 +207,7 @@ class LIF(nn.Module):
         self.backend = check_choice("backend", backend, BACKENDS)
         self.step_mode = step_mode
         self.v: Optional[Tensor] = None
+        self.monitor = None  # callable(neuron, spikes, active) set by op counters
         self._sinabs = None
         if backend == "sinabs":  # kept out of the module tree: its buffers are state, not weights
             object.__setattr__(self, "_sinabs", _make_sinabs_layer(
@@ -245,6 +246,26 @@ class LIF(nn.Module):
 
     def multi_step(self, x_seq: Tensor) -> Tensor:
         """Run ``x_seq[T, ...]`` from the current state; returns spikes ``[T, ...]``."""
+        return self._emit(self._run(x_seq), None)
+
+    def single_step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        """One timestep on ``x[B, ...]``; ``active`` (broadcastable bool) freezes the rest."""
+        v_old = self._state_tensor(x)
+        s = self._run(x.unsqueeze(0)).squeeze(0)
+        if active is None:
+            return self._emit(s, None)
+        active = active.to(torch.bool)
+        v_new = self._state_tensor(x)
+        v_kept = torch.where(active, v_new, v_old if v_old is not None else torch.zeros_like(v_new))
+        self._set_state(v_kept)
+        return self._emit(s * active.to(s.dtype), active)
+
+    def _emit(self, spikes: Tensor, active: Optional[Tensor]) -> Tensor:
+        if self.monitor is not None:
+            self.monitor(self, spikes, active)
+        return spikes
+
+    def _run(self, x_seq: Tensor) -> Tensor:
         if self._sinabs is not None:
             self._sinabs_sync(x_seq.shape[1:], x_seq)
             return self._sinabs(x_seq.movedim(0, 1)).movedim(1, 0).to(x_seq.dtype).contiguous()
@@ -252,18 +273,6 @@ class LIF(nn.Module):
                                       v_reset=self.v_reset, detach_reset=self.detach_reset,
                                       surrogate=self.surrogate)
         return s_seq
-
-    def single_step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
-        """One timestep on ``x[B, ...]``; ``active`` (broadcastable bool) freezes the rest."""
-        v_old = self._state_tensor(x)
-        s = self.multi_step(x.unsqueeze(0)).squeeze(0)
-        if active is None:
-            return s
-        active = active.to(torch.bool)
-        v_new = self._state_tensor(x)
-        v_kept = torch.where(active, v_new, v_old if v_old is not None else torch.zeros_like(v_new))
-        self._set_state(v_kept)
-        return s * active.to(s.dtype)
 
     # state access shared by both backends
     def _state_tensor(self, like: Tensor) -> Optional[Tensor]:

@@ -1,0 +1,48 @@
+"""What every command shares: logging set-up, error handling, dataset flags."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from ..errors import StasError
+
+PACKAGES = ("stas_core", "halting", "convert", "tuning")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log the project's packages to stderr (the root logger is left alone)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for name in PACKAGES:
+        log = logging.getLogger(name)
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """``--dataset``, ``--data-dir``, ``--train-subset``, ``--val-subset``."""
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist (default, offline), cifar10, cifar100, imagenet")
+    p.add_argument("--data-dir", default=None, help="dataset root (IDX files, CIFAR, ImageFolder)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a fixed seeded subset of N images")
+    p.add_argument("--val-subset", type=int, default=None, metavar="N",
+                   help="evaluate on a fixed seeded subset of N images")
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+        argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv``, run ``main``; a user error prints one line and exits non-zero."""
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return main(args)
+    except StasError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,77 @@
+"""``stas-train --direct``: train a spiking transformer with surrogate gradients."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from ..models import list_models
+from .common import add_data_args, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stas-train", description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--direct", action="store_true", required=True,
+                   help="direct training with surrogate gradients (the only mode so far)")
+    p.add_argument("--model", default="spikformer-2-128",
+                   help=f"<family>-<blocks>-<dim>; registered: {', '.join(list_models())}")
+    add_data_args(p)
+    p.add_argument("--timesteps", "-T", type=int, default=4)
+    p.add_argument("--sps", choices=["integrated", "vanilla"], default="integrated",
+                   help="I-SPS (one patch-splitting pass) or per-timestep SPS")
+    p.add_argument("--integrate", choices=["max", "mean"], default="max",
+                   help="how I-SPS merges a time-varying input's frames")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=0.2)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop/flip during training")
+    p.add_argument("--tau", type=float, default=2.0, help="LIF time constant")
+    p.add_argument("--surrogate", choices=["sigmoid", "atan"], default="sigmoid")
+    p.add_argument("--backend", choices=["fused", "sinabs"], default="fused",
+                   help="neuron implementation")
+    p.add_argument("--out", default="runs/direct", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--energy-images", type=int, default=256,
+                   help="validation images used to count ops and energy")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   default=None, help="plain log lines instead of a progress bar")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+        timesteps=args.timesteps, sps=args.sps, integrate=args.integrate, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment,
+        out=args.out, resume=args.resume, seed=args.seed, device=args.device,
+        workers=args.workers, energy_images=args.energy_images, progress=args.progress,
+        neuron={"tau": args.tau, "backend": args.backend, "surrogate": args.surrogate})
+    summary = train(cfg)
+    if summary is not None:
+        keys = ("checkpoint", "top1", "timesteps", "energy_mj", "sops", "macs", "wall_s",
+                "images_per_s")
+        print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Datasets and loaders for image classification, offline-first.
+
+* ``fashion-mnist``: IDX files parsed with numpy, searched in ``data_dir`` (flat or the
+  torchvision layout ``data_dir/FashionMNIST/raw``), then in ``$STAS_FASHION_MNIST_DIR`` or
+  the Debian package dir :data:`SYSTEM_FASHION_MNIST_DIR` (``apt-get install
+  dataset-fashion-mnist``); torchvision download is the last resort. Kept in memory as
+  uint8 ``[N, 1, 28, 28]``; augmentation runs on tensors.
+* ``cifar10`` / ``cifar100``: torchvision's pickled batches under ``data_dir``.
+* ``imagenet``: ``ImageFolder`` on ``data_dir/train`` and ``data_dir/val``.
+
+Every user mistake or unusable environment raises :class:`DataError` or :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import os
+import pickle
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import ConfigError, DataError, check_positive_int
+
+__all__ = [
+    "DatasetInfo", "DATASETS", "ALIASES", "SYSTEM_FASHION_MNIST_DIR", "get_dataset_info",
+    "default_data_dir", "TensorImageDataset", "load_fashion_mnist", "build_datasets",
+    "build_loaders",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: Where ``apt-get install dataset-fashion-mnist`` puts the IDX files.
+SYSTEM_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: Environment variable that overrides :data:`SYSTEM_FASHION_MNIST_DIR`.
+FASHION_MNIST_ENV = "STAS_FASHION_MNIST_DIR"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: input shape, class count and normalisation."""
+
+    name: str
+    in_chans: int
+    img_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": DatasetInfo("imagenet", 3, 224, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+ALIASES: dict[str, str] = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
+
+# Errors that torchvision / the OS raise for missing, partial or corrupt data (or no network).
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError,
+                tarfile.TarError, http.client.HTTPException)
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Return the :class:`DatasetInfo` for ``name`` (aliases and case accepted)."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = ALIASES.get(key, key)
+    if key not in DATASETS:
+        known = ", ".join(list(DATASETS) + list(ALIASES))
+        raise ConfigError(f"unknown dataset {name!r}; expected one of: {known}")
+    return DATASETS[key]
+
+
+def default_data_dir() -> Path:
+    """Cache directory used when no ``data_dir`` is given: ``~/.cache/stas/data``."""
+    return Path.home() / ".cache" / "stas" / "data"
+
+
+# --------------------------------------------------------------------------- fashion-mnist
+_FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # ndim -> magic (uint8 payload)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse a uint8 IDX file (raw or ``.gz``) with ``ndim`` dimensions; DataError if corrupt."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}; re-download or reinstall it") from exc
+    header = 4 + 4 * ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != _IDX_MAGIC[ndim] or len(raw) < header:
+        found = "a truncated file" if magic is None else f"magic 0x{magic:08x}"
+        raise DataError(f"{path} is not a uint8 IDX file with {ndim} dim(s): expected magic "
+                        f"0x{_IDX_MAGIC[ndim]:08x}, found {found}; replace the file")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != int(np.prod(dims)):
+        raise DataError(f"{path} is corrupt: header says shape {dims} ({int(np.prod(dims))} bytes) "
+                        f"but holds {len(raw) - header} bytes; replace the file")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx_dir(dirs: list[Path]) -> Optional[dict[str, Path]]:
+    """First directory of ``dirs`` that holds all four IDX files (raw or .gz), as paths."""
+    for d in dirs:
+        found = {}
+        for key, stem in _FMNIST_FILES.items():
+            for cand in (d / stem, d / f"{stem}.gz"):
+                if cand.is_file():
+                    found[key] = cand
+                    break
+        if len(found) == len(_FMNIST_FILES):
+            return found
+        if found:
+            missing = sorted(set(_FMNIST_FILES.values()) - {_FMNIST_FILES[k] for k in found})
+            logger.warning("%s holds only part of Fashion-MNIST (missing %s); skipping it",
+                           d, ", ".join(missing))
+    return None
+
+
+def _fmnist_search_dirs(data_dir: Optional[PathLike]) -> list[Path]:
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    system = os.environ.get(FASHION_MNIST_ENV) or SYSTEM_FASHION_MNIST_DIR
+    return [root, root / "FashionMNIST" / "raw", Path(system).expanduser()]
+
+
+def load_fashion_mnist(data_dir: Optional[PathLike] = None, download: bool = True
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``((train_images, train_labels), (val_images, val_labels))``.
+
+    Images are uint8 ``[N, 1, 28, 28]``, labels int64 ``[N]``. See the module docstring for
+    the search order; raises DataError if nothing usable is found.
+    """
+    dirs = _fmnist_search_dirs(data_dir)
+    files = _find_idx_dir(dirs)
+    if files is None and download:
+        root = dirs[0]
+        logger.info("Fashion-MNIST not found locally; downloading into %s", root)
+        try:
+            import torchvision
+
+            for train in (True, False):
+                torchvision.datasets.FashionMNIST(root=str(root), train=train, download=True)
+        except _LOAD_ERRORS as exc:
+            logger.warning("Fashion-MNIST download failed: %s", exc)
+        files = _find_idx_dir(dirs)
+    if files is None:
+        raise DataError(
+            "Fashion-MNIST IDX files not found (searched: " + ", ".join(map(str, dirs))
+            + ("" if not download else "; download failed or is unavailable offline")
+            + "). Expected " + ", ".join(f"{s}[.gz]" for s in _FMNIST_FILES.values())
+            + ". Fix: run `apt-get install dataset-fashion-mnist`, set "
+            f"{FASHION_MNIST_ENV}, or pass --data-dir with the IDX files.")
+    logger.info("loading Fashion-MNIST from %s", files["train_images"].parent)
+    splits = []
+    for split in ("train", "val"):
+        x = _read_idx(files[f"{split}_images"], 3)
+        y = _read_idx(files[f"{split}_labels"], 1)
+        if x.shape[1:] != (28, 28) or len(x) != len(y):
+            raise DataError(f"Fashion-MNIST {split} files disagree: images {x.shape}, labels "
+                            f"{y.shape}; expected [N, 28, 28] images and N labels")
+        if y.size and y.max() >= 10:
+            raise DataError(f"Fashion-MNIST {split} labels must be in 0..9, found {int(y.max())}")
+        splits.append((torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))))
+    return splits[0], splits[1]
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images ``[N, C, H, W]`` -> (normalised float ``[C, H, W]``, int label).
+
+    With ``augment``: random crop after zero padding by ``padding`` pixels, then a random
+    horizontal flip, both on tensors (torch's global RNG, which DataLoader seeds per worker).
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple, std: tuple,
+                 augment: bool = False, padding: int = 2) -> None:
+        self.images, self.targets = images, targets
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment, self.padding = augment, padding
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].float().div_(255.0)
+        if self.augment:
+            p, (h, w) = self.padding, x.shape[-2:]
+            if p > 0:
+                i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+                x = F.pad(x, (p, p, p, p))[:, i:i + h, j:j + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std, int(self.targets[index])
+
+
+# --------------------------------------------------------------------------- torchvision sets
+def _cifar_classes():
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    def local(base):
+        # torchvision verifies the md5 of every batch file, which only makes sense for the
+        # official download. With download=False we trust files the user put there: check
+        # that they exist and let unpickling catch real corruption.
+        class Local(base):
+            def _files(self):
+                names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+                return [Path(self.root, self.base_folder, f) for f in names]
+
+            def _check_integrity(self) -> bool:
+                return all(p.is_file() for p in self._files())
+
+            def _load_meta(self) -> None:
+                with open(Path(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+        Local.__name__ = f"Local{base.__name__}"
+        return Local
+
+    return {"cifar10": (CIFAR10, local(CIFAR10)), "cifar100": (CIFAR100, local(CIFAR100))}
+
+
+def _build_cifar(info: DatasetInfo, data_dir: Optional[PathLike], download: bool, augment: bool):
+    from torchvision import transforms as T
+
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    stock, local = _cifar_classes()[info.name]
+    cls = stock if download else local
+    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    train_tf = T.Compose(([T.RandomCrop(info.img_size, padding=4), T.RandomHorizontalFlip()]
+                          if augment else []) + norm)
+    try:
+        if download:
+            root.mkdir(parents=True, exist_ok=True)
+        train = cls(root=str(root), train=True, transform=train_tf, download=download)
+        val = cls(root=str(root), train=False, transform=T.Compose(norm), download=False)
+    except _LOAD_ERRORS as exc:
+        files = ", ".join(f for f, _ in stock.train_list + stock.test_list) + ", " + stock.meta["filename"]
+        raise DataError(
+            f"cannot load {info.name} from {root} ({type(exc).__name__}: {exc}). Expected "
+            f"{root}/{stock.base_folder}/ with {files} (the python-pickle release). Fix: pass "
+            f"--data-dir pointing at the folder that contains {stock.base_folder}/, or allow "
+            "download with network access.") from exc
+    return train, val
+
+
+def _build_imagenet(info: DatasetInfo, data_dir: Optional[PathLike], augment: bool):
+    from torchvision import datasets, transforms as T
+
+    layout = "DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
+    if data_dir is None:
+        raise DataError(f"imagenet needs --data-dir (no download available); expected layout {layout}")
+    root = Path(data_dir).expanduser()
+    missing = [str(root / s) for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"imagenet folder(s) missing: {', '.join(missing)}; expected layout "
+                        f"{layout} with DIR={root}")
+    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    val_tf = T.Compose([T.Resize(round(info.img_size / 0.875)), T.CenterCrop(info.img_size)] + norm)
+    train_tf = (T.Compose([T.RandomResizedCrop(info.img_size), T.RandomHorizontalFlip()] + norm)
+                if augment else val_tf)
+    try:
+        return (datasets.ImageFolder(str(root / "train"), transform=train_tf),
+                datasets.ImageFolder(str(root / "val"), transform=val_tf))
+    except _LOAD_ERRORS as exc:
+        raise DataError(f"cannot load imagenet from {root}: {exc}; expected layout {layout}") from exc
+
+
+# --------------------------------------------------------------------------- public builders
+def _subset(ds: Dataset, n: Optional[int], seed: int, what: str) -> Dataset:
+    """Fixed seeded subset of ``n`` items (None or n >= len(ds): the whole set)."""
+    if n is None:
+        return ds
+    if n > len(ds):
+        logger.warning("%s=%d exceeds the %d available samples; using all of them", what, n, len(ds))
+    if n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
+
+
+def build_datasets(name: str, *, data_dir: Optional[PathLike] = None,
+                   train_subset: Optional[int] = None, val_subset: Optional[int] = None,
+                   seed: int = 0, download: bool = True, augment: bool = True
+                   ) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Build ``(train_dataset, val_dataset, info)`` for dataset ``name``.
+
+    ``train_subset`` / ``val_subset`` pick a fixed random subset (seeded by ``seed``);
+    ``augment=False`` gives the train split the validation transform.
+    """
+    info = get_dataset_info(name)
+    for what, n in (("train_subset", train_subset), ("val_subset", val_subset)):
+        if n is not None:
+            check_positive_int(what, n)
+    if info.name == "fashion-mnist":
+        (xt, yt), (xv, yv) = load_fashion_mnist(data_dir, download)
+        train = TensorImageDataset(xt, yt, info.mean, info.std, augment=augment, padding=2)
+        val = TensorImageDataset(xv, yv, info.mean, info.std, augment=False)
+    elif info.name in ("cifar10", "cifar100"):
+        train, val = _build_cifar(info, data_dir, download, augment)
+    else:
+        train, val = _build_imagenet(info, data_dir, augment)
+    return _subset(train, train_subset, seed, "train_subset"), _subset(val, val_subset, seed, "val_subset"), info
+
+
+def build_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, workers: int = 0,
+                  distributed: bool = False, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Return ``(train_loader, val_loader)``; train shuffled (seeded), val in order.
+
+    With ``distributed`` each loader gets a :class:`DistributedSampler` (torch.distributed
+    must be initialised); call ``train_loader.sampler.set_epoch(epoch)`` every epoch. Note
+    that DistributedSampler pads the val set with repeats to split it evenly across ranks.
+    """
+    check_positive_int("batch_size", batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
+    common = dict(batch_size=batch_size, num_workers=workers, drop_last=False,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    if distributed:
+        import torch.distributed as dist
+        from torch.utils.data.distributed import DistributedSampler
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("distributed=True needs an initialised torch.distributed process "
+                              "group; launch with torchrun (or call init_process_group) or "
+                              "drop the distributed option")
+        train_loader = DataLoader(train_ds, sampler=DistributedSampler(train_ds, shuffle=True, seed=seed),
+                                  **common)
+        val_loader = DataLoader(val_ds, sampler=DistributedSampler(val_ds, shuffle=False), **common)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train_ds, shuffle=True, generator=g, **common)
+        val_loader = DataLoader(val_ds, shuffle=False, **common)
+    return train_loader, val_loader

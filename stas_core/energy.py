@@ -1,0 +1,178 @@
+"""One op counter for every model, so energy comparisons are fair.
+
+Rules (DESIGN.md, "Energy accounting"):
+
+* a layer whose input is real-valued costs MACs: ``Linear``: tokens x in x out;
+  ``Conv``: output elements x (in / groups) x k x k;
+* a layer whose input is spikes (non-negative integer spike counts) costs ACs, one per
+  input spike per synapse it reaches: ``Linear``: spikes x out; ``Conv``: for every
+  output position, the spikes in its receptive field, times out channels (exact);
+* a spike-by-spike product ``A @ B`` (Q K^T, attn V) costs one AC per coinciding pair,
+  ``sum_k (sum_i A_ik)(sum_j B_kj)``; with one real operand, spikes x fan-out.
+
+A layer may force its kind with the attribute ``stas_input = 'spike' | 'real'``; else the
+input decides. Counts are per layer and per timestep (``counter.t``, set by the per-timestep
+runner), and only what is computed is counted: halted tokens send no spikes, so they add
+nothing. Energy: ``E = mac_pj * MACs + ac_pj * ACs`` (45 nm figures of Horowitz 2014).
+Scalings by powers of two (attention's 0.125) and BatchNorm, folded into the weights at
+inference, are not counted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import SpikeMatMul
+from .neurons import LIF
+
+
+@dataclass(frozen=True)
+class EnergyCosts:
+    """Energy per operation in picojoules."""
+
+    mac_pj: float = 4.6
+    ac_pj: float = 0.9
+
+    def energy_pj(self, macs: float, acs: float) -> float:
+        return self.mac_pj * macs + self.ac_pj * acs
+
+
+def is_spike_tensor(x: Tensor) -> bool:
+    """True if ``x`` holds non-negative integer spike counts."""
+    if x.numel() == 0:
+        return True
+    return bool(x.min() >= 0) and bool(torch.equal(x, torch.round(x)))
+
+
+def _kind(module: nn.Module, *inputs: Tensor) -> bool:
+    forced = getattr(module, "stas_input", None)
+    if forced is not None:
+        return forced == "spike"
+    return all(is_spike_tensor(x) for x in inputs)
+
+
+def linear_ops(module: nn.Linear, x: Tensor) -> tuple[float, float]:
+    """(MACs, ACs) of one Linear call."""
+    if _kind(module, x):
+        return 0.0, float(x.sum()) * module.out_features
+    return float(x.numel()) * module.out_features, 0.0
+
+
+def conv_ops(module: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[float, float]:
+    """(MACs, ACs) of one Conv2d call."""
+    kh, kw = module.kernel_size
+    if not _kind(module, x):
+        return float(out.numel()) * (module.in_channels // module.groups) * kh * kw, 0.0
+    ones = x.new_ones(1, 1, kh, kw)
+    reach = F.conv2d(x.sum(1, keepdim=True), ones, stride=module.stride,
+                     padding=module.padding, dilation=module.dilation)
+    return 0.0, float(reach.sum()) * module.out_channels / module.groups
+
+
+def matmul_ops(module: nn.Module, a: Tensor, b: Tensor) -> tuple[float, float]:
+    """(MACs, ACs) of one ``a @ b``."""
+    a_spk, b_spk = _kind(module, a), _kind(module, b)
+    if a_spk and b_spk:
+        return 0.0, float((a.sum(-2) * b.sum(-1)).sum())
+    if a_spk:
+        return 0.0, float(a.sum()) * b.shape[-1]
+    if b_spk:
+        return 0.0, float(b.sum()) * a.shape[-2]
+    return float(a.numel()) * b.shape[-1], 0.0
+
+
+class OpCounter:
+    """Count MACs/ACs per layer and timestep, and firing rates per neuron layer.
+
+    Use as a context manager around inference; set ``counter.t`` before each timestep
+    (``run_stepwise(..., on_timestep=counter.set_timestep)``) and call
+    :meth:`add_images` with each batch size. Multi-step calls are booked as timestep None.
+    """
+
+    def __init__(self, model: nn.Module, costs: Optional[EnergyCosts] = None) -> None:
+        self.model = model
+        self.costs = costs or EnergyCosts()
+        self.t: Optional[int] = None
+        self.images = 0
+        self.macs: dict[str, dict[Optional[int], float]] = defaultdict(lambda: defaultdict(float))
+        self.acs: dict[str, dict[Optional[int], float]] = defaultdict(lambda: defaultdict(float))
+        self.spikes: dict[str, float] = defaultdict(float)
+        self.sites: dict[str, float] = defaultdict(float)
+        self._handles: list = []
+        self._neurons: list[LIF] = []
+
+    def set_timestep(self, t: Optional[int]) -> None:
+        self.t = t
+
+    def add_images(self, n: int) -> None:
+        self.images += int(n)
+
+    # -------------------------------------------------------------- hooks
+    def _book(self, name: str, ops: tuple[float, float]) -> None:
+        self.macs[name][self.t] += ops[0]
+        self.acs[name][self.t] += ops[1]
+
+    def __enter__(self) -> "OpCounter":
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.Linear):
+                self._handles.append(m.register_forward_hook(
+                    lambda mod, inp, out, n=name: self._book(n, linear_ops(mod, inp[0]))))
+            elif isinstance(m, nn.Conv2d):
+                self._handles.append(m.register_forward_hook(
+                    lambda mod, inp, out, n=name: self._book(n, conv_ops(mod, inp[0], out))))
+            elif isinstance(m, SpikeMatMul):
+                self._handles.append(m.register_forward_hook(
+                    lambda mod, inp, out, n=name: self._book(n, matmul_ops(mod, *inp))))
+            elif isinstance(m, LIF):
+                m.monitor = lambda neuron, s, active, n=name: self._fired(n, s, active)
+                self._neurons.append(m)
+        return self
+
+    def _fired(self, name: str, spikes: Tensor, active: Optional[Tensor]) -> None:
+        self.spikes[name] += float(spikes.sum())
+        sites = spikes.numel() if active is None else float(active.expand_as(spikes).sum())
+        self.sites[name] += sites
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for m in self._neurons:
+            m.monitor = None
+        self._handles, self._neurons = [], []
+
+    # -------------------------------------------------------------- results
+    def _per_image(self, value: float) -> float:
+        return value / max(self.images, 1)
+
+    def summary(self) -> dict:
+        """Per-image figures: ``macs``, ``sops`` (ACs), ``energy_mj``, per layer and timestep."""
+        layers = {}
+        steps: dict[Optional[int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for name in sorted(set(self.macs) | set(self.acs)):
+            macs = sum(self.macs[name].values())
+            acs = sum(self.acs[name].values())
+            layers[name] = {"macs": self._per_image(macs), "sops": self._per_image(acs)}
+            for t, v in self.macs[name].items():
+                steps[t][0] += v
+            for t, v in self.acs[name].items():
+                steps[t][1] += v
+        total_macs = sum(v[0] for v in steps.values())
+        total_acs = sum(v[1] for v in steps.values())
+        per_t = [{"t": t, "macs": self._per_image(m), "sops": self._per_image(a),
+                  "energy_mj": self._per_image(self.costs.energy_pj(m, a)) * 1e-9}
+                 for t, (m, a) in sorted(steps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+        return {
+            "images": self.images,
+            "macs": self._per_image(total_macs),
+            "sops": self._per_image(total_acs),
+            "energy_mj": self._per_image(self.costs.energy_pj(total_macs, total_acs)) * 1e-9,
+            "costs_pj": {"mac": self.costs.mac_pj, "ac": self.costs.ac_pj},
+            "per_timestep": per_t,
+            "per_layer": layers,
+            "firing_rates": {n: self.spikes[n] / self.sites[n] for n in self.spikes if self.sites[n]},
+        }

@@ -1,0 +1,56 @@
+"""Evaluation of spiking models: top-1, throughput, and energy with the shared op counter."""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from halting.protocol import run_stepwise
+
+from .energy import EnergyCosts, OpCounter
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
+             amp: bool = False, progress=None) -> dict:
+    """Top-1 and images/s of the multi-step path over ``loader`` (local to this process)."""
+    model.eval()
+    correct = total = 0
+    seconds = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            logits = model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += labels.numel()
+        if progress is not None:
+            progress.update(1)
+    return {"correct": correct, "images": total, "seconds": seconds,
+            "top1": correct / max(total, 1), "images_per_s": total / seconds if seconds else 0.0}
+
+
+@torch.no_grad()
+def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
+                   max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None) -> dict:
+    """Per-image ops and energy, counted per timestep on the per-timestep path.
+
+    The per-timestep path computes exactly what the multi-step path does (tested), and
+    lets the counter book every op to its timestep and see I-SPS run its stack once.
+    """
+    model.eval()
+    counter = OpCounter(model, costs)
+    with counter:
+        for images, _ in loader:
+            if max_images is not None and counter.images >= max_images:
+                break
+            if max_images is not None:
+                images = images[: max_images - counter.images]
+            run_stepwise(model, images.to(device), on_timestep=counter.set_timestep)
+            counter.add_images(images.shape[0])
+    return counter.summary()

@@ -1,0 +1,317 @@
+"""Direct training of spiking transformers with surrogate gradients (``stas-train --direct``).
+
+AdamW, linear warmup then cosine decay (per step), label smoothing, AMP on CUDA, DDP under
+``torchrun`` (gloo on CPU, NCCL on GPU). After every epoch the process of rank 0 appends a
+line to ``metrics.jsonl`` and atomically rewrites ``last.safetensors``; ``resume`` picks up
+from there. At the end ``summary.json`` reports accuracy, energy, firing rates and speed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .data import build_datasets, get_dataset_info
+from .errors import CheckpointError, ConfigError, check_positive_int
+from .evaluate import evaluate, measure_energy
+from .models import create_model
+from .models.base import SpikingTransformer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "stas-direct/1"
+CHECKPOINT_NAME = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a direct training run depends on (also stored in the checkpoint)."""
+
+    model: str = "spikformer-2-128"
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    timesteps: int = 4
+    sps: str = "integrated"
+    integrate: str = "max"
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.2
+    label_smoothing: float = 0.1
+    train_subset: Optional[int] = None
+    val_subset: Optional[int] = None
+    augment: bool = True
+    out: str = "runs/direct"
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    energy_images: int = 256
+    neuron: dict = field(default_factory=lambda: {"tau": 2.0, "backend": "fused",
+                                                  "surrogate": "sigmoid"})
+    progress: Optional[bool] = None  # None: a bar when stderr is a terminal
+
+    def validate(self) -> "TrainConfig":
+        check_positive_int("timesteps", self.timesteps)
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0; got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        get_dataset_info(self.dataset)
+        return self
+
+
+# ----------------------------------------------------------------------------- setup
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unusable device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE set), else single process."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        if dist.is_initialized():
+            return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def build_model(cfg: TrainConfig) -> SpikingTransformer:
+    """The model a config describes, sized for its dataset."""
+    info = get_dataset_info(cfg.dataset)
+    return create_model(cfg.model, img_size=info.img_size, in_chans=info.in_chans,
+                         num_classes=info.num_classes, timesteps=cfg.timesteps, sps=cfg.sps,
+                         integrate=cfg.integrate, **cfg.neuron)
+
+
+def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                       **overrides) -> tuple[SpikingTransformer, TrainConfig]:
+    """Rebuild a model from a ``stas-train`` checkpoint (``overrides`` change config fields)."""
+    state = load_checkpoint(path, device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a direct-training checkpoint "
+                              f"(format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    cfg = dataclasses.replace(TrainConfig(**state["config"]), **overrides)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match model {cfg.model}: {exc}") from None
+    return model.to(device).eval(), cfg
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warmup to 1, then cosine decay to 0, by optimizer step."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _progress(enabled: Optional[bool], total: int, desc: str, main: bool):
+    if not main:
+        return None
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: TrainConfig) -> dict:
+    """Run a training job; returns the summary (also written to ``out/summary.json``)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    d = init_distributed(device)
+    start_wall = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+
+    train_ds, val_ds, info = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
+                                            train_subset=cfg.train_subset,
+                                            val_subset=cfg.val_subset, seed=cfg.seed,
+                                            augment=cfg.augment)
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    # One sampler type for 1 and N processes: N ranks see exactly the batches 1 rank sees.
+    train_sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank,
+                                       shuffle=True, seed=cfg.seed)
+    val_sampler = DistributedSampler(val_ds, num_replicas=d.world, rank=d.rank, shuffle=False)
+    per_rank = max(1, cfg.batch_size // d.world)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler, **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=val_sampler, **loader_kw)
+
+    model = build_model(cfg).to(device)
+    if d.enabled:
+        from .distributed import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
+    net = nn.parallel.DistributedDataParallel(model) if d.enabled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    history: list[dict] = []
+    start_epoch = 0
+    if cfg.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, device)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{ckpt_path} is not a direct-training checkpoint")
+        saved = TrainConfig(**state["config"])
+        for key in ("model", "dataset", "timesteps", "sps"):
+            if getattr(saved, key) != getattr(cfg, key):
+                raise ConfigError(f"--resume: {key} is {getattr(cfg, key)!r} but the checkpoint "
+                                  f"in {out} was trained with {getattr(saved, key)!r}; use the "
+                                  f"same value or another --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch = int(state["epoch"])
+        logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    elif cfg.resume:
+        logger.info("--resume: no checkpoint in %s, starting fresh", out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch)
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        bar = _progress(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.main)
+        for step, (images, labels) in enumerate(train_loader):
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            with torch.autocast(device.type, enabled=amp):
+                logits = net(images)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * labels.numel()
+            correct += float((logits.argmax(-1) == labels).sum())
+            seen += labels.numel()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                bar.update(1)
+            elif d.main and (step + 1) % max(1, steps_per_epoch // 10) == 0:
+                logger.info("epoch %d step %d/%d loss %.4f acc %.4f", epoch + 1, step + 1,
+                            steps_per_epoch, loss_sum / seen, correct / seen)
+        if bar is not None:
+            bar.close()
+        train_s = time.perf_counter() - t0
+        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], d, device)
+        ev = evaluate(model, val_loader, device, amp=amp)
+        v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                  "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
+                  "epoch_s": train_s, "train_images_per_s": seen / train_s}
+        history.append(record)
+        if d.main:
+            logger.info("epoch %d: loss %.4f train %.4f val %.4f (%.0fs)", epoch + 1,
+                        record["train_loss"], record["train_top1"], record["val_top1"], train_s)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history})
+
+    summary = None
+    if d.main:
+        summary = _summarise(cfg, model, val_loader if not d.enabled else None, val_ds,
+                             device, ckpt_path, history, start_wall, amp)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if d.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _summarise(cfg: TrainConfig, model: nn.Module, val_loader, val_ds, device, ckpt_path,
+               history, start_wall, amp) -> dict:
+    from torch.utils.data import DataLoader
+
+    if val_loader is None:  # DDP: evaluate the whole val set on rank 0
+        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
+    model = getattr(model, "module", model)
+    ev = evaluate(model, val_loader, device, amp=amp)
+    energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images)
+    return {
+        "checkpoint": str(ckpt_path),
+        "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
+        "timesteps": cfg.timesteps, "epochs": len(history),
+        "top1": ev["top1"], "val_images": ev["images"],
+        "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
+        "energy_per_timestep": energy["per_timestep"],
+        "energy_images": energy["images"],
+        "firing_rates": energy["firing_rates"],
+        "wall_s": time.perf_counter() - start_wall,
+        "images_per_s": ev["images_per_s"],
+        "history": history,
+    }
