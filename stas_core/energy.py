@@ -56,6 +56,7 @@ def _kind(module: nn.Module, *inputs: Tensor) -> bool:
     return all(is_spike_tensor(x) for x in inputs)
 
 
+@torch.no_grad()
 def linear_ops(module: nn.Linear, x: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one Linear call."""
     if _kind(module, x):
@@ -63,6 +64,7 @@ def linear_ops(module: nn.Linear, x: Tensor) -> tuple[float, float]:
     return float(x.numel()) * module.out_features, 0.0
 
 
+@torch.no_grad()
 def conv_ops(module: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one Conv2d call."""
     kh, kw = module.kernel_size
@@ -74,6 +76,7 @@ def conv_ops(module: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[float, float]:
     return 0.0, float(reach.sum()) * module.out_channels / module.groups
 
 
+@torch.no_grad()
 def matmul_ops(module: nn.Module, a: Tensor, b: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one ``a @ b``."""
     a_spk, b_spk = _kind(module, a), _kind(module, b)
@@ -134,7 +137,7 @@ class OpCounter:
         return self
 
     def _fired(self, name: str, spikes: Tensor, active: Optional[Tensor]) -> None:
-        self.spikes[name] += float(spikes.sum())
+        self.spikes[name] += float(spikes.detach().sum())
         sites = spikes.numel() if active is None else float(active.expand_as(spikes).sum())
         self.sites[name] += sites
 

@@ -203,10 +203,18 @@ class LIF(nn.Module):
         self.v_threshold = float(v_threshold)
         self.v_reset = None if v_reset is None else float(v_reset)
         self.detach_reset = bool(detach_reset)
-        self.surrogate = surrogate if surrogate is not None else Sigmoid()
+        if surrogate is None:
+            surrogate = Sigmoid()
+        elif isinstance(surrogate, str):
+            surrogate = make_surrogate(surrogate)
+        elif not callable(surrogate):
+            raise ConfigError(f"surrogate must be 'sigmoid', 'atan' or a callable "
+                              f"(v_mem, threshold) -> dS/dH; got {surrogate!r}")
+        self.surrogate = surrogate
         self.backend = check_choice("backend", backend, BACKENDS)
         self.step_mode = step_mode
         self.v: Optional[Tensor] = None
+        self._fresh = True  # sinabs backend: state must be (re)initialised at rest
         self.monitor = None  # callable(neuron, spikes, active) set by op counters
         self._sinabs = None
         if backend == "sinabs":  # kept out of the module tree: its buffers are state, not weights
@@ -236,10 +244,7 @@ class LIF(nn.Module):
     def reset(self) -> None:
         """Forget the membrane potential (start of a new sample)."""
         self.v = None
-        if self._sinabs is not None:
-            self._sinabs.reset_states()
-            for name, _ in list(self._sinabs.named_buffers()):
-                setattr(self._sinabs, name, getattr(self._sinabs, name).detach())
+        self._fresh = True
 
     def forward(self, x: Tensor) -> Tensor:
         return self.multi_step(x) if self._step_mode == "m" else self.single_step(x)
@@ -256,7 +261,9 @@ class LIF(nn.Module):
             return self._emit(s, None)
         active = active.to(torch.bool)
         v_new = self._state_tensor(x)
-        v_kept = torch.where(active, v_new, v_old if v_old is not None else torch.zeros_like(v_new))
+        if v_old is None:
+            v_old = torch.full_like(v_new, self.v_reset or 0.0)
+        v_kept = torch.where(active, v_new, v_old)
         self._set_state(v_kept)
         return self._emit(s * active.to(s.dtype), active)
 
@@ -269,7 +276,13 @@ class LIF(nn.Module):
         if self._sinabs is not None:
             self._sinabs_sync(x_seq.shape[1:], x_seq)
             return self._sinabs(x_seq.movedim(0, 1)).movedim(1, 0).to(x_seq.dtype).contiguous()
-        s_seq, self.v = lif_multistep(x_seq, self.v, tau=self.tau, v_threshold=self.v_threshold,
+        v0 = self.v
+        if v0 is None and self.v_reset not in (None, 0.0):
+            v0 = x_seq.new_full(x_seq.shape[1:], self.v_reset)  # start at rest, as spikingjelly
+        elif v0 is not None and v0.shape != x_seq.shape[1:]:
+            raise ConfigError(f"neuron state has shape {list(v0.shape)} but the input step has "
+                              f"{list(x_seq.shape[1:])}; call reset() before a new sample")
+        s_seq, self.v = lif_multistep(x_seq, v0, tau=self.tau, v_threshold=self.v_threshold,
                                       v_reset=self.v_reset, detach_reset=self.detach_reset,
                                       surrogate=self.surrogate)
         return s_seq
@@ -278,7 +291,7 @@ class LIF(nn.Module):
     def _state_tensor(self, like: Tensor) -> Optional[Tensor]:
         if self._sinabs is None:
             return self.v
-        if not self._sinabs.is_state_initialised() or self._sinabs.v_mem.shape != like.shape:
+        if self._fresh or self._sinabs.v_mem.shape != like.shape:
             return None
         return self._sinabs.v_mem
 
@@ -290,8 +303,9 @@ class LIF(nn.Module):
 
     def _sinabs_sync(self, shape, like: Tensor) -> None:
         layer = self._sinabs
-        if not layer.is_state_initialised() or tuple(layer.v_mem.shape) != tuple(shape):
-            layer.v_mem = like.new_zeros(shape)
+        if self._fresh or not layer.is_state_initialised() or tuple(layer.v_mem.shape) != tuple(shape):
+            layer.v_mem = like.new_full(shape, self.v_reset or 0.0)
+            self._fresh = False
 
 
 class IF(LIF):

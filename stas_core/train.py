@@ -171,6 +171,16 @@ def _all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[
     return t.tolist()
 
 
+def _gather_rng_states(d: Dist) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (augmentation draws from it), for exact resumption."""
+    state = torch.get_rng_state()
+    if not d.enabled or dist.get_backend() != "gloo":  # NCCL gathers CUDA tensors only
+        return [state]
+    states = [torch.empty_like(state) for _ in range(d.world)]
+    dist.all_gather(states, state)
+    return states
+
+
 # ----------------------------------------------------------------------------- training
 def train(cfg: TrainConfig) -> dict:
     """Run a training job; returns the summary (also written to ``out/summary.json``)."""
@@ -192,12 +202,13 @@ def train(cfg: TrainConfig) -> dict:
     # One sampler type for 1 and N processes: N ranks see exactly the batches 1 rank sees.
     train_sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank,
                                        shuffle=True, seed=cfg.seed)
-    val_sampler = DistributedSampler(val_ds, num_replicas=d.world, rank=d.rank, shuffle=False)
+    from torch.utils.data import Subset
+    val_shard = val_ds if d.world == 1 else Subset(val_ds, range(d.rank, len(val_ds), d.world))
     per_rank = max(1, cfg.batch_size // d.world)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0)
     train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler, **loader_kw)
-    val_loader = DataLoader(val_ds, batch_size=per_rank, sampler=val_sampler, **loader_kw)
+    val_loader = DataLoader(val_shard, batch_size=per_rank, shuffle=False, **loader_kw)
 
     model = build_model(cfg).to(device)
     if d.enabled:
@@ -230,6 +241,8 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng"][d.rank].cpu() if d.rank < len(state["rng"])
+                            else state["rng"][0].cpu())
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif cfg.resume:
         logger.info("--resume: no checkpoint in %s, starting fresh", out)
@@ -272,6 +285,7 @@ def train(cfg: TrainConfig) -> dict:
                   "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
                   "epoch_s": train_s, "train_images_per_s": seen / train_s}
         history.append(record)
+        rng = _gather_rng_states(d)
         if d.main:
             logger.info("epoch %d: loss %.4f train %.4f val %.4f (%.0fs)", epoch + 1,
                         record["train_loss"], record["train_top1"], record["val_top1"], train_s)
@@ -280,7 +294,8 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history})
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                "rng": rng})
 
     summary = None
     if d.main:

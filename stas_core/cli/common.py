@@ -11,14 +11,28 @@ from ..errors import StasError
 PACKAGES = ("stas_core", "halting", "convert", "tuning")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be swapped, e.g. by tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log the project's packages to stderr (the root logger is left alone)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    """Log the project's packages to stderr (the root logger is left alone). Idempotent."""
     for name in PACKAGES:
         log = logging.getLogger(name)
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
-        log.addHandler(handler)
+        if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                                   "%H:%M:%S"))
+            log.addHandler(handler)
         log.propagate = False
 
 

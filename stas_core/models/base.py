@@ -30,10 +30,15 @@ INTEGRATE_MODES = ("max", "mean")
 
 def make_neuron_layer(*, tau: float = 2.0, backend: str = "fused", surrogate: str = "sigmoid",
                       surrogate_alpha: Optional[float] = None, detach_reset: bool = True,
-                      v_reset: Optional[float] = 0.0) -> Callable[..., LIF]:
-    """A ``neuron_layer`` factory (LIF with these settings; ``v_threshold`` may be overridden)."""
+                      reset: str = "hard", v_reset: float = 0.0) -> Callable[..., LIF]:
+    """A ``neuron_layer`` factory (LIF with these settings; ``v_threshold`` may be overridden).
+
+    ``reset='soft'`` subtracts the threshold; ``'hard'`` sets the membrane to ``v_reset``.
+    """
+    check_choice("reset", reset, ("hard", "soft"))
     return functools.partial(LIF, tau, backend=backend, detach_reset=detach_reset,
-                             v_reset=v_reset, surrogate=make_surrogate(surrogate, surrogate_alpha))
+                             v_reset=None if reset == "soft" else v_reset,
+                             surrogate=make_surrogate(surrogate, surrogate_alpha))
 
 
 def pools_for(img_size: int) -> int:
@@ -75,7 +80,7 @@ class SpikingTransformer(nn.Module):
                  embed_dim: int = 384, depth: int = 4, num_heads: Optional[int] = None,
                  mlp_ratio: float = 4.0, timesteps: int = 4, sps: str = "integrated",
                  integrate: str = "max", neuron_layer: Optional[Callable[..., LIF]] = None,
-                 **neuron_kwargs) -> None:
+                 bn_init: Optional[float] = None, **neuron_kwargs) -> None:
         super().__init__()
         self.img_size = check_positive_int("img_size", img_size)
         self.in_chans = check_positive_int("in_chans", in_chans)
@@ -96,11 +101,20 @@ class SpikingTransformer(nn.Module):
         self.num_tokens = self.grid * self.grid
         self.mlp_ratio = mlp_ratio
         self.neuron_layer = neuron_layer or make_neuron_layer(**neuron_kwargs)
+        # A LIF integrates X / tau per step, so unit-variance pre-activations rarely reach the
+        # threshold in the first steps (I-SPS runs its stack for a single step). BatchNorm
+        # scales starting at tau fix that; short CPU runs learn several times faster.
+        self.bn_init = float(bn_init if bn_init is not None else neuron_kwargs.get("tau", 2.0))
         self._cached_tokens: Optional[Tensor] = None
 
     def _finish_init(self) -> None:
+        """Head and weight init (BatchNorm scales start at ``bn_init``)."""
         self.head = nn.Linear(self.embed_dim, self.num_classes)
+        if self.head_input_spiking:  # mean of spike counts: accumulate, don't multiply
+            self.head.stas_input = "spike"
         for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                nn.init.constant_(m.weight, self.bn_init)
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -138,7 +152,8 @@ class SpikingTransformer(nn.Module):
         return self.patch_embed(frames)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Tokens after the last block, ``[T, B, N, D]``."""
+        """Tokens after the last block, ``[T, B, N, D]``; starts from reset neurons."""
+        self.reset()
         x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
@@ -150,7 +165,6 @@ class SpikingTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, classes]``; each call starts from reset neurons."""
-        self.reset()
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------ haltable protocol

@@ -1,0 +1,151 @@
+"""Training and inference speed of vanilla SPS vs I-SPS, measured side by side.
+
+    python bench/train_speed.py [--model spikformer-2-128] [-T 4] [--batch-size 128]
+                                [--steps 10] [--warmup 2] [--device auto] [--threads N]
+
+Random inputs (speed does not depend on the pixels). Training step: forward on the
+multi-step path, cross-entropy, backward, AdamW step. Inference step: eval-mode forward
+under ``torch.inference_mode``. After ``--warmup`` untimed steps of each kind, the two modes
+are timed alternately step by step (vanilla, integrated, vanilla, ...), so both see the same
+machine load, and the median of ``--steps`` timed steps is reported. Prints one JSON object
+(with the load average: on an oversubscribed CPU box, ``--threads 1`` can be several times
+faster than the default, because every multi-threaded op waits for a descheduled thread).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from stas_core.cli.common import run
+from stas_core.errors import ConfigError, check_positive_int
+from stas_core.models import create_model
+from stas_core.train import resolve_device
+
+MODES = ("vanilla", "integrated")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="spikformer-2-128")
+    p.add_argument("--timesteps", "-T", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--in-chans", type=int, default=1)
+    p.add_argument("--img-size", type=int, default=28)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode and kind")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode and kind")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16/fp16 autocast (auto: on for CUDA, as stas-train does)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    for name in ("timesteps", "batch_size", "steps", "in_chans", "img_size", "num_classes"):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0; got {args.warmup}")
+    if args.threads is not None:
+        torch.set_num_threads(check_positive_int("--threads", args.threads))
+    device = resolve_device(args.device)
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp == "on"
+    if amp and device.type != "cuda":
+        raise ConfigError("--amp on needs a CUDA device (stas-train uses AMP on CUDA only)")
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, generator=g)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+    x, y = x.to(device), y.to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    setups = {}
+    for mode in MODES:
+        torch.manual_seed(args.seed)  # same initial weights in both modes
+        model = create_model(args.model, img_size=args.img_size, in_chans=args.in_chans,
+                             num_classes=args.num_classes, timesteps=args.timesteps,
+                             sps=mode).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        setups[mode] = (model, opt, scaler)
+
+    def train_step(mode: str) -> float:
+        model, opt, scaler = setups[mode]
+        model.train()
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=amp):
+            loss = criterion(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        _sync(device)
+        return time.perf_counter() - start
+
+    def infer_step(mode: str) -> float:
+        model = setups[mode][0]
+        model.eval()
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+            model(x)
+        _sync(device)
+        return time.perf_counter() - start
+
+    times: dict[str, dict[str, list]] = {m: {"train": [], "infer": []} for m in MODES}
+    for kind, step in (("train", train_step), ("infer", infer_step)):
+        for mode in MODES:
+            for _ in range(args.warmup):
+                step(mode)
+        for _ in range(args.steps):
+            for mode in MODES:
+                times[mode][kind].append(step(mode))
+
+    results = {}
+    for mode in MODES:
+        med_t = statistics.median(times[mode]["train"])
+        med_i = statistics.median(times[mode]["infer"])
+        results[mode] = {"train_images_per_s": args.batch_size / med_t,
+                         "infer_images_per_s": args.batch_size / med_i,
+                         "train_step_s_median": med_t, "infer_step_s_median": med_i,
+                         "train_step_s": times[mode]["train"], "infer_step_s": times[mode]["infer"]}
+    v, i = results["vanilla"], results["integrated"]
+    report = {
+        "model": args.model, "timesteps": args.timesteps, "batch_size": args.batch_size,
+        "input": [args.in_chans, args.img_size, args.img_size], "steps": args.steps,
+        "warmup": args.warmup, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "amp": amp, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "results": results,
+        "ratio_integrated_over_vanilla": {
+            "train_images_per_s": i["train_images_per_s"] / v["train_images_per_s"],
+            "infer_images_per_s": i["infer_images_per_s"] / v["infer_images_per_s"]},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_bench, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
