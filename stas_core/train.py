@@ -283,7 +283,8 @@ def train(cfg: TrainConfig) -> dict:
         v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
-                  "epoch_s": train_s, "train_images_per_s": seen / train_s}
+                  "epoch_s": train_s, "train_images_per_s": seen / train_s,
+                  "elapsed_s": time.perf_counter() - start_wall}
         history.append(record)
         rng = _gather_rng_states(d)
         if d.main:
