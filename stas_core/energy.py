@@ -10,8 +10,10 @@ Rules (DESIGN.md, "Energy accounting"):
 * a spike-by-spike product ``A @ B`` (Q K^T, attn V) costs one AC per coinciding pair,
   ``sum_k (sum_i A_ik)(sum_j B_kj)``; with one real operand, spikes x fan-out.
 
-A layer may force its kind with the attribute ``stas_input = 'spike' | 'real'``; else the
-input decides. Counts are per layer and per timestep (``counter.t``, set by the per-timestep
+A layer may force its kind with the attribute ``stas_input = 'spike' | 'events' | 'real'``
+('events': graded spikes of a multi-threshold neuron, one AC per nonzero input and
+synapse); else the input decides. A module with a ``count_ops(inputs, output)`` method
+reports its own ``(MACs, ACs)``. Counts are per layer and per timestep (``counter.t``, set by the per-timestep
 runner), and only what is computed is counted: halted tokens send no spikes, so they add
 nothing. Energy: ``E = mac_pj * MACs + ac_pj * ACs`` (45 nm figures of Horowitz 2014).
 Scalings by powers of two (attention's 0.125) and BatchNorm, folded into the weights at
@@ -49,29 +51,44 @@ def is_spike_tensor(x: Tensor) -> bool:
     return bool(x.min() >= 0) and bool(torch.equal(x, torch.round(x)))
 
 
-def _kind(module: nn.Module, *inputs: Tensor) -> bool:
+def _kind(module: nn.Module, x: Tensor) -> str:
+    """'real', 'spike' (integer spike counts) or 'events' (one event per nonzero value)."""
     forced = getattr(module, "stas_input", None)
     if forced is not None:
-        return forced == "spike"
-    return all(is_spike_tensor(x) for x in inputs)
+        return forced
+    return "spike" if is_spike_tensor(x) else "real"
+
+
+def _events(kind: str, x: Tensor, module: Optional[nn.Module] = None) -> float:
+    """Number of input spikes: spike counts add up; graded events count once each (or as
+    their source neuron says, ``module.stas_source.events(x)``, e.g. for bursts)."""
+    if kind == "spike":
+        return float(x.sum())
+    source = getattr(module, "stas_source", None)
+    if source is not None:
+        return float(source.events(x).sum())
+    return float(torch.count_nonzero(x))
 
 
 @torch.no_grad()
 def linear_ops(module: nn.Linear, x: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one Linear call."""
-    if _kind(module, x):
-        return 0.0, float(x.sum()) * module.out_features
-    return float(x.numel()) * module.out_features, 0.0
+    kind = _kind(module, x)
+    if kind == "real":
+        return float(x.numel()) * module.out_features, 0.0
+    return 0.0, _events(kind, x, module) * module.out_features
 
 
 @torch.no_grad()
 def conv_ops(module: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one Conv2d call."""
     kh, kw = module.kernel_size
-    if not _kind(module, x):
+    kind = _kind(module, x)
+    if kind == "real":
         return float(out.numel()) * (module.in_channels // module.groups) * kh * kw, 0.0
+    spikes = x if kind == "spike" else (x != 0).to(x.dtype)
     ones = x.new_ones(1, 1, kh, kw)
-    reach = F.conv2d(x.sum(1, keepdim=True), ones, stride=module.stride,
+    reach = F.conv2d(spikes.sum(1, keepdim=True), ones, stride=module.stride,
                      padding=module.padding, dilation=module.dilation)
     return 0.0, float(reach.sum()) * module.out_channels / module.groups
 
@@ -79,13 +96,13 @@ def conv_ops(module: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def matmul_ops(module: nn.Module, a: Tensor, b: Tensor) -> tuple[float, float]:
     """(MACs, ACs) of one ``a @ b``."""
-    a_spk, b_spk = _kind(module, a), _kind(module, b)
-    if a_spk and b_spk:
+    a_kind, b_kind = _kind(module, a), _kind(module, b)
+    if a_kind == "spike" and b_kind == "spike":
         return 0.0, float((a.sum(-2) * b.sum(-1)).sum())
-    if a_spk:
-        return 0.0, float(a.sum()) * b.shape[-1]
-    if b_spk:
-        return 0.0, float(b.sum()) * a.shape[-2]
+    if a_kind != "real":
+        return 0.0, _events(a_kind, a) * b.shape[-1]
+    if b_kind != "real":
+        return 0.0, _events(b_kind, b) * a.shape[-2]
     return float(a.numel()) * b.shape[-1], 0.0
 
 
@@ -128,6 +145,9 @@ class OpCounter:
             elif isinstance(m, nn.Conv2d):
                 self._handles.append(m.register_forward_hook(
                     lambda mod, inp, out, n=name: self._book(n, conv_ops(mod, inp[0], out))))
+            elif hasattr(m, "count_ops"):  # modules that know their own cost
+                self._handles.append(m.register_forward_hook(
+                    lambda mod, inp, out, n=name: self._book(n, mod.count_ops(inp, out))))
             elif isinstance(m, SpikeMatMul):
                 self._handles.append(m.register_forward_hook(
                     lambda mod, inp, out, n=name: self._book(n, matmul_ops(mod, *inp))))

@@ -1,0 +1,172 @@
+"""Stateful building blocks of converted spiking transformers (mean framing).
+
+The ANN value of a site is carried by the *mean* over timesteps of what flows there. Every
+module below keeps per-sample state, is cleared by ``reset()``, and processes one
+timestep per ``step`` call (tensors ``[B, ...]``). An optional ``active`` mask (bool,
+broadcastable to the input) freezes the state of halted tokens and silences their output.
+
+* :class:`MultiThresholdNeuron` turns a real-valued stream into graded spikes
+  ``s in {0, +-theta 2^-i}`` (one event per step) with a soft reset, so the running mean
+  of its output tracks the running mean of its input to within ``theta / t``.
+* :class:`Compensated` wraps a nonlinear ``f`` (LayerNorm, GELU, softmax) with expectation
+  compensation: after ``t`` steps its outputs add up to exactly ``t * f(mean input)``.
+* :class:`CompensatedMatMul` does the same for a product of two spike trains (Q K^T, attn V):
+  cumulative output ``t * mean(A) @ mean(B)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from stas_core.errors import ConfigError
+
+Count = Union[int, Tensor]
+
+
+def _advance(count: Count, active: Optional[Tensor], like: Tensor) -> Count:
+    if active is None:
+        return count + 1
+    return count + active.to(like.dtype)
+
+
+def _freeze(new: Tensor, old: Optional[Tensor], active: Optional[Tensor]) -> Tensor:
+    if active is None or old is None:
+        return new if active is None else new * active.to(new.dtype)
+    return torch.where(active, new, old)
+
+
+class MultiThresholdNeuron(nn.Module):
+    """Signed multi-threshold integrate-and-fire neuron with soft reset.
+
+    Levels ``theta * 2^-i`` for ``i = 0 .. levels-1`` (and their negatives); each step the
+    neuron emits the level nearest to its membrane (or nothing) and subtracts what it
+    emitted. Powers of two keep every event an addition (a shifted weight) on hardware.
+    A membrane beyond ``theta`` fires a burst of ``floor(|v| / theta)`` full spikes, so no
+    input is ever clipped and the running mean converges to the input's exactly.
+    ``threshold`` is a buffer set by calibration.
+    """
+
+    def __init__(self, levels: int = 8, threshold: float = 1.0) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ConfigError(f"levels must be >= 1; got {levels}")
+        self.levels = int(levels)
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.v: Optional[Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, threshold={float(self.threshold):.4g}"
+
+    def reset(self) -> None:
+        self.v = None
+
+    def quantize(self, v: Tensor) -> Tensor:
+        """The level nearest to ``v`` in ``{0, +-theta 2^-i}``; whole multiples of theta above."""
+        theta = self.threshold.to(v.dtype)
+        m = v.abs()
+        k = torch.floor(torch.log2(theta / m)).clamp_(min=0)      # m in (lam/2, lam]
+        lam = theta * torch.exp2(-k)
+        lam = torch.where(m >= 0.75 * lam, lam, 0.5 * lam)         # nearest of lam, lam/2
+        smallest = theta * 2.0 ** (1 - self.levels)
+        lam = torch.where(lam < smallest, torch.where(m >= 0.5 * smallest, smallest, 0.0), lam)
+        lam = torch.where(m >= theta, theta * torch.floor(m / theta), lam)
+        return torch.copysign(lam, v)
+
+    def events(self, s: Tensor) -> Tensor:
+        """Number of spikes in emitted values ``s`` (a burst of k full spikes counts k)."""
+        full = torch.floor(s.abs() / self.threshold.to(s.dtype))
+        return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
+
+    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        v = x if self.v is None else self.v + x
+        s = self.quantize(v)
+        if active is not None:
+            s = s * active.to(s.dtype)
+            v_new = v - s
+            self.v = torch.where(active, v_new, self.v) if self.v is not None else v_new * active
+        else:
+            self.v = v - s
+        return s
+
+    forward = step
+
+
+class Compensated(nn.Module):
+    """Expectation compensation of ``fn``: outputs sum to ``t * fn(mean of inputs)``."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: Optional[Tensor] = None
+        self.count: Count = 0
+        self.emitted: Optional[Tensor] = None
+
+    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        total = x if self.total is None else self.total + x
+        count = _advance(self.count, active, x)
+        if isinstance(count, Tensor):
+            cumulative = count * self.fn(total / count.clamp(min=1))
+        else:
+            cumulative = count * self.fn(total / count)
+        out = cumulative if self.emitted is None else cumulative - self.emitted
+        self.total = _freeze(total, self.total, active)
+        self.emitted = _freeze(cumulative, self.emitted, active)
+        self.count = count
+        return out if active is None else out * active.to(out.dtype)
+
+    forward = step
+
+
+class CompensatedMatMul(nn.Module):
+    """Product of two spike trains: cumulative output ``sum(A) @ (sum(B) / count_B)``.
+
+    ``b_count`` gives how many steps each element of B has been fed (a broadcastable tensor
+    under halting, else the step number); with every token active it is ``t``, so the
+    outputs sum to ``t * mean(A) @ mean(B)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum_a: Optional[Tensor] = None
+        self.sum_b: Optional[Tensor] = None
+        self.emitted: Optional[Tensor] = None
+        self.steps = 0
+
+    def step(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None) -> Tensor:
+        self.sum_a = a if self.sum_a is None else self.sum_a + a
+        self.sum_b = b if self.sum_b is None else self.sum_b + b
+        self.steps += 1
+        count = b_count.clamp(min=1) if b_count is not None else self.steps
+        cumulative = self.sum_a @ (self.sum_b / count)
+        out = cumulative if self.emitted is None else cumulative - self.emitted
+        self.emitted = cumulative
+        return out
+
+    def forward(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None) -> Tensor:
+        return self.step(a, b, b_count)
+
+    @torch.no_grad()
+    def count_ops(self, inputs, output) -> tuple[float, float]:
+        """Incremental cost: each new event of A adds a row of sum(B), each event of B a
+        column of sum(A): ``nnz(a) * M + nnz(b) * N`` ACs (the rescale by 1/t is a shift
+        when t is a power of two, and is not counted, as for BatchNorm)."""
+        a, b = inputs[0], inputs[1]
+        return 0.0, float(torch.count_nonzero(a)) * b.shape[-1] + \
+            float(torch.count_nonzero(b)) * a.shape[-2]
+
+
+def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
+    """``softmax(scale * x)`` over the last dim."""
+    return lambda x: torch.softmax(x * scale, dim=-1)
+
+
+def gelu_fn(approximate: str = "none") -> Callable[[Tensor], Tensor]:
+    return lambda x: torch.nn.functional.gelu(x, approximate=approximate)

@@ -1,0 +1,231 @@
+"""A timm Vision Transformer rebuilt as a spiking transformer (mean framing, ECMT style).
+
+Per timestep, every Linear (qkv, proj, fc1, fc2, head) reads graded spikes of a
+multi-threshold neuron; so do the spike-by-spike products Q K^T and attn V; LayerNorm,
+softmax and GELU are expectation-compensated. The image enters through the patch
+embedding once (I-SPS: its tokens are cached and re-fed at every step). After ``t`` steps
+the mean readout converges to the ANN's logits as ``t`` grows.
+
+The same module also runs the ANN exactly (:meth:`SpikingViT.ann_forward`), which is how
+thresholds are calibrated and how a test proves the rebuild is faithful.
+The model implements the haltable-model protocol of ``halting.protocol``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConversionError
+from .ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
+
+Recorder = Optional[Callable[[nn.Module, Tensor], None]]
+
+
+def _linear_with_scale(linear: nn.Linear, ls: nn.Module) -> nn.Linear:
+    """Copy of ``linear`` with a following LayerScale folded into its weights."""
+    out = copy.deepcopy(linear)
+    gamma = getattr(ls, "gamma", None)
+    if gamma is not None:
+        with torch.no_grad():
+            out.weight.mul_(gamma.detach()[:, None])
+            if out.bias is not None:
+                out.bias.mul_(gamma.detach())
+    return out
+
+
+def _events(linear: nn.Linear, source: MultiThresholdNeuron) -> nn.Linear:
+    """Mark ``linear`` as reading ``source``'s spikes, for the op counter (one AC per spike
+    and synapse; the reference is kept out of the module tree)."""
+    linear.stas_input = "events"
+    object.__setattr__(linear, "stas_source", source)
+    return linear
+
+
+class ConvertedBlock(nn.Module):
+    """One timm ``Block`` (pre-norm attention + MLP) as a spiking block."""
+
+    def __init__(self, blk: nn.Module, levels: int) -> None:
+        super().__init__()
+        attn, mlp = blk.attn, blk.mlp
+        self.num_heads, self.scale = attn.num_heads, float(attn.scale)
+        self.norm1 = Compensated(copy.deepcopy(blk.norm1))
+        self.in_qkv = MultiThresholdNeuron(levels)
+        self.qkv = _events(copy.deepcopy(attn.qkv), self.in_qkv)
+        self.n_q, self.n_k, self.n_v = (MultiThresholdNeuron(levels) for _ in range(3))
+        self.qk = CompensatedMatMul()
+        self.softmax = Compensated(softmax_fn(self.scale))
+        self.n_attn = MultiThresholdNeuron(levels)
+        self.av = CompensatedMatMul()
+        self.in_proj = MultiThresholdNeuron(levels)
+        self.proj = _events(_linear_with_scale(attn.proj, blk.ls1), self.in_proj)
+        self.norm2 = Compensated(copy.deepcopy(blk.norm2))
+        self.in_fc1 = MultiThresholdNeuron(levels)
+        self.fc1 = _events(copy.deepcopy(mlp.fc1), self.in_fc1)
+        approx = getattr(mlp.act, "approximate", "none")
+        self.gelu = Compensated(gelu_fn(approx))
+        self.in_fc2 = MultiThresholdNeuron(levels)
+        self.fc2 = _events(_linear_with_scale(mlp.fc2, blk.ls2), self.in_fc2)
+        self.reset()
+
+    def reset(self) -> None:
+        self.key_count = None  # steps each token has fed K/V (None: all tokens, every step)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(self._heads(t) for t in x.chunk(3, dim=-1))
+
+    def ann(self, x: Tensor, record: Recorder = None) -> Tensor:
+        """The original block on real values; ``record(neuron, input)`` sees each spike site."""
+        rec = record or (lambda n, v: None)
+        h = self.norm1.fn(x)
+        rec(self.in_qkv, h)
+        q, k, v = self._qkv(self.qkv(h))
+        rec(self.n_q, q), rec(self.n_k, k), rec(self.n_v, v)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        rec(self.n_attn, attn)
+        o = (attn @ v).transpose(-3, -2).flatten(-2)
+        rec(self.in_proj, o)
+        x = x + self.proj(o)
+        h = self.norm2.fn(x)
+        rec(self.in_fc1, h)
+        h = self.gelu.fn(self.fc1(h))
+        rec(self.in_fc2, h)
+        return x + self.fc2(h)
+
+    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+        """One timestep on ``x[B, N, D]``; halted tokens (``active`` False) stay unchanged,
+        leave Q/K/V and keep their state."""
+        tok = None if active is None else active.unsqueeze(-1)            # [B, N, 1]
+        row = None if active is None else active[:, None, :, None]        # [B, 1, N, 1]
+        h = self.in_qkv.step(self.norm1.step(x, tok), tok)
+        q, k, v = self._qkv(self.qkv(h))
+        q, k, v = self.n_q.step(q, row), self.n_k.step(k, row), self.n_v.step(v, row)
+        if active is not None:
+            step_count = active.to(x.dtype)
+            self.key_count = step_count if self.key_count is None else self.key_count + step_count
+        elif self.key_count is not None:
+            self.key_count = self.key_count + 1
+        kc = None if self.key_count is None else self.key_count[:, None, None, :]
+        vc = None if self.key_count is None else self.key_count[:, None, :, None]
+        scores = self.qk.step(q, k.transpose(-2, -1), kc)
+        a = self.n_attn.step(self.softmax.step(scores, row), row)
+        o = self.av.step(a, v, vc).transpose(-3, -2).flatten(-2)
+        y = x + self.proj(self.in_proj.step(o, tok))
+        h = self.in_fc1.step(self.norm2.step(y, tok), tok)
+        h = self.in_fc2.step(self.gelu.step(self.fc1(h), tok), tok)
+        y = y + self.fc2(h)
+        return y if active is None else torch.where(tok, y, x)
+
+
+class SpikingViT(nn.Module):
+    """Converted ViT; build it with :func:`from_timm`."""
+
+    def __init__(self, vit: nn.Module, *, levels: int = 8, timesteps: int = 8) -> None:
+        super().__init__()
+        pe = vit.patch_embed
+        self.img_size = tuple(pe.img_size)
+        self.in_chans = pe.proj.in_channels
+        self.num_classes = vit.num_classes
+        self.timesteps = int(timesteps)
+        self.levels = int(levels)
+        self.patch_proj = copy.deepcopy(pe.proj)
+        self.patch_norm = copy.deepcopy(pe.norm)
+        self.patch_neuron = MultiThresholdNeuron(levels)
+        prefix = [t for t in (vit.cls_token, getattr(vit, "dist_token", None)) if t is not None]
+        self.prefix = nn.Parameter(torch.cat(prefix, 1).detach().clone(), requires_grad=False) \
+            if prefix else None
+        self.pos_embed = nn.Parameter(vit.pos_embed.detach().clone(), requires_grad=False)
+        self.blocks = nn.ModuleList(ConvertedBlock(b, levels) for b in vit.blocks)
+        self.norm = Compensated(copy.deepcopy(vit.norm))
+        self.global_pool = vit.global_pool
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        fc_norm = getattr(vit, "fc_norm", nn.Identity())
+        self.fc_norm = None if isinstance(fc_norm, nn.Identity) else Compensated(copy.deepcopy(fc_norm))
+        heads = [vit.head] + ([vit.head_dist] if hasattr(vit, "head_dist") else [])
+        self.head_neurons = nn.ModuleList(MultiThresholdNeuron(levels) for _ in heads)
+        self.heads = nn.ModuleList(_events(copy.deepcopy(h), n)
+                                   for h, n in zip(heads, self.head_neurons))
+        self.requires_grad_(False)
+        self._cached_tokens: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ shared pieces
+    def _check(self, x: Tensor) -> None:
+        want = (self.in_chans, *self.img_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ConversionError(f"input must be [B, {want[0]}, {want[1]}, {want[2]}]; "
+                                  f"got {list(x.shape)}")
+
+    def _patches(self, x: Tensor) -> Tensor:
+        return self.patch_norm(self.patch_proj(x).flatten(2).transpose(1, 2))
+
+    def _add_prefix(self, x: Tensor) -> Tensor:
+        if self.prefix is not None:
+            x = torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed
+
+    def _pool_tokens(self, x: Tensor) -> list[Tensor]:
+        if len(self.heads) == 2:
+            return [x[:, 0], x[:, 1]]
+        if self.global_pool == "avg":
+            return [x[:, self.num_prefix_tokens:].mean(1)]
+        return [x[:, 0]]
+
+    # ------------------------------------------------------------------ ANN path
+    def ann_forward(self, x: Tensor, record: Recorder = None) -> Tensor:
+        """The original ViT's logits, computed with this module's weights."""
+        self._check(x)
+        rec = record or (lambda n, v: None)
+        p = self._patches(x)
+        rec(self.patch_neuron, p)
+        h = self._add_prefix(p)
+        for blk in self.blocks:
+            h = blk.ann(h, record)
+        h = self.norm.fn(h)
+        outs = []
+        for tok, neuron, head in zip(self._pool_tokens(h), self.head_neurons, self.heads):
+            if self.fc_norm is not None:
+                tok = self.fc_norm.fn(tok)
+            rec(neuron, tok)
+            outs.append(head(tok))
+        return sum(outs) / len(outs)
+
+    # ------------------------------------------------------------------ haltable protocol
+    def reset(self) -> None:
+        """Clear every neuron and compensation state, and the cached patch tokens."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset"):
+                m.reset()
+        self._cached_tokens = None
+
+    def tokens(self, x: Tensor, t: int) -> Tensor:
+        """Input tokens of timestep ``t``: graded spikes of the (cached) patch embedding,
+        with the class token(s) and position embedding added."""
+        if t == 0 or self._cached_tokens is None:
+            self._check(x)
+            self._cached_tokens = self._patches(x)
+        return self._add_prefix(self.patch_neuron.step(self._cached_tokens))
+
+    def readout(self, per_token_out: Tensor) -> Tensor:
+        """Logits of one timestep (stateful: call once per timestep, in order); their mean
+        over timesteps is the SNN's answer."""
+        h = self.norm.step(per_token_out)
+        outs = []
+        for tok, neuron, head in zip(self._pool_tokens(h), self.head_neurons, self.heads):
+            if self.fc_norm is not None:
+                tok = self.fc_norm.step(tok)
+            outs.append(head(neuron.step(tok)))
+        return sum(outs) / len(outs)
+
+    def forward(self, x: Tensor, timesteps: Optional[int] = None) -> Tensor:
+        """Mean logits over ``timesteps`` (default ``self.timesteps``) spiking steps."""
+        from halting.protocol import run_stepwise
+
+        return run_stepwise(self, x, timesteps or self.timesteps)
+
+    def neurons(self) -> dict[str, MultiThresholdNeuron]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, MultiThresholdNeuron)}
