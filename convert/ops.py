@@ -43,7 +43,7 @@ class MultiThresholdNeuron(nn.Module):
     Levels ``theta * 2^-i`` for ``i = 0 .. levels-1`` (and their negatives); each step the
     neuron emits the level nearest to its membrane (or nothing) and subtracts what it
     emitted. Powers of two keep every event an addition (a shifted weight) on hardware.
-    A membrane beyond ``theta`` fires a burst of ``floor(|v| / theta)`` full spikes, so no
+    A membrane beyond ``theta`` fires a burst of ``round(|v| / theta)`` full spikes, so no
     input is ever clipped and the running mean converges to the input's exactly.
     ``threshold`` is a buffer set by calibration.
     """
@@ -55,6 +55,7 @@ class MultiThresholdNeuron(nn.Module):
         self.levels = int(levels)
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.v: Optional[Tensor] = None
+        self.monitor = None  # callable(neuron, spike counts, active) set by op counters
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, threshold={float(self.threshold):.4g}"
@@ -62,21 +63,32 @@ class MultiThresholdNeuron(nn.Module):
     def reset(self) -> None:
         self.v = None
 
-    def quantize(self, v: Tensor) -> Tensor:
-        """The level nearest to ``v`` in ``{0, +-theta 2^-i}``; whole multiples of theta above."""
-        theta = self.threshold.to(v.dtype)
-        m = v.abs()
-        k = torch.floor(torch.log2(theta / m)).clamp_(min=0)      # m in (lam/2, lam]
-        lam = theta * torch.exp2(-k)
-        lam = torch.where(m >= 0.75 * lam, lam, 0.5 * lam)         # nearest of lam, lam/2
-        smallest = theta * 2.0 ** (1 - self.levels)
-        lam = torch.where(lam < smallest, torch.where(m >= 0.5 * smallest, smallest, 0.0), lam)
-        lam = torch.where(m >= theta, theta * torch.floor(m / theta), lam)
-        return torch.copysign(lam, v)
+    def quantize(self, v: Tensor, *, burst: bool = True) -> Tensor:
+        """The value the neuron emits for membrane ``v``.
+
+        Below ``theta``: the nearest power-of-two level ``theta 2^-i`` in the log sense of
+        rounding the float mantissa (``|v| / theta`` in ``[0.75, 1.5) 2^-i`` -> ``2^-i``),
+        zero under the smallest level. From ``theta`` up: ``round(|v| / theta)`` full spikes
+        (``burst=False`` caps at one spike instead, as calibration assumes).
+        """
+        theta = float(self.threshold)
+        u = v * (1.0 / theta)
+        a = u.abs()
+        if a.dtype == torch.float32:  # round the mantissa: two integer ops on the bits
+            p = ((a.view(torch.int32) + 0x00400000) & 0x7F800000).view(torch.float32)
+        else:
+            mant, exp = torch.frexp(a)
+            p = torch.ldexp(torch.ones_like(a), exp - (mant < 0.75).to(exp.dtype))
+        p = p.masked_fill(p < 2.0 ** (1 - self.levels), 0.0)
+        if burst:
+            p = torch.where(a >= 1.0, a.round(), p)
+        else:
+            p = p.clamp(max=1.0)
+        return p.copysign_(u).mul_(theta)
 
     def events(self, s: Tensor) -> Tensor:
         """Number of spikes in emitted values ``s`` (a burst of k full spikes counts k)."""
-        full = torch.floor(s.abs() / self.threshold.to(s.dtype))
+        full = torch.round(s.abs() / self.threshold.to(s.dtype))
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
     def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
@@ -88,6 +100,8 @@ class MultiThresholdNeuron(nn.Module):
             self.v = torch.where(active, v_new, self.v) if self.v is not None else v_new * active
         else:
             self.v = v - s
+        if self.monitor is not None:
+            self.monitor(self, self.events(s), active)
         return s
 
     forward = step

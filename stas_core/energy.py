@@ -124,7 +124,7 @@ class OpCounter:
         self.spikes: dict[str, float] = defaultdict(float)
         self.sites: dict[str, float] = defaultdict(float)
         self._handles: list = []
-        self._neurons: list[LIF] = []
+        self._neurons: list[nn.Module] = []
 
     def set_timestep(self, t: Optional[int]) -> None:
         self.t = t
@@ -151,7 +151,7 @@ class OpCounter:
             elif isinstance(m, SpikeMatMul):
                 self._handles.append(m.register_forward_hook(
                     lambda mod, inp, out, n=name: self._book(n, matmul_ops(mod, *inp))))
-            elif isinstance(m, LIF):
+            elif isinstance(m, LIF) or hasattr(m, "monitor"):
                 m.monitor = lambda neuron, s, active, n=name: self._fired(n, s, active)
                 self._neurons.append(m)
         return self

@@ -1,0 +1,76 @@
+"""``stas-convert MODEL``: convert a timm ViT into a spiking transformer and report its
+accuracy, energy and speed at every timestep."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from stas_core.cli.common import add_data_args, run
+
+from .timm_models import parse_model_kwargs, supported_models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stas-convert", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help=f"timm ViT name; supported: {'; '.join(supported_models())}")
+    add_data_args(p)
+    p.add_argument("--model-kwargs", default=None, metavar="K=V,...",
+                   help="extra timm.create_model keywords, e.g. patch_size=4,depth=6")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true",
+                     help="timm's pretrained weights (needs network)")
+    src.add_argument("--pretrained-file", default=None, metavar="FILE",
+                     help="timm's pretrained loading from a local file (adapts in_chans/classes)")
+    src.add_argument("--checkpoint", default=None, metavar="FILE",
+                     help="state dict of the ViT (.safetensors, or a weights-only torch file)")
+    p.add_argument("--train-epochs", type=int, default=0,
+                   help="train / fine-tune the ANN on the dataset first (offline path)")
+    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--timesteps", "-T", type=int, default=16,
+                   help="evaluate every t = 1..T in one pass")
+    p.add_argument("--levels", type=int, default=8, help="thresholds per neuron (theta 2^-i)")
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--calib-method", choices=["mse", "percentile"], default="mse")
+    p.add_argument("--calib-percentile", type=float, default=99.99)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--energy-images", type=int, default=256,
+                   help="validation images used to count ops and energy")
+    p.add_argument("--out", default="runs/convert")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   default=None)
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .pipeline import ConvertConfig, convert
+
+    cfg = ConvertConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+        model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained,
+        pretrained_file=args.pretrained_file, checkpoint=args.checkpoint,
+        train_epochs=args.train_epochs, train_lr=args.train_lr,
+        train_subset=args.train_subset, val_subset=args.val_subset, timesteps=args.timesteps,
+        levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
+        calib_percentile=args.calib_percentile, batch_size=args.batch_size,
+        energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
+        progress=args.progress)
+    report = convert(cfg)
+    brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",
+                                    "ann_energy_mj", "ann_images_per_s", "snn_images_per_s",
+                                    "snn_step_cost_vs_ann", "plot")}
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""``stas-convert`` as a library call: ANN -> calibrated spiking ViT -> report.
+
+Steps: build the timm ViT for the data set (weights from ``--pretrained``, a checkpoint, or
+``--train-epochs`` of training here), rebuild it as a :class:`SpikingViT`, calibrate the
+thresholds, save it, and evaluate ANN and SNN side by side: top-1 at every t = 1..T in
+one pass (cumulative readout), energy per image after every t, throughput.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from halting.protocol import run_stepwise
+from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
+from stas_core.data import build_datasets, get_dataset_info
+from stas_core.energy import EnergyCosts, OpCounter
+from stas_core.errors import check_positive_int
+from stas_core.train import _progress, lr_lambda, resolve_device
+
+from .calibrate import METHODS, calibrate
+from .errors import CheckpointError, ConfigError
+from .spiking_vit import SpikingViT
+from .timm_models import canonical_name, check_convertible, create_vit
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "stas-converted/1"
+
+
+@dataclass
+class ConvertConfig:
+    """Everything a conversion run depends on."""
+
+    model: str = "vit_tiny"
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    pretrained_file: Optional[str] = None
+    checkpoint: Optional[str] = None
+    train_epochs: int = 0
+    train_lr: float = 1e-3
+    train_subset: Optional[int] = None
+    val_subset: Optional[int] = None
+    timesteps: int = 16
+    levels: int = 8
+    calib_images: int = 256
+    calib_method: str = "mse"
+    calib_percentile: float = 99.99
+    batch_size: int = 128
+    energy_images: int = 256
+    out: str = "runs/convert"
+    device: str = "auto"
+    seed: int = 0
+    progress: Optional[bool] = None
+
+    def validate(self) -> "ConvertConfig":
+        check_positive_int("timesteps", self.timesteps)
+        check_positive_int("levels", self.levels)
+        check_positive_int("batch_size", self.batch_size)
+        if self.calib_images < 1:
+            raise ConfigError(f"calib_images must be >= 1 (the calibration set cannot be "
+                              f"empty); got {self.calib_images}")
+        if self.calib_method not in METHODS:
+            raise ConfigError(f"calib_method must be one of {', '.join(METHODS)}; "
+                              f"got {self.calib_method!r}")
+        if self.train_epochs < 0:
+            raise ConfigError(f"train_epochs must be >= 0; got {self.train_epochs}")
+        if sum(bool(v) for v in (self.pretrained or self.pretrained_file, self.checkpoint)) > 1:
+            raise ConfigError("give only one of --pretrained and --checkpoint")
+        get_dataset_info(self.dataset)
+        return self
+
+
+# ----------------------------------------------------------------------------- ANN side
+def build_ann(cfg: ConvertConfig) -> nn.Module:
+    info = get_dataset_info(cfg.dataset)
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_file)
+    vit = create_vit(cfg.model, img_size=kwargs.pop("img_size", info.img_size),
+                     in_chans=kwargs.pop("in_chans", info.in_chans),
+                     num_classes=kwargs.pop("num_classes", info.num_classes),
+                     pretrained=cfg.pretrained or bool(cfg.pretrained_file),
+                     checkpoint=cfg.checkpoint, model_kwargs=kwargs)
+    check_convertible(vit)
+    return vit
+
+
+def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, device,
+              progress: Optional[bool] = None) -> list[dict]:
+    """Train the ANN here (AdamW, wd 0.05, warmup + cosine, label smoothing 0.1)."""
+    opt = torch.optim.AdamW(vit.parameters(), lr=lr, weight_decay=0.05)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, len(loader) // 5)))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    history = []
+    for epoch in range(epochs):
+        vit.train()
+        bar = _progress(progress, len(loader), f"ANN epoch {epoch + 1}/{epochs}", True)
+        seen = correct = loss_sum = 0.0
+        start = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = vit(x)
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            correct += float((logits.argmax(-1) == y).sum())
+            loss_sum += float(loss.detach()) * len(y)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                  "train_top1": correct / seen, "epoch_s": time.perf_counter() - start}
+        logger.info("ANN epoch %d: loss %.4f train top-1 %.4f", epoch + 1,
+                    record["train_loss"], record["train_top1"])
+        history.append(record)
+    return history
+
+
+def ann_energy(vit: nn.Module, x: Tensor, costs: Optional[EnergyCosts] = None) -> dict:
+    """Per-image MACs/energy of the ANN on batch ``x``: hooked Linear/Conv layers plus the
+    two attention products (``2 N^2 D`` per block), which timm runs in a fused kernel."""
+    with torch.no_grad(), OpCounter(vit, costs) as counter:
+        vit(x)
+        counter.add_images(x.shape[0])
+    s = counter.summary()
+    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    attn_macs = sum(2 * tokens * tokens * blk.attn.attn_dim for blk in vit.blocks)
+    macs = s["macs"] + attn_macs
+    return {"macs": macs, "energy_mj": counter.costs.energy_pj(macs, 0.0) * 1e-9}
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_converted(path: Path, snn: SpikingViT, cfg: ConvertConfig, vit_kwargs: dict) -> None:
+    save_checkpoint(path, {"format": FORMAT, "timm_model": canonical_name(cfg.model),
+                           "vit_kwargs": vit_kwargs, "levels": snn.levels,
+                           "timesteps": snn.timesteps, "model": snn.state_dict()})
+
+
+def load_converted(path: str | Path, device: str | torch.device = "cpu") -> SpikingViT:
+    """Rebuild a converted model saved by ``stas-convert`` (one call; nothing unpickled)."""
+    import timm
+
+    state = load_checkpoint(path, device)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a converted model (format {state.get('format')!r}, "
+                              f"expected {FORMAT!r}); pass the model file stas-convert wrote")
+    vit = timm.create_model(state["timm_model"], pretrained=False, **state["vit_kwargs"])
+    snn = SpikingViT(vit, levels=state["levels"], timesteps=state["timesteps"])
+    snn.load_state_dict(state["model"])
+    return snn.to(device).eval()
+
+
+def _vit_kwargs(vit: nn.Module, cfg: ConvertConfig) -> dict:
+    info = get_dataset_info(cfg.dataset)
+    kwargs = {k: v for k, v in cfg.model_kwargs.items() if k != "pretrained_cfg_overlay"}
+    kwargs.setdefault("img_size", info.img_size)
+    kwargs.setdefault("in_chans", info.in_chans)
+    kwargs.setdefault("num_classes", info.num_classes)
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, timesteps: int,
+                          device, *, progress: Optional[bool] = None) -> dict:
+    """ANN and SNN over ``loader``: SNN top-1 at every t in one pass, agreement, speed."""
+    vit.eval(), snn.eval()
+    correct = torch.zeros(timesteps, dtype=torch.float64)
+    agree = torch.zeros(timesteps, dtype=torch.float64)
+    ann_correct = total = 0
+    ann_s = snn_s = 0.0
+    err = torch.zeros(timesteps, dtype=torch.float64)
+    bar = _progress(progress, len(loader), "evaluating", True)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        start = time.perf_counter()
+        a = vit(x)
+        ann_s += time.perf_counter() - start
+        start = time.perf_counter()
+        cum = run_stepwise(snn, x, timesteps, cumulative=True)
+        snn_s += time.perf_counter() - start
+        pred = cum.argmax(-1)
+        ann_correct += int((a.argmax(-1) == y).sum())
+        correct += (pred == y).sum(-1).double().cpu()
+        agree += (pred == a.argmax(-1)).sum(-1).double().cpu()
+        err += (cum - a).abs().amax(-1).sum(-1).double().cpu()
+        total += len(y)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ts = range(1, timesteps + 1)
+    return {
+        "val_images": total,
+        "ann_top1": ann_correct / total,
+        "snn_top1": {str(t): float(correct[t - 1] / total) for t in ts},
+        "agreement": {str(t): float(agree[t - 1] / total) for t in ts},
+        "logit_error": {str(t): float(err[t - 1] / total) for t in ts},
+        "ann_images_per_s": total / ann_s,
+        "snn_images_per_s": total / snn_s,
+        "snn_step_cost_vs_ann": (snn_s / timesteps) / ann_s,
+    }
+
+
+@torch.no_grad()
+def snn_energy(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
+               max_images: int) -> dict:
+    """Cumulative energy per image after every t, and firing rates, on ``max_images``."""
+    counter = OpCounter(snn)
+    with counter:
+        for x, _ in loader:
+            if counter.images >= max_images:
+                break
+            x = x[: max_images - counter.images].to(device)
+            run_stepwise(snn, x, timesteps, on_timestep=counter.set_timestep)
+            counter.add_images(len(x))
+    s = counter.summary()
+    running, cumulative = 0.0, {}
+    for entry in s["per_timestep"]:
+        running += entry["energy_mj"]
+        cumulative[str(entry["t"] + 1)] = running
+    return {"energy_mj": cumulative, "sops_at_T": s["sops"], "macs_at_T": s["macs"],
+            "per_timestep": s["per_timestep"], "energy_images": s["images"],
+            "firing_rates": s["firing_rates"]}
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Accuracy and energy against t, with the ANN as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ts = [int(t) for t in report["snn_top1"]]
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ts, [100 * report["snn_top1"][str(t)] for t in ts], "o-", label="SNN")
+    ax1.axhline(100 * report["ann_top1"], ls="--", color="k", label="ANN")
+    ax1.set(xlabel="timesteps t", ylabel="top-1 (%)", title=f"{report['model']}: accuracy")
+    ax1.legend()
+    e_ts = [int(t) for t in report["energy_mj"]]
+    ax2.plot(e_ts, [report["energy_mj"][str(t)] for t in e_ts], "o-", label="SNN (after t)")
+    ax2.axhline(report["ann_energy_mj"], ls="--", color="k", label="ANN")
+    ax2.set(xlabel="timesteps t", ylabel="energy per image (mJ)", title="energy")
+    ax2.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+# ----------------------------------------------------------------------------- the job
+def convert(cfg: ConvertConfig) -> dict:
+    """Run the whole conversion job; returns the report (also written to ``out``)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    vit = build_ann(cfg).to(device)
+    train_ds, val_ds, info = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
+                                            train_subset=cfg.train_subset,
+                                            val_subset=cfg.val_subset, seed=cfg.seed,
+                                            augment=cfg.train_epochs > 0)
+    history = []
+    if cfg.train_epochs:
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        history = train_ann(vit, loader, cfg.train_epochs, lr=cfg.train_lr, device=device,
+                            progress=cfg.progress)
+        from safetensors.torch import save_file
+        state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+        atomic_write(out / "ann.safetensors", lambda tmp: save_file(state, tmp))
+    vit.eval()
+    snn = SpikingViT(vit, levels=cfg.levels, timesteps=cfg.timesteps).to(device)
+    calib_ds, _, _ = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
+                                    train_subset=cfg.calib_images, seed=cfg.seed + 1,
+                                    augment=False)
+    thresholds = calibrate(snn, DataLoader(calib_ds, batch_size=cfg.batch_size),
+                           method=cfg.calib_method, percentile=cfg.calib_percentile,
+                           max_images=cfg.calib_images, seed=cfg.seed, device=device)
+    model_path = out / "model.safetensors"
+    save_converted(model_path, snn, cfg, _vit_kwargs(vit, cfg))
+
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
+    ev = evaluate_side_by_side(vit, snn, val_loader, cfg.timesteps, device,
+                               progress=cfg.progress)
+    energy = snn_energy(snn, val_loader, cfg.timesteps, device, cfg.energy_images)
+    first = next(iter(val_loader))[0][: min(cfg.energy_images, cfg.batch_size)].to(device)
+    ann_e = ann_energy(vit, first)
+    report = {
+        "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
+        "levels": cfg.levels, "model_path": str(model_path),
+        **{k: ev[k] for k in ("ann_top1", "snn_top1", "agreement", "logit_error",
+                              "val_images", "ann_images_per_s", "snn_images_per_s",
+                              "snn_step_cost_vs_ann")},
+        "energy_mj": energy["energy_mj"], "ann_energy_mj": ann_e["energy_mj"],
+        "ann_macs": ann_e["macs"], "sops": energy["sops_at_T"], "macs": energy["macs_at_T"],
+        "energy_images": energy["energy_images"],
+        "firing_rates": energy["firing_rates"],
+        "calibration": {"method": cfg.calib_method, "images": cfg.calib_images,
+                        "thresholds": thresholds},
+        "ann_training": history,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_s": time.perf_counter() - start,
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    plot_report(report, out / "report.png")
+    report["plot"] = str(out / "report.png")
+    return report
