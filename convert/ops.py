@@ -37,15 +37,46 @@ def _freeze(new: Tensor, old: Optional[Tensor], active: Optional[Tensor]) -> Ten
     return torch.where(active, new, old)
 
 
+def _pow2_levels(a: Tensor) -> Tensor:
+    """Nearest power of two of ``a >= 0`` (mantissa rounding: [0.75, 1.5) 2^k -> 2^k)."""
+    if a.dtype == torch.float32:  # two integer ops on the float bits
+        return ((a.view(torch.int32) + 0x00400000) & 0x7F800000).view(torch.float32)
+    mant, exp = torch.frexp(a)
+    return torch.ldexp(torch.ones_like(a), exp - (mant < 0.75).to(exp.dtype))
+
+
+def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
+                       ) -> tuple[Tensor, Tensor]:
+    """One step of the multi-threshold neuron: returns (emitted value, new membrane)."""
+    v = v + x
+    u = v / theta
+    a = u.abs()
+    p = _pow2_levels(a)
+    p = torch.where(p < smallest, 0.0, p)
+    p = torch.maximum(p, torch.floor(a))  # whole spikes beyond theta: nothing is clipped
+    s = torch.copysign(p, u) * theta
+    return s, v - s
+
+
+_fire = integrate_and_fire
+
+
+def compile_neurons(enabled: bool = True) -> None:
+    """Run every multi-threshold neuron through ``torch.compile`` (one fused loop instead of
+    ~10 passes over memory; a C++ compiler is needed, first calls compile for ~10-30 s)."""
+    global _fire
+    _fire = torch.compile(integrate_and_fire, dynamic=False) if enabled else integrate_and_fire
+
+
 class MultiThresholdNeuron(nn.Module):
     """Signed multi-threshold integrate-and-fire neuron with soft reset.
 
     Levels ``theta * 2^-i`` for ``i = 0 .. levels-1`` (and their negatives); each step the
-    neuron emits the level nearest to its membrane (or nothing) and subtracts what it
-    emitted. Powers of two keep every event an addition (a shifted weight) on hardware.
-    A membrane beyond ``theta`` fires a burst of ``round(|v| / theta)`` full spikes, so no
-    input is ever clipped and the running mean converges to the input's exactly.
-    ``threshold`` is a buffer set by calibration.
+    neuron emits the level nearest to its membrane (or nothing, under the smallest level)
+    and subtracts what it emitted. Powers of two keep every event an addition (a shifted
+    weight) on hardware. A membrane of several ``theta`` fires ``floor(|v| / theta)`` full
+    spikes at once, so no input is ever clipped and the running mean of the output
+    converges to the input's. ``threshold`` is a buffer set by calibration.
     """
 
     def __init__(self, levels: int = 8, threshold: float = 1.0) -> None:
@@ -57,6 +88,10 @@ class MultiThresholdNeuron(nn.Module):
         self.v: Optional[Tensor] = None
         self.monitor = None  # callable(neuron, spike counts, active) set by op counters
 
+    @property
+    def smallest(self) -> float:
+        return 2.0 ** (1 - self.levels)
+
     def extra_repr(self) -> str:
         return f"levels={self.levels}, threshold={float(self.threshold):.4g}"
 
@@ -64,42 +99,27 @@ class MultiThresholdNeuron(nn.Module):
         self.v = None
 
     def quantize(self, v: Tensor, *, burst: bool = True) -> Tensor:
-        """The value the neuron emits for membrane ``v``.
-
-        Below ``theta``: the nearest power-of-two level ``theta 2^-i`` in the log sense of
-        rounding the float mantissa (``|v| / theta`` in ``[0.75, 1.5) 2^-i`` -> ``2^-i``),
-        zero under the smallest level. From ``theta`` up: ``round(|v| / theta)`` full spikes
-        (``burst=False`` caps at one spike instead, as calibration assumes).
-        """
-        theta = float(self.threshold)
-        u = v * (1.0 / theta)
-        a = u.abs()
-        if a.dtype == torch.float32:  # round the mantissa: two integer ops on the bits
-            p = ((a.view(torch.int32) + 0x00400000) & 0x7F800000).view(torch.float32)
-        else:
-            mant, exp = torch.frexp(a)
-            p = torch.ldexp(torch.ones_like(a), exp - (mant < 0.75).to(exp.dtype))
-        p = p.masked_fill(p < 2.0 ** (1 - self.levels), 0.0)
+        """What one step emits from membrane ``v`` (``burst=False``: at most one spike, as
+        threshold calibration assumes)."""
         if burst:
-            p = torch.where(a >= 1.0, a.round(), p)
-        else:
-            p = p.clamp(max=1.0)
-        return p.copysign_(u).mul_(theta)
+            return integrate_and_fire(torch.zeros_like(v), v, self.threshold, self.smallest)[0]
+        u = v / self.threshold
+        p = _pow2_levels(u.abs())
+        p = torch.where(p < self.smallest, 0.0, p).clamp(max=1.0)
+        return torch.copysign(p, u) * self.threshold
 
     def events(self, s: Tensor) -> Tensor:
         """Number of spikes in emitted values ``s`` (a burst of k full spikes counts k)."""
-        full = torch.round(s.abs() / self.threshold.to(s.dtype))
+        full = torch.floor(s.abs() / self.threshold.to(s.dtype))
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
     def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
-        v = x if self.v is None else self.v + x
-        s = self.quantize(v)
+        v_old = self.v if self.v is not None else torch.zeros_like(x)
+        s, v = _fire(v_old, x, self.threshold.to(x.dtype), self.smallest)
         if active is not None:
             s = s * active.to(s.dtype)
-            v_new = v - s
-            self.v = torch.where(active, v_new, self.v) if self.v is not None else v_new * active
-        else:
-            self.v = v - s
+            v = torch.where(active, v_old + x - s, v_old)
+        self.v = v
         if self.monitor is not None:
             self.monitor(self, self.events(s), active)
         return s
@@ -121,7 +141,14 @@ class Compensated(nn.Module):
         self.emitted: Optional[Tensor] = None
 
     def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
-        total = x if self.total is None else self.total + x
+        if active is None and self.total is not None:  # common case: update in place
+            self.total.add_(x)
+            self.count += 1
+            cumulative = self.fn(self.total / self.count).mul_(self.count)
+            out = cumulative - self.emitted
+            self.emitted = cumulative
+            return out
+        total = x.clone() if self.total is None else self.total + x  # owned: updated in place
         count = _advance(self.count, active, x)
         if isinstance(count, Tensor):
             cumulative = count * self.fn(total / count.clamp(min=1))

@@ -1,0 +1,254 @@
+"""ANN-to-SNN conversion: faithful rebuild, compensated ops, convergence, I/O, errors."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from convert.calibrate import calibrate
+from convert.cli import main as convert_main
+from convert.errors import CheckpointError, ConfigError, ConversionError
+from convert.ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
+from convert.pipeline import ConvertConfig, convert, load_converted
+from convert.spiking_vit import SpikingViT
+from convert.timm_models import create_vit, parse_model_kwargs
+from halting import HaltableModel, run_stepwise
+
+SHARED = Path(os.environ.get("STAS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+WORKLOAD = SHARED / "workloads" / "vit_fmnist_d6.safetensors"
+SMALL = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, embed_dim=48,
+             num_heads=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def small_vit(seed=0, name="vit_tiny_patch16_224", **overrides):
+    torch.manual_seed(seed)
+    return timm.create_model(name, **{**SMALL, **overrides}).eval()
+
+
+# ------------------------------------------------------------------ the ANN rebuild
+@pytest.mark.parametrize("name, extra", [
+    ("vit_tiny_patch16_224", {}),
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False, "fc_norm": True}),
+    ("vit_tiny_patch16_224", {"init_values": 0.3, "qkv_bias": False}),  # LayerScale folded
+    ("deit_tiny_distilled_patch16_224", {}),
+])
+def test_ann_forward_is_the_timm_model(name, extra):
+    vit = small_vit(name=name, **extra)
+    snn = SpikingViT(vit)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(snn.ann_forward(x), vit(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------ compensated ops
+@pytest.mark.parametrize("fn", [
+    torch.nn.LayerNorm(6), gelu_fn(), softmax_fn(0.5), torch.tanh])
+def test_compensated_op_sums_to_t_times_f_of_mean(fn):
+    torch.manual_seed(0)
+    op = Compensated(fn)
+    xs = torch.randn(7, 3, 4, 6)
+    total = torch.zeros(3, 4, 6)
+    with torch.no_grad():
+        for t in range(7):
+            total += op.step(xs[t])
+            expected = (t + 1) * fn(xs[: t + 1].mean(0))
+            assert torch.allclose(total, expected, atol=1e-5)
+
+
+def test_compensated_matmul_sums_to_t_times_product_of_means():
+    torch.manual_seed(0)
+    op = CompensatedMatMul()
+    a, b = torch.randn(5, 2, 4, 3), torch.randn(5, 2, 3, 6)
+    total = 0
+    for t in range(5):
+        total = total + op.step(a[t], b[t])
+        expected = (t + 1) * (a[: t + 1].mean(0) @ b[: t + 1].mean(0))
+        assert torch.allclose(total, expected, atol=1e-5)
+
+
+def test_multi_threshold_neuron_by_hand():
+    n = MultiThresholdNeuron(levels=3, threshold=1.0)  # levels 1, 0.5, 0.25
+    # v: 0.3 -> emit 0.25 (nearest level), keep 0.05; 0.35 -> 0.25, keep 0.1;
+    #    0.4 -> 0.5, keep -0.1; 0.2 -> 0.25, keep -0.05
+    out = [float(n.step(torch.tensor([0.3]))) for _ in range(4)]
+    assert out == pytest.approx([0.25, 0.25, 0.5, 0.25])
+    assert float(n.v) == pytest.approx(-0.05)
+    n.reset()
+    assert float(n.step(torch.tensor([2.6]))) == 2.0  # a burst of two full spikes
+    assert float(n.v) == pytest.approx(0.6)
+    assert float(n.events(torch.tensor([2.0]))) == 2
+    assert float(n.step(torch.tensor([-0.05]))) == 0.5  # 0.55 -> nearest level 0.5
+    n.reset()
+    assert float(n.step(torch.tensor([0.1]))) == 0.0  # under the smallest level: silent
+    n.reset()
+    assert float(n.step(torch.tensor([-0.8]))) == -1.0  # signed
+
+
+def test_neuron_mean_converges_and_halted_elements_freeze():
+    torch.manual_seed(0)
+    n = MultiThresholdNeuron(levels=4, threshold=1.0)
+    x = torch.randn(1000) * 0.7
+    total = torch.zeros(1000)
+    for t in range(1, 65):
+        total += n.step(x)
+    assert (total / 64 - x).abs().max() < 1.0 / 64 + 1e-6  # |residual| < theta
+    v = n.v.clone()
+    active = torch.zeros(1000, dtype=torch.bool)
+    active[:10] = True
+    s = n.step(x, active)
+    assert torch.equal(n.v[10:], v[10:]) and (s[10:] == 0).all()
+
+
+# ------------------------------------------------------------------ convergence
+def _logit_errors(vit, snn, x, steps):
+    with torch.no_grad():
+        ann = vit(x)
+        cum = run_stepwise(snn, x, steps, cumulative=True)
+    return ann, cum, (cum - ann).abs().amax(-1).mean(-1)
+
+
+def test_random_vit_tiny_converges_to_the_ann():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3,
+                            num_classes=10).eval()
+    snn = SpikingViT(vit, levels=6)
+    x = torch.randn(16, 3, 32, 32)
+    calibrate(snn, [x])
+    _, _, err = _logit_errors(vit, snn, x, 32)
+    # falls with t (within noise): each doubling of t at least not worse, overall >4x
+    for t in (2, 4, 8, 16, 32):
+        assert err[t - 1] <= err[t // 2 - 1] * 1.15, err
+    assert err[31] < err[0] / 4, err
+
+
+@pytest.mark.skipif(not WORKLOAD.exists(), reason=f"shared workload not found at {WORKLOAD}")
+def test_trained_fashion_mnist_vit_agrees_with_ann_by_t32():
+    from stas_core.data import build_datasets
+
+    spec = json.loads(WORKLOAD.with_suffix(".json").read_text())
+    kw = dict(spec["create_model_kwargs"])
+    vit = create_vit(spec["timm_model"], img_size=kw.pop("img_size"),
+                     in_chans=kw.pop("in_chans"), num_classes=kw.pop("num_classes"),
+                     checkpoint=str(WORKLOAD), model_kwargs=kw)
+    try:
+        train, val, _ = build_datasets("fashion-mnist", train_subset=128, val_subset=128,
+                                       augment=False)
+    except Exception as exc:  # noqa: BLE001 - data missing on this machine
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    snn = SpikingViT(vit)
+    calib = torch.stack([train[i][0] for i in range(len(train))])
+    calibrate(snn, [calib])
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    ann, cum, err = _logit_errors(vit, snn, x, 32)
+    agreement = (cum.argmax(-1) == ann.argmax(-1)).float().mean(-1)
+    assert agreement[31] >= 0.99, agreement
+    assert err[31] < err[0] / 4 and err[15] < err[1], err
+
+
+# ------------------------------------------------------------------ protocol, I/O
+def test_converted_model_is_haltable_and_freezes_halted_tokens():
+    vit = small_vit()
+    snn = SpikingViT(vit)
+    x = torch.randn(2, 1, 28, 28)
+    calibrate(snn, [x])
+    assert isinstance(snn, HaltableModel)
+    snn.reset()
+    with torch.no_grad():
+        h = snn.tokens(x, 0)
+        active = torch.ones(h.shape[:2], dtype=torch.bool)
+        active[:, 3:] = False
+        out = snn.blocks[0].step(h, active)
+    assert torch.equal(out[:, 3:], h[:, 3:]) and not torch.equal(out[:, :3], h[:, :3])
+
+
+def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path):
+    cfg = ConvertConfig(model="vit_tiny", model_kwargs=parse_model_kwargs(
+        "patch_size=7,depth=2,embed_dim=48,num_heads=3"), timesteps=3, calib_images=16,
+        train_subset=16, val_subset=16, batch_size=16, energy_images=8,
+        out=str(tmp_path / "c"), progress=False)
+    try:
+        report = convert(cfg)
+    except Exception as exc:  # noqa: BLE001
+        if "Fashion-MNIST" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    snn = load_converted(report["model_path"])
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        a = snn(x, 3)
+        b = load_converted(report["model_path"])(x, 3)
+    assert torch.equal(a, b)
+    for key in ("model_path", "ann_top1", "snn_top1", "energy_mj", "ann_energy_mj",
+                "firing_rates", "ann_images_per_s", "snn_images_per_s"):
+        assert key in report, key
+    assert sorted(report["snn_top1"], key=int) == ["1", "2", "3"]
+    e = report["energy_mj"]
+    assert 0 < e["1"] < e["2"] < e["3"] and report["ann_energy_mj"] > 0
+    assert (tmp_path / "c" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(CheckpointError, match="not a converted model"):
+        from stas_core.checkpoint import save_checkpoint
+        save_checkpoint(tmp_path / "other.safetensors", {"format": "x"})
+        load_converted(tmp_path / "other.safetensors")
+
+
+def test_pretrained_plumbing_loads_a_local_file(tmp_path):
+    """``--pretrained-file`` goes through timm's own pretrained loading (adapting the head)."""
+    from safetensors.torch import save_file
+
+    src = small_vit(seed=3, num_classes=7)  # another head size: timm must drop it
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    cfg = ConvertConfig(model="vit_tiny", pretrained_file=str(path), model_kwargs=parse_model_kwargs(
+        "patch_size=7,depth=2,embed_dim=48,num_heads=3"))
+    from convert.pipeline import build_ann
+    vit = build_ann(cfg)
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    assert vit.head.out_features == 10
+
+
+# ------------------------------------------------------------------ errors
+def test_unsupported_model_lists_what_is_supported():
+    with pytest.raises(ConversionError, match="supported: vit_tiny"):
+        create_vit("resnet50", img_size=28, in_chans=1, num_classes=10)
+
+
+def test_checkpoint_that_does_not_match(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in small_vit(embed_dim=96).state_dict().items()},
+              str(path))
+    with pytest.raises(CheckpointError, match="does not match"):
+        create_vit("vit_tiny", checkpoint=str(path),
+                   model_kwargs={"patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 3},
+                   img_size=28, in_chans=1, num_classes=10)
+
+
+def test_empty_calibration_set():
+    with pytest.raises(ConversionError, match="calibration set is empty"):
+        calibrate(SpikingViT(small_vit()), [])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["resnet50"], ["not supported", "vit_tiny"]),
+    (["vit_tiny", "-T", "0"], ["timesteps", ">= 1"]),
+    (["vit_tiny", "--calib-images", "0"], ["calib_images", "empty"]),
+    (["vit_tiny", "--checkpoint", "/nonexistent/w.safetensors"], ["checkpoint not found"]),
+    (["vit_tiny", "--model-kwargs", "depth"], ["key=value"]),
+])
+def test_cli_bad_input_one_clear_error(tmp_path, capsys, args, words):
+    code = convert_main([*args, "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "o" / "report.json").exists()
