@@ -36,6 +36,22 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
 
 
 @torch.no_grad()
+def accuracy_per_timestep(model: nn.Module, loader: Iterable, device: torch.device) -> dict:
+    """Top-1 after every t = 1..T (cumulative readout of the per-timestep path), as
+    ``{"1": acc, ...}``: what the model would answer if stopped after t timesteps."""
+    model.eval()
+    correct, total = None, 0
+    for images, labels in loader:
+        cum = run_stepwise(model, images.to(device), cumulative=True)
+        hits = (cum.argmax(-1) == labels.to(device)).sum(-1).double().cpu()
+        correct = hits if correct is None else correct + hits
+        total += labels.numel()
+    if correct is None:
+        return {}
+    return {str(t + 1): float(c) / total for t, c in enumerate(correct)}
+
+
+@torch.no_grad()
 def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
                    max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None) -> dict:
     """Per-image ops and energy, counted per timestep on the per-timestep path.

@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .data import build_datasets, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import evaluate, measure_energy
+from .evaluate import accuracy_per_timestep, evaluate, measure_energy
 from .models import create_model
 from .models.base import SpikingTransformer
 
@@ -317,12 +317,13 @@ def _summarise(cfg: TrainConfig, model: nn.Module, val_loader, val_ds, device, c
         val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
     model = getattr(model, "module", model)
     ev = evaluate(model, val_loader, device, amp=amp)
+    per_t = accuracy_per_timestep(model, val_loader, device)
     energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images)
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
         "timesteps": cfg.timesteps, "epochs": len(history),
-        "top1": ev["top1"], "val_images": ev["images"],
+        "top1": ev["top1"], "top1_per_t": per_t, "val_images": ev["images"],
         "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
         "energy_per_timestep": energy["per_timestep"],
         "energy_images": energy["images"],

@@ -21,14 +21,6 @@ from stas_core.models import create_model
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add sync overhead on a busy box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def images(b=8, seed=1):
     return torch.rand((b, 1, 28, 28), generator=torch.Generator().manual_seed(seed))

@@ -22,14 +22,6 @@ SMALL = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, emb
              num_heads=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_vit(seed=0, name="vit_tiny_patch16_224", **overrides):
     torch.manual_seed(seed)
     return timm.create_model(name, **{**SMALL, **overrides}).eval()

@@ -21,14 +21,6 @@ FAMILIES = ["spikformer-1-32", "spikingformer-1-32"]
 SPS = ["integrated", "vanilla"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add sync overhead (and stall badly on a busy box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def build(name="spikformer-1-32", seed=0, **kw):
     kw = {"img_size": 28, "in_chans": 1, "num_classes": 10, "timesteps": 3, **kw}

@@ -28,14 +28,6 @@ SURROGATES = [Sigmoid(), ATan(), Sigmoid(alpha=2.5), ATan(alpha=4.0)]
 SURROGATE_IDS = ["sigmoid", "atan", "sigmoid2.5", "atan4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add sync overhead (and stall badly on a busy box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(kind: str, **kw) -> LIF:
     return LIF(2.0, **kw) if kind == "lif" else IF(**kw)

@@ -43,6 +43,9 @@ def test_short_training_learns_and_reports(tmp_path):
         assert key in on_disk
     assert on_disk["energy_mj"] > 0 and on_disk["sops"] > 0 and on_disk["macs"] > 0
     assert all(0 <= r <= 1 for r in on_disk["firing_rates"].values())
+    # accuracy after every t, and at t = T the same answer as the multi-step path
+    assert sorted(on_disk["top1_per_t"], key=int) == ["1", "2"]
+    assert on_disk["top1_per_t"]["2"] == pytest.approx(on_disk["top1"], abs=1 / 500)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     # the checkpoint reloads into a model that reproduces the reported accuracy's logits

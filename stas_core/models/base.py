@@ -70,8 +70,8 @@ class TransformerBlock(nn.Module):
 class SpikingTransformer(nn.Module):
     """Base of the Spikformer / Spikingformer families (see module docstring).
 
-    Subclasses build ``patch_embed`` (maps ``[T, B, C, H, W]`` to ``[T, B, N, D]`` tokens) and
-    ``blocks`` and call :meth:`_finish_init`.
+    Subclasses call :meth:`_build` with their patch-splitting (``[T, B, C, H, W]`` to
+    ``[T, B, N, D]`` tokens), attention and MLP layers.
     """
 
     head_input_spiking = True
@@ -106,6 +106,16 @@ class SpikingTransformer(nn.Module):
         # scales starting at tau fix that; short CPU runs learn several times faster.
         self.bn_init = float(bn_init if bn_init is not None else neuron_kwargs.get("tau", 2.0))
         self._cached_tokens: Optional[Tensor] = None
+
+    def _build(self, sps_layer, attn_layer, mlp_layer) -> None:
+        """Patch splitting, ``depth`` blocks, head and weight init from the family's layers."""
+        nl, dim = self.neuron_layer, self.embed_dim
+        self.patch_embed = sps_layer(self.in_chans, dim, self.n_pools, nl)
+        hidden = int(dim * self.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(attn_layer(dim, self.num_heads, nl), mlp_layer(dim, hidden, nl))
+            for _ in range(self.depth))
+        self._finish_init()
 
     def _finish_init(self) -> None:
         """Head and weight init (BatchNorm scales start at ``bn_init``)."""

@@ -10,7 +10,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..layers import LinearBN, SpikeMatMul, fire, mask_tokens
-from .base import SpikingTransformer, TransformerBlock
+from .base import SpikingTransformer
 from .registry import register_family, register_model
 
 
@@ -113,13 +113,7 @@ class Spikformer(SpikingTransformer):
     def __init__(self, *, sps_layer=SPS, attn_layer=SpikingSelfAttention,
                  mlp_layer=SpikingMLP, **kwargs) -> None:
         super().__init__(**kwargs)
-        nl, dim = self.neuron_layer, self.embed_dim
-        self.patch_embed = sps_layer(self.in_chans, dim, self.n_pools, nl)
-        hidden = int(dim * self.mlp_ratio)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(attn_layer(dim, self.num_heads, nl), mlp_layer(dim, hidden, nl))
-            for _ in range(self.depth))
-        self._finish_init()
+        self._build(sps_layer, attn_layer, mlp_layer)
 
 
 @register_model

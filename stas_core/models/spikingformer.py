@@ -12,7 +12,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..layers import LinearBN, fire
-from .base import SpikingTransformer, TransformerBlock
+from .base import SpikingTransformer
 from .registry import register_family, register_model
 from .spikformer import SpikingSelfAttention, SPS
 
@@ -71,14 +71,8 @@ class Spikingformer(SpikingTransformer):
     def __init__(self, *, sps_layer=PreSPS, attn_layer=PreSpikingSelfAttention,
                  mlp_layer=PreSpikingMLP, **kwargs) -> None:
         super().__init__(**kwargs)
-        nl, dim = self.neuron_layer, self.embed_dim
-        self.patch_embed = sps_layer(self.in_chans, dim, self.n_pools, nl)
+        self._build(sps_layer, attn_layer, mlp_layer)
         self.patch_embed.lifs[0] = nn.Identity()  # the first conv reads the image itself
-        hidden = int(dim * self.mlp_ratio)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(attn_layer(dim, self.num_heads, nl), mlp_layer(dim, hidden, nl))
-            for _ in range(self.depth))
-        self._finish_init()
 
 
 @register_model
