@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from convert.calibrate import calibrate
-from convert.ops import compile_neurons
+from convert.ops import compile_kernels
 from convert.spiking_vit import SpikingViT
 from convert.timm_models import create_vit, parse_model_kwargs
 from halting.protocol import run_stepwise
@@ -63,7 +63,7 @@ def main() -> int:
     p.add_argument("--timesteps", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile the neurons")
+    p.add_argument("--compile", action="store_true", help="torch.compile neurons and compensated ops")
     args = p.parse_args()
 
     train, val, _ = build_datasets("fashion-mnist", augment=False)
@@ -82,7 +82,7 @@ def main() -> int:
               max_images=args.calib_images)
     calib_s = time.perf_counter() - start
     if args.compile:
-        compile_neurons(True)
+        compile_kernels(True)
 
     loader = DataLoader(Subset(val, range(args.images)), batch_size=args.batch_size)
     T = args.timesteps
@@ -125,7 +125,7 @@ def main() -> int:
         "snn_top1": {t: float(correct[t - 1] / total) for t in marks},
         "gap_points": {t: round(100 * (float(correct[t - 1] / total) - ann_top1), 2) for t in marks},
         "agreement": {t: float(agree[t - 1] / total) for t in marks},
-        "batch_size": args.batch_size, "compiled_neurons": args.compile,
+        "batch_size": args.batch_size, "compiled_kernels": args.compile,
         "ann_forward_s": ann_s, "snn_step_s": step_s,
         "snn_step_cost_vs_ann": step_s / ann_s,
         "calibration_s": calib_s, "eval_s_all_t": eval_s,

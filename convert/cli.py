@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/convert")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the element-wise work of neurons and compensated ops with "
+                        "torch.compile (needs a C++ compiler; compiles for 10-60 s first)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None)
     p.add_argument("--verbose", "-v", action="store_true")
@@ -59,7 +62,7 @@ def _main(args: argparse.Namespace) -> int:
         levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,
         energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
-        progress=args.progress)
+        compile=args.compile, progress=args.progress)
     report = convert(cfg)
     brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",
                                     "ann_energy_mj", "ann_images_per_s", "snn_images_per_s",

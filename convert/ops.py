@@ -58,14 +58,34 @@ def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
     return s, v - s
 
 
+def compensated_update(fn: Callable[[Tensor], Tensor], total: Tensor, x: Tensor, count: Tensor,
+                       emitted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of expectation compensation: (new total, new cumulative output, output)."""
+    total = total + x
+    cumulative = fn(total / count) * count
+    return total, cumulative, cumulative - emitted
+
+
 _fire = integrate_and_fire
+_compensate = compensated_update
 
 
-def compile_neurons(enabled: bool = True) -> None:
-    """Run every multi-threshold neuron through ``torch.compile`` (one fused loop instead of
-    ~10 passes over memory; a C++ compiler is needed, first calls compile for ~10-30 s)."""
-    global _fire
-    _fire = torch.compile(integrate_and_fire, dynamic=False) if enabled else integrate_and_fire
+def compile_kernels(enabled: bool = True) -> None:
+    """Run the per-step element-wise work of neurons and compensated ops through
+    ``torch.compile``: one fused loop each instead of ~5-10 passes over memory. Needs a C++
+    compiler; the first steps compile (10-60 s), results are unchanged (tested)."""
+    global _fire, _compensate
+    if enabled:
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per (shape, op instance): batch sizes x tensor kinds x blocks
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 128))
+        _fire = torch.compile(integrate_and_fire, dynamic=False)
+        _compensate = torch.compile(compensated_update, dynamic=False)
+    else:
+        _fire, _compensate = integrate_and_fire, compensated_update
 
 
 class MultiThresholdNeuron(nn.Module):
@@ -141,14 +161,13 @@ class Compensated(nn.Module):
         self.emitted: Optional[Tensor] = None
 
     def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
-        if active is None and self.total is not None:  # common case: update in place
-            self.total.add_(x)
-            self.count += 1
-            cumulative = self.fn(self.total / self.count).mul_(self.count)
-            out = cumulative - self.emitted
-            self.emitted = cumulative
+        if active is None and self.total is not None and not isinstance(self.count, Tensor):
+            self.count += 1  # common case: every token active
+            count = torch.tensor(float(self.count), dtype=x.dtype, device=x.device)
+            self.total, self.emitted, out = _compensate(self.fn, self.total, x, count,
+                                                        self.emitted)
             return out
-        total = x.clone() if self.total is None else self.total + x  # owned: updated in place
+        total = x if self.total is None else self.total + x
         count = _advance(self.count, active, x)
         if isinstance(count, Tensor):
             cumulative = count * self.fn(total / count.clamp(min=1))

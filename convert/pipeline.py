@@ -28,6 +28,7 @@ from stas_core.errors import check_positive_int
 from stas_core.train import _progress, lr_lambda, resolve_device
 
 from .calibrate import METHODS, calibrate
+from .ops import compile_kernels
 from .errors import CheckpointError, ConfigError
 from .spiking_vit import SpikingViT
 from .timm_models import canonical_name, check_convertible, create_vit
@@ -62,6 +63,7 @@ class ConvertConfig:
     out: str = "runs/convert"
     device: str = "auto"
     seed: int = 0
+    compile: bool = False
     progress: Optional[bool] = None
 
     def validate(self) -> "ConvertConfig":
@@ -295,6 +297,7 @@ def convert(cfg: ConvertConfig) -> dict:
                            max_images=cfg.calib_images, seed=cfg.seed, device=device)
     model_path = out / "model.safetensors"
     save_converted(model_path, snn, cfg, _vit_kwargs(vit, cfg))
+    compile_kernels(cfg.compile)
 
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
     ev = evaluate_side_by_side(vit, snn, val_loader, cfg.timesteps, device,

@@ -321,30 +321,32 @@ def build_datasets(name: str, *, data_dir: Optional[PathLike] = None,
 
 def build_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, workers: int = 0,
                   distributed: bool = False, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Return ``(train_loader, val_loader)``; train shuffled (seeded), val in order.
+    """Return ``(train_loader, val_loader)`` with ``batch_size`` images per process.
 
-    With ``distributed`` each loader gets a :class:`DistributedSampler` (torch.distributed
-    must be initialised); call ``train_loader.sampler.set_epoch(epoch)`` every epoch. Note
-    that DistributedSampler pads the val set with repeats to split it evenly across ranks.
+    Training order comes from a seeded :class:`DistributedSampler` in every case (one
+    replica when not distributed): call ``train_loader.sampler.set_epoch(epoch)`` every
+    epoch. The order of an epoch then depends on ``(seed, epoch)`` only, so a resumed run
+    sees the batches an uninterrupted one would, and N processes together see exactly the
+    batches one process sees. Validation is split across processes without padding.
     """
+    from torch.utils.data.distributed import DistributedSampler
+
     check_positive_int("batch_size", batch_size)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
-    common = dict(batch_size=batch_size, num_workers=workers, drop_last=False,
-                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    rank, world = 0, 1
     if distributed:
         import torch.distributed as dist
-        from torch.utils.data.distributed import DistributedSampler
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("distributed=True needs an initialised torch.distributed process "
                               "group; launch with torchrun (or call init_process_group) or "
                               "drop the distributed option")
-        train_loader = DataLoader(train_ds, sampler=DistributedSampler(train_ds, shuffle=True, seed=seed),
-                                  **common)
-        val_loader = DataLoader(val_ds, sampler=DistributedSampler(val_ds, shuffle=False), **common)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train_ds, shuffle=True, generator=g, **common)
-        val_loader = DataLoader(val_ds, shuffle=False, **common)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    common = dict(batch_size=batch_size, num_workers=workers, drop_last=False,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_loader = DataLoader(train_ds, sampler=sampler, **common)
+    val_shard = val_ds if world == 1 else Subset(val_ds, range(rank, len(val_ds), world))
+    val_loader = DataLoader(val_shard, shuffle=False, **common)
     return train_loader, val_loader

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .data import build_datasets, get_dataset_info
+from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
 from .evaluate import accuracy_per_timestep, evaluate, measure_energy
 from .models import create_model
@@ -196,19 +196,11 @@ def train(cfg: TrainConfig) -> dict:
                                             train_subset=cfg.train_subset,
                                             val_subset=cfg.val_subset, seed=cfg.seed,
                                             augment=cfg.augment)
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    # One sampler type for 1 and N processes: N ranks see exactly the batches 1 rank sees.
-    train_sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank,
-                                       shuffle=True, seed=cfg.seed)
-    from torch.utils.data import Subset
-    val_shard = val_ds if d.world == 1 else Subset(val_ds, range(d.rank, len(val_ds), d.world))
-    per_rank = max(1, cfg.batch_size // d.world)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.workers > 0)
-    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler, **loader_kw)
-    val_loader = DataLoader(val_shard, batch_size=per_rank, shuffle=False, **loader_kw)
+    train_loader, val_loader = build_loaders(train_ds, val_ds,
+                                             batch_size=max(1, cfg.batch_size // d.world),
+                                             workers=cfg.workers, distributed=d.enabled,
+                                             seed=cfg.seed)
+    train_sampler = train_loader.sampler
 
     model = build_model(cfg).to(device)
     if d.enabled:

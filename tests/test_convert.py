@@ -244,3 +244,43 @@ def test_cli_bad_input_one_clear_error(tmp_path, capsys, args, words):
     for w in words:
         assert w in err, err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_trains_the_ann_offline_then_converts(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = convert_main(["vit_tiny", "--model-kwargs", "patch_size=7,depth=1,embed_dim=48,num_heads=3",
+                         "--train-epochs", "2", "--train-subset", "2048", "--val-subset", "128",
+                         "-T", "2", "--calib-images", "32", "--energy-images", "16",
+                         "--batch-size", "64", "--train-lr", "3e-3", "--out", str(out),
+                         "--no-progress"])
+    captured = capsys.readouterr()
+    if code == 2 and "Fashion-MNIST" in captured.err:
+        pytest.skip(captured.err.strip())
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert [h["epoch"] for h in report["ann_training"]] == [1, 2]
+    hist = report["ann_training"]
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]  # it trained
+    assert report["ann_top1"] > 0.15  # 64 steps of a 1-block ViT; chance is 0.1
+    assert (out / "ann.safetensors").exists() and (out / "model.safetensors").exists()
+    printed = json.loads(captured.out)
+    assert printed["model_path"] == str(out / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_compiled_kernels_give_the_same_spikes():
+    """``--compile`` must only change speed (needs a C++ compiler; compiles for ~1 min)."""
+    from convert.ops import compile_kernels
+
+    vit = small_vit()
+    snn = SpikingViT(vit)
+    x = torch.randn(4, 1, 28, 28)
+    calibrate(snn, [x])
+    with torch.no_grad():
+        eager = run_stepwise(snn, x, 4, cumulative=True)
+        compile_kernels(True)
+        try:
+            compiled = run_stepwise(snn, x, 4, cumulative=True)
+        finally:
+            compile_kernels(False)
+    assert torch.allclose(eager, compiled, atol=1e-4)
