@@ -183,7 +183,8 @@ def _vit_kwargs(vit: nn.Module, cfg: ConvertConfig) -> dict:
 def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, timesteps: int,
                           device, *, progress: Optional[bool] = None) -> dict:
     """ANN and SNN over ``loader``: SNN top-1 at every t in one pass, agreement, speed."""
-    vit.eval(), snn.eval()
+    vit.eval()
+    snn.eval()
     correct = torch.zeros(timesteps, dtype=torch.float64)
     agree = torch.zeros(timesteps, dtype=torch.float64)
     ann_correct = total = 0
