@@ -1,0 +1,131 @@
+"""2-D token halting (A-SSA): every token may stop early across blocks *and* timesteps.
+
+Driven timestep-major, ``for t: for l:``, through the haltable-model protocol. After block
+``l`` at timestep ``t`` each active token k gets a halting score from the first element of
+its output embedding, ``h = sigmoid(alpha * y[k, 0] + beta)`` (forced to 1 at the last
+step of its accumulation window), and accumulates ``H_k += h``:
+
+* ``accumulate='both'`` (STAS T+B, default): one window over all (t, l);
+* ``'block'``: A-ViT per timestep; ``H`` restarts at every timestep;
+* ``'time'``: scored once per timestep, after the last block (dynamic timesteps per token).
+
+Once ``H_k >= 1 - eps`` the token is masked from the next step on (it leaves attention and
+the MLP, costs no ops, and its neuron state freezes); its last output is weighted by the
+remainder ``R_k = 1 - H_k(before)``, earlier ones by their ``h``. The mean-field output
+(per token, the weighted sum of its outputs) goes through the model's readout. The ponder
+loss is ``mean(N_k + R_k)`` with ``N_k`` the number of scored steps of token k.
+
+This module imports nothing of the project (``execution='mask'``: dense, static shapes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .protocol import HaltableModel
+
+MODES = ("both", "block", "time")
+
+
+class HaltingConfigError(ValueError):
+    """A halting option outside its rule (the message states the rule and the value)."""
+
+
+@dataclass(frozen=True)
+class HaltingConfig:
+    """The halting knobs tuned by STAS: score slope/offset, threshold slack, mode."""
+
+    alpha: float = 1.0
+    beta: float = -2.0
+    eps: float = 0.01
+    accumulate: str = "both"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eps < 1.0:
+            raise HaltingConfigError(f"eps must be in [0, 1); got {self.eps}")
+        if self.accumulate not in MODES:
+            raise HaltingConfigError(f"accumulate must be one of {', '.join(MODES)}; "
+                                     f"got {self.accumulate!r}")
+
+
+@dataclass
+class HaltingResult:
+    """Logits of the mean-field output and what the halting did."""
+
+    logits: Tensor
+    ponder_loss: Tensor
+    active_fraction: Tensor          # [T, L]: share of tokens computed at (t, l)
+    depth: Tensor                    # [B, N]: scored steps per token (N_k)
+    remainder: Tensor                # [B, N]: R_k (summed over windows in 'block' mode)
+    history: list = field(default_factory=list)  # per step (t, l): (H, R, N, mask) copies
+
+    @property
+    def token_ratio(self) -> float:
+        """Active token-block-timesteps / all of them."""
+        return float(self.active_fraction.mean())
+
+
+def _window(cfg: HaltingConfig, t: int, l: int, steps: int, depth: int) -> tuple[bool, bool]:
+    """(is (t, l) scored, is it the last scored step of its window)."""
+    last_block = l == depth - 1
+    if cfg.accumulate == "time":
+        return last_block, last_block and t == steps - 1
+    if cfg.accumulate == "block":
+        return True, last_block
+    return True, last_block and t == steps - 1
+
+
+def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
+                timesteps: Optional[int] = None, record: bool = False) -> HaltingResult:
+    """Run ``model`` on ``x`` with token halting (dense ``mask`` execution)."""
+    steps = model.timesteps if timesteps is None else timesteps
+    depth = len(model.blocks)
+    model.reset()
+    fractions = torch.zeros(steps, depth)
+    history = []
+    mask = H = R = N = None
+    mean_field = None
+    logits_sum = None
+    for t in range(steps):
+        h = model.tokens(x, t)
+        if mask is None:
+            b, n = h.shape[:2]
+            mask = torch.ones(b, n, dtype=torch.bool, device=h.device)
+            H = h.new_zeros(b, n)
+            R = h.new_zeros(b, n)
+            N = h.new_zeros(b, n)
+        if cfg.accumulate == "block" and t > 0:  # a fresh window every timestep
+            mask = torch.ones_like(mask)
+            H = torch.zeros_like(H)
+        for l, blk in enumerate(model.blocks):
+            fractions[t, l] = mask.float().mean()
+            h = blk.step(h, mask)
+            scored, last = _window(cfg, t, l, steps, depth)
+            if not scored:
+                continue
+            score = torch.sigmoid(cfg.alpha * h[..., 0] + cfg.beta)
+            if last:
+                score = torch.ones_like(score)
+            live = mask.to(h.dtype)
+            reached = (H + score >= 1.0 - cfg.eps) & mask
+            weight = torch.where(reached, 1.0 - H, score) * live
+            R = R + torch.where(reached, 1.0 - H, 0.0)  # summed over windows ('block')
+            N = N + live
+            H = H + score * live
+            contribution = weight.unsqueeze(-1) * h
+            mean_field = contribution if mean_field is None else mean_field + contribution
+            mask = mask & ~reached
+            if record:
+                history.append((t, l, H.detach().clone(), R.detach().clone(),
+                                N.detach().clone(), mask.clone()))
+        if cfg.accumulate == "block":  # A-ViT per timestep: read out, average over t
+            out = model.readout(mean_field)
+            logits_sum = out if logits_sum is None else logits_sum + out
+            mean_field = None
+    logits = logits_sum / steps if cfg.accumulate == "block" else model.readout(mean_field)
+    ponder = (N + R).mean()
+    return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
+                         depth=N, remainder=R, history=history)
