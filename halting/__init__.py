@@ -1,7 +1,7 @@
 """Token halting across blocks and timesteps (A-SSA). Model-agnostic: imports nothing of the
 project; a model opts in by implementing :class:`HaltableModel`."""
-from .plugin import HaltingConfig, HaltingConfigError, HaltingResult, run_halting
+from .plugin import Halted, HaltingConfig, HaltingConfigError, HaltingResult, run_halting
 from .protocol import HaltableBlock, HaltableModel, run_stepwise
 
 __all__ = ["HaltableBlock", "HaltableModel", "run_stepwise", "HaltingConfig",
-           "HaltingConfigError", "HaltingResult", "run_halting"]
+           "HaltingConfigError", "HaltingResult", "Halted", "run_halting"]

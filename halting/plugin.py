@@ -20,10 +20,10 @@ This module imports nothing of the project (``execution='mask'``: dense, static 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .protocol import HaltableModel
 
@@ -79,8 +79,10 @@ def _window(cfg: HaltingConfig, t: int, l: int, steps: int, depth: int) -> tuple
 
 
 def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
-                timesteps: Optional[int] = None, record: bool = False) -> HaltingResult:
-    """Run ``model`` on ``x`` with token halting (dense ``mask`` execution)."""
+                timesteps: Optional[int] = None, record: bool = False,
+                on_timestep: Optional[Callable[[int], None]] = None) -> HaltingResult:
+    """Run ``model`` on ``x`` with token halting (dense ``mask`` execution).
+    ``on_timestep(t)`` is called before each timestep (op counters)."""
     steps = model.timesteps if timesteps is None else timesteps
     depth = len(model.blocks)
     model.reset()
@@ -90,6 +92,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     mean_field = None
     logits_sum = None
     for t in range(steps):
+        if on_timestep is not None:
+            on_timestep(t)
         h = model.tokens(x, t)
         if mask is None:
             b, n = h.shape[:2]
@@ -129,3 +133,17 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     ponder = (N + R).mean()
     return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
                          depth=N, remainder=R, history=history)
+
+
+class Halted(nn.Module):
+    """``model`` run with halting as a module: ``forward(x) -> (logits, ponder_loss)``, so
+    it can be wrapped by DistributedDataParallel; ``last`` keeps the latest result."""
+
+    def __init__(self, model: nn.Module, cfg: HaltingConfig) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.last: Optional[HaltingResult] = None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.last = run_halting(self.model, x, self.cfg)
+        return self.last.logits, self.last.ponder_loss

@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from halting.plugin import HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 
 from .energy import EnergyCosts, OpCounter
@@ -15,15 +16,20 @@ from .energy import EnergyCosts, OpCounter
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
              amp: bool = False, progress=None) -> dict:
-    """Top-1 and images/s of the multi-step path over ``loader`` (local to this process)."""
+    """Top-1 and images/s over ``loader`` (local to this process). ``model`` may be a
+    :class:`halting.Halted` wrapper: then the token ratio is reported too."""
     model.eval()
     correct = total = 0
+    ratio_sum = 0.0
     seconds = 0.0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         start = time.perf_counter()
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             logits = model(images)
+        if isinstance(logits, tuple):  # Halted: (logits, ponder loss)
+            logits = logits[0]
+            ratio_sum += model.last.token_ratio * labels.numel()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
@@ -31,8 +37,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
         total += labels.numel()
         if progress is not None:
             progress.update(1)
-    return {"correct": correct, "images": total, "seconds": seconds,
-            "top1": correct / max(total, 1), "images_per_s": total / seconds if seconds else 0.0}
+    out = {"correct": correct, "images": total, "seconds": seconds,
+           "top1": correct / max(total, 1), "images_per_s": total / seconds if seconds else 0.0}
+    if ratio_sum:
+        out["token_ratio"] = ratio_sum / max(total, 1)
+    return out
 
 
 @torch.no_grad()
@@ -53,7 +62,8 @@ def accuracy_per_timestep(model: nn.Module, loader: Iterable, device: torch.devi
 
 @torch.no_grad()
 def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
-                   max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None) -> dict:
+                   max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None,
+                   halting: Optional[HaltingConfig] = None) -> dict:
     """Per-image ops and energy, counted per timestep on the per-timestep path.
 
     The per-timestep path computes exactly what the multi-step path does (tested), and
@@ -67,6 +77,9 @@ def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
                 break
             if max_images is not None:
                 images = images[: max_images - counter.images]
-            run_stepwise(model, images.to(device), on_timestep=counter.set_timestep)
+            if halting is None:
+                run_stepwise(model, images.to(device), on_timestep=counter.set_timestep)
+            else:  # halted tokens send no spikes, so they cost nothing
+                run_halting(model, images.to(device), halting, on_timestep=counter.set_timestep)
             counter.add_images(images.shape[0])
     return counter.summary()

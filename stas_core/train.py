@@ -62,6 +62,13 @@ class TrainConfig:
     energy_images: int = 256
     neuron: dict = field(default_factory=lambda: {"tau": 2.0, "backend": "fused",
                                                   "surrogate": "sigmoid"})
+    halting: bool = False          # stage 2 of STAS: train with token halting
+    alpha: float = 1.0
+    beta: float = -2.0
+    eps: float = 0.01
+    delta_p: float = 5e-4          # weight of the ponder loss
+    accumulate: str = "both"
+    init_from: Optional[str] = None  # stage-1 checkpoint to start from
     progress: Optional[bool] = None  # None: a bar when stderr is a terminal
 
     def validate(self) -> "TrainConfig":
@@ -73,7 +80,21 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         get_dataset_info(self.dataset)
+        if self.delta_p < 0:
+            raise ConfigError(f"delta_p must be >= 0; got {self.delta_p}")
+        self.halting_config()  # validates alpha/beta/eps/accumulate
         return self
+
+    def halting_config(self):
+        """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
+        from halting import HaltingConfig, HaltingConfigError
+
+        try:
+            cfg = HaltingConfig(alpha=self.alpha, beta=self.beta, eps=self.eps,
+                                accumulate=self.accumulate)
+        except HaltingConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        return cfg if self.halting else None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -203,10 +224,22 @@ def train(cfg: TrainConfig) -> dict:
     train_sampler = train_loader.sampler
 
     model = build_model(cfg).to(device)
+    if cfg.init_from:
+        stage1, _ = load_trained_model(cfg.init_from, device, halting=False)
+        try:
+            model.load_state_dict(stage1.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(f"--init-from {cfg.init_from} does not match {cfg.model}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        logger.info("initialised from %s", cfg.init_from)
+    halting_cfg = cfg.halting_config()
     if d.enabled:
         from .distributed import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
-    net = nn.parallel.DistributedDataParallel(model) if d.enabled else model
+    from halting import Halted
+
+    runner = Halted(model, halting_cfg) if halting_cfg is not None else model
+    net = nn.parallel.DistributedDataParallel(runner) if d.enabled else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
@@ -252,7 +285,11 @@ def train(cfg: TrainConfig) -> dict:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device.type, enabled=amp):
                 logits = net(images)
-                loss = criterion(logits, labels)
+                if halting_cfg is not None:  # task loss on the mean field + ponder loss
+                    logits, ponder = logits
+                    loss = criterion(logits, labels) + cfg.delta_p * ponder
+                else:
+                    loss = criterion(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -271,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.close()
         train_s = time.perf_counter() - t0
         loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], d, device)
-        ev = evaluate(model, val_loader, device, amp=amp)
+        ev = evaluate(runner, val_loader, device, amp=amp)
         v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
@@ -292,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
 
     summary = None
     if d.main:
-        summary = _summarise(cfg, model, val_loader if not d.enabled else None, val_ds,
+        summary = _summarise(cfg, model, runner, val_loader if not d.enabled else None, val_ds,
                              device, ckpt_path, history, start_wall, amp)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if d.enabled:
@@ -301,21 +338,23 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _summarise(cfg: TrainConfig, model: nn.Module, val_loader, val_ds, device, ckpt_path,
-               history, start_wall, amp) -> dict:
+def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader, val_ds,
+               device, ckpt_path, history, start_wall, amp) -> dict:
     from torch.utils.data import DataLoader
 
     if val_loader is None:  # DDP: evaluate the whole val set on rank 0
         val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
-    model = getattr(model, "module", model)
-    ev = evaluate(model, val_loader, device, amp=amp)
-    per_t = accuracy_per_timestep(model, val_loader, device)
-    energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images)
+    halting_cfg = cfg.halting_config()
+    ev = evaluate(runner, val_loader, device, amp=amp)
+    per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
+    energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images,
+                            halting=halting_cfg)
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
         "timesteps": cfg.timesteps, "epochs": len(history),
-        "top1": ev["top1"], "top1_per_t": per_t, "val_images": ev["images"],
+        "top1": ev["top1"], **({"top1_per_t": per_t} if per_t else {}),
+        "val_images": ev["images"],
         "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
         "energy_per_timestep": energy["per_timestep"],
         "energy_images": energy["images"],
@@ -323,4 +362,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, val_loader, val_ds, device, c
         "wall_s": time.perf_counter() - start_wall,
         "images_per_s": ev["images_per_s"],
         "history": history,
+        **({"halting": {"alpha": cfg.alpha, "beta": cfg.beta, "eps": cfg.eps,
+                        "delta_p": cfg.delta_p, "accumulate": cfg.accumulate},
+            "token_ratio": ev.get("token_ratio", 1.0)} if halting_cfg else {}),
     }

@@ -157,3 +157,26 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys, monkeypatch):
                        str(tmp_path / "o"), "--no-progress", "--train-subset", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+@needs_fmnist
+def test_two_stage_training_with_halting_lowers_the_token_ratio(tmp_path):
+    common = dict(model="spikformer-2-32", timesteps=2, batch_size=64, lr=3e-3,
+                  train_subset=2048, val_subset=256, progress=False, energy_images=64,
+                  warmup_epochs=0.1)
+    stage1 = train(TrainConfig(**common, epochs=2, out=str(tmp_path / "s1")))
+    stage2 = train(TrainConfig(**common, epochs=1, out=str(tmp_path / "s2"), halting=True,
+                               init_from=stage1["checkpoint"], alpha=1.0, beta=0.0, eps=0.1,
+                               delta_p=5e-2))
+    assert stage2["token_ratio"] < 0.9, stage2["token_ratio"]
+    assert stage2["top1"] > 0.3, stage2["top1"]  # chance is 0.1
+    print("stage 1 top-1", stage1["top1"], "stage 2 top-1", stage2["top1"],
+          "token ratio", stage2["token_ratio"])
+    assert stage2["energy_mj"] < stage1["energy_mj"]  # halted tokens cost nothing
+    assert stage2["halting"]["accumulate"] == "both"
+
+
+def test_halting_flags_are_checked(tmp_path, capsys):
+    code = train_main(["--direct", "--halting", "--eps", "1.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "eps must be in [0, 1)" in err and "Traceback" not in err

@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate", choices=["sigmoid", "atan"], default="sigmoid")
     p.add_argument("--backend", choices=["fused", "sinabs"], default="fused",
                    help="neuron implementation")
+    h = p.add_argument_group("token halting (STAS stage 2)")
+    h.add_argument("--halting", action="store_true",
+                   help="train with 2-D token halting (mean-field task loss + ponder loss)")
+    h.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from a stage-1 (I-SPS, no halting) checkpoint")
+    h.add_argument("--alpha", type=float, default=1.0, help="halting score slope")
+    h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
+    h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
+    h.add_argument("--delta-p", type=float, default=5e-4, help="ponder loss weight")
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
     p.add_argument("--out", default="runs/direct", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--seed", type=int, default=0)
@@ -60,12 +70,14 @@ def _main(args: argparse.Namespace) -> int:
         train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment,
         out=args.out, resume=args.resume, seed=args.seed, device=args.device,
         workers=args.workers, energy_images=args.energy_images, progress=args.progress,
-        neuron={"tau": args.tau, "backend": args.backend, "surrogate": args.surrogate})
+        neuron={"tau": args.tau, "backend": args.backend, "surrogate": args.surrogate},
+        halting=args.halting, init_from=args.init_from, alpha=args.alpha, beta=args.beta,
+        eps=args.eps, delta_p=args.delta_p, accumulate=args.accumulate)
     summary = train(cfg)
     if summary is not None:
         keys = ("checkpoint", "top1", "timesteps", "energy_mj", "sops", "macs", "wall_s",
-                "images_per_s")
-        print(json.dumps({k: summary[k] for k in keys}, indent=2))
+                "images_per_s", "token_ratio")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
 
