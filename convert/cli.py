@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="fuse the element-wise work of neurons and compensated ops with "
                         "torch.compile (needs a C++ compiler; compiles for 10-60 s first)")
+    h = p.add_argument_group("token halting at inference")
+    h.add_argument("--halting", action="store_true",
+                   help="also evaluate with 2-D token halting (token_ratio, halted_top1 per t)")
+    h.add_argument("--alpha", type=float, default=1.0)
+    h.add_argument("--beta", type=float, default=-2.0)
+    h.add_argument("--eps", type=float, default=0.01)
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
+    h.add_argument("--halting-score", choices=["mean", "current"], default="mean",
+                   help="score from the running mean of the signal, or the current step")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None)
     p.add_argument("--verbose", "-v", action="store_true")
@@ -62,11 +71,14 @@ def _main(args: argparse.Namespace) -> int:
         levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,
         energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
-        compile=args.compile, progress=args.progress)
+        compile=args.compile, halting=args.halting, alpha=args.alpha, beta=args.beta,
+        eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score,
+        progress=args.progress)
     report = convert(cfg)
     brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",
                                     "ann_energy_mj", "ann_images_per_s", "snn_images_per_s",
-                                    "snn_step_cost_vs_ann", "plot")}
+                                    "snn_step_cost_vs_ann", "plot", "halted_top1",
+                                    "token_ratio", "halted_energy_mj") if k in report}
     print(json.dumps(brief, indent=2))
     return 0
 

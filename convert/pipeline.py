@@ -64,6 +64,12 @@ class ConvertConfig:
     device: str = "auto"
     seed: int = 0
     compile: bool = False
+    halting: bool = False
+    alpha: float = 1.0
+    beta: float = -2.0
+    eps: float = 0.01
+    accumulate: str = "both"
+    halting_score: str = "mean"
     progress: Optional[bool] = None
 
     def validate(self) -> "ConvertConfig":
@@ -81,7 +87,19 @@ class ConvertConfig:
         if sum(bool(v) for v in (self.pretrained or self.pretrained_file, self.checkpoint)) > 1:
             raise ConfigError("give only one of --pretrained and --checkpoint")
         get_dataset_info(self.dataset)
+        self.halting_config()
         return self
+
+    def halting_config(self):
+        """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
+        from halting import HaltingConfig, HaltingConfigError
+
+        try:
+            cfg = HaltingConfig(alpha=self.alpha, beta=self.beta, eps=self.eps,
+                                accumulate=self.accumulate, score=self.halting_score)
+        except HaltingConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        return cfg if self.halting else None
 
 
 # ----------------------------------------------------------------------------- ANN side
@@ -223,6 +241,36 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
 
 
 @torch.no_grad()
+def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device, cfg,
+                    max_energy_images: int) -> dict:
+    """Top-1, token ratio and energy per image of the halted SNN after t = 1, 2, 4, ...
+    (each t is its own run: the halting window ends at the last timestep)."""
+    from halting import run_halting
+
+    marks = sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= timesteps} | {timesteps})
+    top1, ratio, energy = {}, {}, {}
+    for t in marks:
+        correct = total = 0
+        ratio_sum = 0.0
+        counter = OpCounter(snn)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if counter.images < max_energy_images:
+                with counter:
+                    res = run_halting(snn, x, cfg, timesteps=t, on_timestep=counter.set_timestep)
+                counter.add_images(len(x))
+            else:
+                res = run_halting(snn, x, cfg, timesteps=t)
+            correct += int((res.logits.argmax(-1) == y).sum())
+            ratio_sum += res.token_ratio * len(y)
+            total += len(y)
+        top1[str(t)] = correct / total
+        ratio[str(t)] = ratio_sum / total
+        energy[str(t)] = counter.summary()["energy_mj"]
+    return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy}
+
+
+@torch.no_grad()
 def snn_energy(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
                max_images: int) -> dict:
     """Cumulative energy per image after every t, and firing rates, on ``max_images``."""
@@ -306,6 +354,12 @@ def convert(cfg: ConvertConfig) -> dict:
     energy = snn_energy(snn, val_loader, cfg.timesteps, device, cfg.energy_images)
     first = next(iter(val_loader))[0][: min(cfg.energy_images, cfg.batch_size)].to(device)
     ann_e = ann_energy(vit, first)
+    halting_cfg = cfg.halting_config()
+    halted = {}
+    if halting_cfg is not None:
+        halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
+                                 cfg.energy_images)
+        halted["halting"] = dataclasses.asdict(halting_cfg)
     report = {
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),
@@ -319,6 +373,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "calibration": {"method": cfg.calib_method, "images": cfg.calib_images,
                         "thresholds": thresholds},
         "ann_training": history,
+        **halted,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": time.perf_counter() - start,
         "config": dataclasses.asdict(cfg),

@@ -42,8 +42,11 @@ class HaltingConfig:
     beta: float = -2.0
     eps: float = 0.01
     accumulate: str = "both"
+    score: str = "current"  # 'mean': the running mean over timesteps (converted models)
 
     def __post_init__(self) -> None:
+        if self.score not in ("current", "mean"):
+            raise HaltingConfigError(f"score must be 'current' or 'mean'; got {self.score!r}")
         if not 0.0 <= self.eps < 1.0:
             raise HaltingConfigError(f"eps must be in [0, 1); got {self.eps}")
         if self.accumulate not in MODES:
@@ -91,6 +94,7 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     mask = H = R = N = None
     mean_field = None
     logits_sum = None
+    signal_sums = [None] * depth  # running sums of the score signal, per block
     for t in range(steps):
         if on_timestep is not None:
             on_timestep(t)
@@ -110,7 +114,11 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             scored, last = _window(cfg, t, l, steps, depth)
             if not scored:
                 continue
-            score = torch.sigmoid(cfg.alpha * h[..., 0] + cfg.beta)
+            signal = h[..., 0]
+            if cfg.score == "mean":  # per-step values of a converted SNN fluctuate
+                signal_sums[l] = signal if signal_sums[l] is None else signal_sums[l] + signal
+                signal = signal_sums[l] / (t + 1)
+            score = torch.sigmoid(cfg.alpha * signal + cfg.beta)
             if last:
                 score = torch.ones_like(score)
             live = mask.to(h.dtype)

@@ -284,3 +284,25 @@ def test_compiled_kernels_give_the_same_spikes():
         finally:
             compile_kernels(False)
     assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in small_vit().state_dict().items()}, str(path))
+    out = tmp_path / "h"
+    code = convert_main(["vit_tiny", "--model-kwargs", "patch_size=7,depth=2,embed_dim=48,num_heads=3",
+                         "--checkpoint", str(path), "--val-subset", "32", "-T", "4",
+                         "--calib-images", "16", "--energy-images", "16", "--halting",
+                         "--alpha", "1", "--beta", "0", "--eps", "0.2", "--out", str(out),
+                         "--no-progress"])
+    captured = capsys.readouterr()
+    if code == 2 and "Fashion-MNIST" in captured.err:
+        pytest.skip(captured.err.strip())
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["halted_top1"], key=int) == ["1", "2", "4"]
+    assert 0 < report["token_ratio"]["4"] < 1
+    assert report["halted_energy_mj"]["4"] < report["energy_mj"]["4"]
+    assert report["halting"]["score"] == "mean"
