@@ -25,7 +25,7 @@ from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoin
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, OpCounter
 from stas_core.errors import check_positive_int
-from stas_core.train import _progress, lr_lambda, resolve_device
+from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
 from .ops import compile_kernels
@@ -92,14 +92,7 @@ class ConvertConfig:
 
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
-        from halting import HaltingConfig, HaltingConfigError
-
-        try:
-            cfg = HaltingConfig(alpha=self.alpha, beta=self.beta, eps=self.eps,
-                                accumulate=self.accumulate, score=self.halting_score)
-        except HaltingConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        return cfg if self.halting else None
+        return halting_config_of(self, score=self.halting_score)
 
 
 # ----------------------------------------------------------------------------- ANN side
@@ -127,7 +120,7 @@ def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, dev
     history = []
     for epoch in range(epochs):
         vit.train()
-        bar = _progress(progress, len(loader), f"ANN epoch {epoch + 1}/{epochs}", True)
+        bar = progress_bar(progress, len(loader), f"ANN epoch {epoch + 1}/{epochs}", True)
         seen = correct = loss_sum = 0.0
         start = time.perf_counter()
         for x, y in loader:
@@ -208,7 +201,7 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
     ann_correct = total = 0
     ann_s = snn_s = 0.0
     err = torch.zeros(timesteps, dtype=torch.float64)
-    bar = _progress(progress, len(loader), "evaluating", True)
+    bar = progress_bar(progress, len(loader), "evaluating", True)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         start = time.perf_counter()

@@ -87,14 +87,20 @@ class TrainConfig:
 
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
-        from halting import HaltingConfig, HaltingConfigError
+        return halting_config_of(self)
 
-        try:
-            cfg = HaltingConfig(alpha=self.alpha, beta=self.beta, eps=self.eps,
-                                accumulate=self.accumulate)
-        except HaltingConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        return cfg if self.halting else None
+
+def halting_config_of(cfg, **extra):
+    """``HaltingConfig`` from a run config's alpha/beta/eps/accumulate (validated even when
+    halting is off; None then); halting errors become ConfigError for the CLIs."""
+    from halting import HaltingConfig, HaltingConfigError
+
+    try:
+        out = HaltingConfig(alpha=cfg.alpha, beta=cfg.beta, eps=cfg.eps,
+                            accumulate=cfg.accumulate, **extra)
+    except HaltingConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return out if cfg.halting else None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -174,7 +180,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def _progress(enabled: Optional[bool], total: int, desc: str, main: bool):
+def progress_bar(enabled: Optional[bool], total: int, desc: str, main: bool):
     if not main:
         return None
     show = sys.stderr.isatty() if enabled is None else enabled
@@ -280,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
         net.train()
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        bar = _progress(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.main)
+        bar = progress_bar(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.main)
         for step, (images, labels) in enumerate(train_loader):
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device.type, enabled=amp):
