@@ -181,6 +181,8 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def progress_bar(enabled: Optional[bool], total: int, desc: str, main: bool):
+    """A tqdm bar on the main process when wanted (None: when stderr is a terminal), else
+    None (callers then log plain lines)."""
     if not main:
         return None
     show = sys.stderr.isatty() if enabled is None else enabled
