@@ -11,12 +11,13 @@ import math
 
 import pytest
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from stas_core.analysis import (plot_similarity, similarity_report, sps_variants,
                                 temporal_similarity, token_similarity)
 from stas_core.errors import ConfigError, DataError
 from stas_core.models import create_model
+
+from helpers import calibrate_bn
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,15 +31,7 @@ def calibrated(sps="integrated", timesteps=3, seed=0):
     torch.manual_seed(seed)
     model = create_model("spikformer-1-32", img_size=28, in_chans=1, num_classes=10,
                          timesteps=timesteps, sps=sps)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for i in range(3):
-            model(images(8, seed=100 + i))
-    return model.eval()
+    return calibrate_bn(model, [images(8, seed=100 + i) for i in range(3)])
 
 
 def loader(n=12, b=8):
@@ -152,14 +145,7 @@ def calibrated_checkpoint(checkpoint, tmp_path_factory):
     model, _ = load_trained_model(checkpoint)
     _, val, _ = build_datasets("fashion-mnist", val_subset=64, seed=1, augment=False)
     x = torch.stack([val[i][0] for i in range(len(val))])
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for chunk in x.split(32):
-            model(chunk)
+    calibrate_bn(model, x.split(32))
     state = load_checkpoint(checkpoint)
     state["model"] = model.state_dict()
     path = tmp_path_factory.mktemp("calibrated") / "last.safetensors"

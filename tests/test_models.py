@@ -9,13 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import halting
 from halting.protocol import run_stepwise
 from stas_core.errors import ConfigError
 from stas_core.models import Spikformer, Spikingformer, create_model, list_models
 from stas_core.neurons import LIF, ATan, reset_net
+
+from helpers import calibrate_bn
 
 FAMILIES = ["spikformer-1-32", "spikingformer-1-32"]
 SPS = ["integrated", "vanilla"]
@@ -36,15 +37,8 @@ def images(b=4, c=1, size=28, seed=1, t=None):
 
 def calibrate(model, passes=3, b=8, seed=100):
     """Cumulative BN statistics from a few train-mode passes, then eval mode."""
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for i in range(passes):
-            model(images(b, model.in_chans, model.img_size, seed=seed + i))
-    return model.eval()
+    return calibrate_bn(model, [images(b, model.in_chans, model.img_size, seed=seed + i)
+                                for i in range(passes)])
 
 
 def calibrated(name="spikformer-1-32", **kw):
