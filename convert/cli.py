@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
     h.add_argument("--halting-score", choices=["mean", "current"], default="mean",
                    help="score from the running mean of the signal, or the current step")
+    h.add_argument("--execution", choices=["gather", "mask"], default="gather",
+                   help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None)
     p.add_argument("--verbose", "-v", action="store_true")
@@ -72,13 +74,14 @@ def _main(args: argparse.Namespace) -> int:
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,
         energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
         compile=args.compile, halting=args.halting, alpha=args.alpha, beta=args.beta,
-        eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score,
+        eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score, execution=args.execution,
         progress=args.progress)
     report = convert(cfg)
     brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",
                                     "ann_energy_mj", "ann_images_per_s", "snn_images_per_s",
                                     "snn_step_cost_vs_ann", "plot", "halted_top1",
-                                    "token_ratio", "halted_energy_mj") if k in report}
+                                    "token_ratio", "halted_energy_mj", "halted_images_per_s")
+             if k in report}
     print(json.dumps(brief, indent=2))
     return 0
 

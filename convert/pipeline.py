@@ -70,6 +70,7 @@ class ConvertConfig:
     eps: float = 0.01
     accumulate: str = "both"
     halting_score: str = "mean"
+    execution: str = "gather"
     progress: Optional[bool] = None
 
     def validate(self) -> "ConvertConfig":
@@ -235,32 +236,40 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
 
 @torch.no_grad()
 def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device, cfg,
-                    max_energy_images: int) -> dict:
-    """Top-1, token ratio and energy per image of the halted SNN after t = 1, 2, 4, ...
-    (each t is its own run: the halting window ends at the last timestep)."""
+                    max_energy_images: int, execution: str = "gather") -> dict:
+    """Top-1, token ratio, energy per image and images/s of the halted SNN after
+    t = 1, 2, 4, ... (each t is its own run: the halting window ends at the last timestep).
+    Throughput is timed on the batches run without the op counter."""
     from halting import run_halting
 
     marks = sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= timesteps} | {timesteps})
-    top1, ratio, energy = {}, {}, {}
+    top1, ratio, energy, speed = {}, {}, {}, {}
     for t in marks:
-        correct = total = 0
-        ratio_sum = 0.0
+        correct = total = timed = 0
+        ratio_sum = seconds = 0.0
         counter = OpCounter(snn)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             if counter.images < max_energy_images:
                 with counter:
-                    res = run_halting(snn, x, cfg, timesteps=t, on_timestep=counter.set_timestep)
+                    res = run_halting(snn, x, cfg, timesteps=t, execution=execution,
+                                      on_timestep=counter.set_timestep)
                 counter.add_images(len(x))
             else:
-                res = run_halting(snn, x, cfg, timesteps=t)
+                start = time.perf_counter()
+                res = run_halting(snn, x, cfg, timesteps=t, execution=execution)
+                seconds += time.perf_counter() - start
+                timed += len(y)
             correct += int((res.logits.argmax(-1) == y).sum())
             ratio_sum += res.token_ratio * len(y)
             total += len(y)
         top1[str(t)] = correct / total
         ratio[str(t)] = ratio_sum / total
         energy[str(t)] = counter.summary()["energy_mj"]
-    return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy}
+        if timed:
+            speed[str(t)] = timed / seconds
+    return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy,
+            **({"halted_images_per_s": speed} if speed else {})}
 
 
 @torch.no_grad()
@@ -351,8 +360,8 @@ def convert(cfg: ConvertConfig) -> dict:
     halted = {}
     if halting_cfg is not None:
         halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
-                                 cfg.energy_images)
-        halted["halting"] = dataclasses.asdict(halting_cfg)
+                                 cfg.energy_images, cfg.execution)
+        halted["halting"] = {**dataclasses.asdict(halting_cfg), "execution": cfg.execution}
     report = {
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),

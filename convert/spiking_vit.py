@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from stas_core.layers import TokenRows
+
 from .errors import ConversionError
 from .ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
 
@@ -42,6 +44,11 @@ def _events(linear: nn.Linear, source: MultiThresholdNeuron) -> nn.Linear:
     linear.stas_input = "events"
     object.__setattr__(linear, "stas_source", source)
     return linear
+
+
+def _linear_on(rows: TokenRows) -> Callable[[nn.Module, Tensor], Tensor]:
+    """``f(h)`` computed on the active ``rows`` of ``h[B, N, D]`` only (zeros elsewhere)."""
+    return lambda f, h: rows.scatter(f(rows.gather(h)))
 
 
 class ConvertedBlock(nn.Module):
@@ -97,13 +104,20 @@ class ConvertedBlock(nn.Module):
         rec(self.in_fc2, h)
         return x + self.fc2(h)
 
-    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    def step(self, x: Tensor, active: Optional[Tensor] = None, *, gather: bool = False) -> Tensor:
         """One timestep on ``x[B, N, D]``; halted tokens (``active`` False) stay unchanged,
-        leave Q/K/V and keep their state."""
+        leave Q/K/V and keep their state.
+
+        ``gather=True`` runs the token-wise Linears (qkv, proj, fc1, fc2: nearly all the
+        arithmetic) on the active tokens only; the per-element neuron and compensation
+        updates stay dense and masked. Same result as the masked execution.
+        """
+        lin = _linear_on(TokenRows.from_mask(active)) if gather and active is not None \
+            else (lambda f, h: f(h))
         tok = None if active is None else active.unsqueeze(-1)            # [B, N, 1]
         row = None if active is None else active[:, None, :, None]        # [B, 1, N, 1]
         h = self.in_qkv.step(self.norm1.step(x, tok), tok)
-        q, k, v = self._qkv(self.qkv(h))
+        q, k, v = self._qkv(lin(self.qkv, h))
         q, k, v = self.n_q.step(q, row), self.n_k.step(k, row), self.n_v.step(v, row)
         if active is not None:
             step_count = active.to(x.dtype)
@@ -115,10 +129,10 @@ class ConvertedBlock(nn.Module):
         scores = self.qk.step(q, k.transpose(-2, -1), kc)
         a = self.n_attn.step(self.softmax.step(scores, row), row)
         o = self.av.step(a, v, vc).transpose(-3, -2).flatten(-2)
-        y = x + self.proj(self.in_proj.step(o, tok))
+        y = x + lin(self.proj, self.in_proj.step(o, tok))
         h = self.in_fc1.step(self.norm2.step(y, tok), tok)
-        h = self.in_fc2.step(self.gelu.step(self.fc1(h), tok), tok)
-        y = y + self.fc2(h)
+        h = self.in_fc2.step(self.gelu.step(lin(self.fc1, h), tok), tok)
+        y = y + lin(self.fc2, h)
         return y if active is None else torch.where(tok, y, x)
 
 

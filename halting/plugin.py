@@ -15,7 +15,9 @@ remainder ``R_k = 1 - H_k(before)``, earlier ones by their ``h``. The mean-field
 (per token, the weighted sum of its outputs) goes through the model's readout. The ponder
 loss is ``mean(N_k + R_k)`` with ``N_k`` the number of scored steps of token k.
 
-This module imports nothing of the project (``execution='mask'``: dense, static shapes).
+Two executions give the same results: ``'mask'`` (dense, static shapes: the reference and
+the ONNX form) and ``'gather'`` (blocks compute only the active tokens, so halting saves
+wall-clock time, not only ops). This module imports nothing of the project.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from .protocol import HaltableModel
 
 MODES = ("both", "block", "time")
+EXECUTIONS = ("mask", "gather")
 
 
 class HaltingConfigError(ValueError):
@@ -81,11 +84,24 @@ def _window(cfg: HaltingConfig, t: int, l: int, steps: int, depth: int) -> tuple
     return True, last_block and t == steps - 1
 
 
+def check_execution(execution: str) -> str:
+    if execution not in EXECUTIONS:
+        raise HaltingConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; "
+                                 f"got {execution!r}")
+    return execution
+
+
 def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
                 timesteps: Optional[int] = None, record: bool = False,
+                execution: str = "mask",
                 on_timestep: Optional[Callable[[int], None]] = None) -> HaltingResult:
-    """Run ``model`` on ``x`` with token halting (dense ``mask`` execution).
-    ``on_timestep(t)`` is called before each timestep (op counters)."""
+    """Run ``model`` on ``x`` with token halting.
+
+    ``execution='mask'`` runs every block densely with the token mask; ``'gather'`` asks the
+    blocks to compute the active tokens only (``step(x, active, gather=True)``); both give
+    the same result. ``on_timestep(t)`` is called before each timestep (op counters).
+    """
+    gather = check_execution(execution) == "gather"
     steps = model.timesteps if timesteps is None else timesteps
     depth = len(model.blocks)
     model.reset()
@@ -110,7 +126,7 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             H = torch.zeros_like(H)
         for l, blk in enumerate(model.blocks):
             fractions[t, l] = mask.float().mean()
-            h = blk.step(h, mask)
+            h = blk.step(h, mask, gather=True) if gather else blk.step(h, mask)
             scored, last = _window(cfg, t, l, steps, depth)
             if not scored:
                 continue
@@ -147,11 +163,12 @@ class Halted(nn.Module):
     """``model`` run with halting as a module: ``forward(x) -> (logits, ponder_loss)``, so
     it can be wrapped by DistributedDataParallel; ``last`` keeps the latest result."""
 
-    def __init__(self, model: nn.Module, cfg: HaltingConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: HaltingConfig, *, execution: str = "mask") -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.execution = check_execution(execution)
         self.last: Optional[HaltingResult] = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self.last = run_halting(self.model, x, self.cfg)
+        self.last = run_halting(self.model, x, self.cfg, execution=self.execution)
         return self.last.logits, self.last.ponder_loss

@@ -16,10 +16,10 @@ from torch import Tensor
 
 @runtime_checkable
 class HaltableBlock(Protocol):
-    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    def step(self, x: Tensor, active: Optional[Tensor] = None, *, gather: bool = False) -> Tensor:
         """One block at one timestep. Tokens with ``active`` False must come out unchanged,
         send nothing to the other tokens (no Q/K/V), cost no ops, and keep their neuron
-        state frozen."""
+        state frozen. ``gather=True``: compute the active tokens only, same result."""
 
 
 @runtime_checkable

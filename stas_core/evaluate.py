@@ -63,7 +63,7 @@ def accuracy_per_timestep(model: nn.Module, loader: Iterable, device: torch.devi
 @torch.no_grad()
 def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
                    max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None,
-                   halting: Optional[HaltingConfig] = None) -> dict:
+                   halting: Optional[HaltingConfig] = None, execution: str = "mask") -> dict:
     """Per-image ops and energy, counted per timestep on the per-timestep path.
 
     The per-timestep path computes exactly what the multi-step path does (tested), and
@@ -80,6 +80,7 @@ def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
             if halting is None:
                 run_stepwise(model, images.to(device), on_timestep=counter.set_timestep)
             else:  # halted tokens send no spikes, so they cost nothing
-                run_halting(model, images.to(device), halting, on_timestep=counter.set_timestep)
+                run_halting(model, images.to(device), halting, execution=execution,
+                            on_timestep=counter.set_timestep)
             counter.add_images(images.shape[0])
     return counter.summary()

@@ -6,13 +6,53 @@ same module serves the multi-step path (``[T, B, N, D]``) and the single-step pa
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .neurons import LIF
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """The active tokens of a ``[B, N, ...]`` step, gathered into rows ``[M, ...]``.
+
+    The ``gather`` execution of token halting computes only these rows; per-token layers
+    see ``[M, D]`` and need no mask (every row is active). ``index`` holds the positions of
+    the active tokens in the flattened ``B * N`` tokens.
+    """
+
+    index: Tensor
+    batch: int
+    tokens: int
+
+    @classmethod
+    def from_mask(cls, active: Tensor) -> "TokenRows":
+        b, n = active.shape
+        return cls(active.reshape(-1).nonzero().squeeze(1), b, n)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``[B, N, ...]`` -> the active rows ``[M, ...]``."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def scatter(self, rows: Tensor, base: Optional[Tensor] = None) -> Tensor:
+        """Rows ``[M, ...]`` back to ``[B, N, ...]``; other tokens from ``base`` (or zero)."""
+        if base is None:
+            flat = rows.new_zeros(self.batch * self.tokens, *rows.shape[1:])
+        else:
+            flat = base.flatten(0, 1)
+        return flat.index_copy(0, self.index, rows).unflatten(0, (self.batch, self.tokens))
+
+
+Active = Optional[Union[Tensor, TokenRows]]
+"""What per-token layers receive: None (all tokens), a ``[B, N]`` bool mask, or rows."""
+
+
+def is_rows(active: Active) -> bool:
+    return isinstance(active, TokenRows)
 
 
 class TokenBN(nn.BatchNorm1d):
@@ -23,10 +63,10 @@ class TokenBN(nn.BatchNorm1d):
     halted tokens neither shift the statistics nor receive updates.
     """
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, active: Active = None) -> Tensor:  # type: ignore[override]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if active is None or not self.training:
+        if active is None or is_rows(active) or not self.training:
             return self._norm(flat).reshape(shape)
         keep = active.reshape(-1).to(torch.bool)
         out = flat.clone()
@@ -54,26 +94,29 @@ class LinearBN(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim, bias=False)
         self.bn = TokenBN(out_dim)
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, active: Active = None) -> Tensor:
         return self.bn(self.linear(x), active)
 
 
-def fire(neuron: LIF, x: Tensor, active: Optional[Tensor], multi: bool) -> Tensor:
-    """Run ``neuron`` multi-step on ``x[T, ...]`` or one step with the token mask ``active[B, N]``."""
+def fire(neuron: LIF, x: Tensor, active: Active, multi: bool) -> Tensor:
+    """Run ``neuron`` multi-step on ``x[T, ...]``, or one step with the token mask
+    ``active[B, N]``, or one step on gathered rows (``active`` a :class:`TokenRows`)."""
     if multi:
         return neuron.multi_step(x)
+    if is_rows(active):
+        return neuron.rows_step(x, active.index, active.batch * active.tokens)
     return neuron.single_step(x, None if active is None else active.unsqueeze(-1))
 
 
-def keep_inactive(new: Tensor, old: Tensor, active: Optional[Tensor]) -> Tensor:
+def keep_inactive(new: Tensor, old: Tensor, active: Active) -> Tensor:
     """Tokens outside ``active`` keep their previous value (frozen when halted)."""
-    if active is None:
+    if active is None or is_rows(active):
         return new
     return torch.where(active.unsqueeze(-1), new, old)
 
 
-def mask_tokens(x: Tensor, active: Optional[Tensor]) -> Tensor:
+def mask_tokens(x: Tensor, active: Active) -> Tensor:
     """Zero the tokens outside ``active``: they send no spikes (and cost no ops)."""
-    if active is None:
+    if active is None or is_rows(active):
         return x
     return x * active.unsqueeze(-1).to(x.dtype)

@@ -267,6 +267,24 @@ class LIF(nn.Module):
         self._set_state(v_kept)
         return self._emit(s * active.to(s.dtype), active)
 
+    def rows_step(self, x: Tensor, index: Tensor, total: int) -> Tensor:
+        """One timestep on gathered rows ``x[M, ...]``: row i is element ``index[i]`` of a
+        state of ``total`` rows; the other rows keep their membrane (token halting,
+        ``gather`` execution). Same spikes and state as :meth:`single_step` with a mask."""
+        full_shape = (total, *x.shape[1:])
+        if self._sinabs is not None:
+            self._sinabs_sync(full_shape, x)
+        v_full = self._state_tensor(x.new_empty(full_shape))
+        if v_full is None:
+            v_full = x.new_full(full_shape, self.v_reset or 0.0)
+        elif v_full.shape[0] != total:
+            raise ConfigError(f"neuron state has shape {list(v_full.shape)} but gathered rows "
+                              f"index {total} tokens; call reset() before a new sample")
+        self._set_state(v_full.index_select(0, index))
+        s = self._run(x.unsqueeze(0)).squeeze(0)
+        self._set_state(v_full.index_copy(0, index, self._state_tensor(x)))
+        return self._emit(s, None)
+
     def _emit(self, spikes: Tensor, active: Optional[Tensor]) -> Tensor:
         if self.monitor is not None:
             self.monitor(self, spikes, active)

@@ -68,6 +68,7 @@ class TrainConfig:
     eps: float = 0.01
     delta_p: float = 5e-4          # weight of the ponder loss
     accumulate: str = "both"
+    execution: str = "gather"      # halting: compute active tokens only ('mask': dense)
     init_from: Optional[str] = None  # stage-1 checkpoint to start from
     progress: Optional[bool] = None  # None: a bar when stderr is a terminal
 
@@ -82,7 +83,7 @@ class TrainConfig:
         get_dataset_info(self.dataset)
         if self.delta_p < 0:
             raise ConfigError(f"delta_p must be >= 0; got {self.delta_p}")
-        self.halting_config()  # validates alpha/beta/eps/accumulate
+        self.halting_config()  # validates alpha/beta/eps/accumulate/execution
         return self
 
     def halting_config(self):
@@ -94,8 +95,10 @@ def halting_config_of(cfg, **extra):
     """``HaltingConfig`` from a run config's alpha/beta/eps/accumulate (validated even when
     halting is off; None then); halting errors become ConfigError for the CLIs."""
     from halting import HaltingConfig, HaltingConfigError
+    from halting.plugin import check_execution
 
     try:
+        check_execution(cfg.execution)
         out = HaltingConfig(alpha=cfg.alpha, beta=cfg.beta, eps=cfg.eps,
                             accumulate=cfg.accumulate, **extra)
     except HaltingConfigError as exc:
@@ -246,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         model = convert_sync_batchnorm(model)
     from halting import Halted
 
-    runner = Halted(model, halting_cfg) if halting_cfg is not None else model
+    runner = Halted(model, halting_cfg, execution=cfg.execution) if halting_cfg is not None else model
     net = nn.parallel.DistributedDataParallel(runner) if d.enabled else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
@@ -356,7 +359,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
     ev = evaluate(runner, val_loader, device, amp=amp)
     per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
     energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images,
-                            halting=halting_cfg)
+                            halting=halting_cfg, execution=cfg.execution)
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
@@ -371,6 +374,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         "images_per_s": ev["images_per_s"],
         "history": history,
         **({"halting": {"alpha": cfg.alpha, "beta": cfg.beta, "eps": cfg.eps,
-                        "delta_p": cfg.delta_p, "accumulate": cfg.accumulate},
+                        "delta_p": cfg.delta_p, "accumulate": cfg.accumulate,
+                        "execution": cfg.execution},
             "token_ratio": ev.get("token_ratio", 1.0)} if halting_cfg else {}),
     }

@@ -9,7 +9,7 @@ from halting import HaltingConfig, HaltingConfigError, run_halting, run_stepwise
 from stas_core.energy import OpCounter
 from stas_core.models import create_model
 
-from helpers import calibrate_bn
+from helpers import calibrate_bn, tiny_converted_vit
 
 
 class ScriptedBlock(nn.Module):
@@ -132,17 +132,7 @@ def test_bad_values(kwargs, words):
 
 
 def test_runs_unchanged_on_a_converted_vit():
-    import timm
-
-    from convert.calibrate import calibrate
-    from convert.spiking_vit import SpikingViT
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
-                            num_classes=10, depth=2, embed_dim=48, num_heads=3).eval()
-    snn = SpikingViT(vit, timesteps=3)
-    x = torch.randn(2, 1, 28, 28)
-    calibrate(snn, [x])
+    snn, x = tiny_converted_vit()
     with torch.no_grad():
         none = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0))
         some = run_halting(snn, x, HaltingConfig(alpha=1.0, beta=0.0, eps=0.2))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice, check_positive_int
-from ..layers import keep_inactive
+from ..layers import TokenRows, keep_inactive
 from ..neurons import LIF, make_surrogate, reset_net
 
 SPS_MODES = ("integrated", "vanilla")
@@ -62,9 +62,16 @@ class TransformerBlock(nn.Module):
         """Multi-step: ``x[T, B, N, D]``."""
         return self.run(x, None, True)
 
-    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
-        """One timestep: ``x[B, N, D]``, ``active[B, N]`` bool (None: all tokens)."""
-        return self.run(x, active, False)
+    def step(self, x: Tensor, active: Optional[Tensor] = None, *, gather: bool = False) -> Tensor:
+        """One timestep: ``x[B, N, D]``, ``active[B, N]`` bool (None: all tokens).
+
+        ``gather=True`` computes the active tokens only (rows ``[M, D]``; attention scatters
+        Q/K/V back per sample); the result equals the masked (dense) execution.
+        """
+        if not gather or active is None:
+            return self.run(x, active, False)
+        rows = TokenRows.from_mask(active)
+        return rows.scatter(self.run(rows.gather(x), rows, False), base=x)
 
 
 class SpikingTransformer(nn.Module):

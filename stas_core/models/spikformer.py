@@ -5,11 +5,9 @@ residuals add spikes; attention has no softmax: ``attn_lif((Q K^T) V * 0.125)``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
-from ..layers import LinearBN, SpikeMatMul, fire, mask_tokens
+from ..layers import Active, LinearBN, SpikeMatMul, fire, is_rows, mask_tokens
 from .base import SpikingTransformer
 from .registry import register_family, register_model
 
@@ -41,17 +39,20 @@ class SpikingSelfAttention(nn.Module):
         self.proj = LinearBN(dim, dim)
         self.proj_lif = neuron_layer()
 
-    def qkv_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def qkv_attention(self, q: Tensor, k: Tensor, v: Tensor, active: Active = None) -> Tensor:
+        if is_rows(active):  # gathered rows: attention is per sample, on dense tokens
+            dense = self.qkv_attention(*(active.scatter(t) for t in (q, k, v)))
+            return active.gather(dense)
         h = self.num_heads
         q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
         return merge_heads(self.av(self.qk(q, k.transpose(-2, -1)), v) * self.scale)
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+    def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         x = mask_tokens(x, active)
         q = fire(self.q_lif, self.q(x, active), active, multi)
         k = fire(self.k_lif, self.k(x, active), active, multi)
         v = fire(self.v_lif, self.v(x, active), active, multi)
-        y = fire(self.attn_lif, self.qkv_attention(q, k, v), active, multi)
+        y = fire(self.attn_lif, self.qkv_attention(q, k, v, active), active, multi)
         return fire(self.proj_lif, self.proj(y, active), active, multi)
 
 
@@ -63,7 +64,7 @@ class SpikingMLP(nn.Module):
         self.fc1, self.lif1 = LinearBN(dim, hidden), neuron_layer()
         self.fc2, self.lif2 = LinearBN(hidden, dim), neuron_layer()
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+    def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         x = mask_tokens(x, active)
         x = fire(self.lif1, self.fc1(x, active), active, multi)
         return fire(self.lif2, self.fc2(x, active), active, multi)

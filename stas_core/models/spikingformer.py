@@ -7,11 +7,9 @@ non-spike matrix products), while the residual stream carries membrane values
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
-from ..layers import LinearBN, fire
+from ..layers import Active, LinearBN, fire
 from .base import SpikingTransformer
 from .registry import register_family, register_model
 from .spikformer import SpikingSelfAttention, SPS
@@ -25,12 +23,12 @@ class PreSpikingSelfAttention(SpikingSelfAttention):
         self.proj_lif = nn.Identity()
         self.pre_lif = neuron_layer()
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+    def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         s = fire(self.pre_lif, x, active, multi)
         q = fire(self.q_lif, self.q(s, active), active, multi)
         k = fire(self.k_lif, self.k(s, active), active, multi)
         v = fire(self.v_lif, self.v(s, active), active, multi)
-        y = fire(self.attn_lif, self.qkv_attention(q, k, v), active, multi)
+        y = fire(self.attn_lif, self.qkv_attention(q, k, v, active), active, multi)
         return self.proj(y, active)
 
 
@@ -42,7 +40,7 @@ class PreSpikingMLP(nn.Module):
         self.lif1, self.fc1 = neuron_layer(), LinearBN(dim, hidden)
         self.lif2, self.fc2 = neuron_layer(), LinearBN(hidden, dim)
 
-    def forward(self, x: Tensor, active: Optional[Tensor] = None, multi: bool = True) -> Tensor:
+    def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         x = self.fc1(fire(self.lif1, x, active, multi), active)
         return self.fc2(fire(self.lif2, x, active, multi), active)
 

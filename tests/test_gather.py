@@ -1,0 +1,103 @@
+"""The ``gather`` execution (active tokens only) gives the ``mask`` execution's results."""
+import pytest
+import torch
+
+from halting import HaltingConfig, HaltingConfigError, run_halting
+from stas_core.energy import OpCounter
+from stas_core.layers import TokenRows
+from stas_core.models import create_model
+from stas_core.neurons import LIF
+
+from helpers import calibrate_bn, tiny_converted_vit
+
+CFG = HaltingConfig(alpha=1.0, beta=-0.5, eps=0.1)
+
+
+def _model(name, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 1, 28, 28)
+    model = create_model(name, img_size=28, in_chans=1, timesteps=3, **kwargs)
+    return calibrate_bn(model, x), x
+
+
+def _both(model, x, cfg=CFG):
+    out = {}
+    for execution in ("mask", "gather"):
+        with OpCounter(model) as counter:
+            out[execution] = (run_halting(model, x, cfg, execution=execution), counter)
+            counter.add_images(len(x))
+    return out["mask"], out["gather"]
+
+
+def _assert_same(mask, gather):
+    (rm, cm), (rg, cg) = mask, gather
+    assert torch.allclose(rm.logits, rg.logits, atol=1e-5), (rm.logits - rg.logits).abs().max()
+    assert torch.equal(rm.depth, rg.depth)
+    assert torch.equal(rm.active_fraction, rg.active_fraction)
+    assert 0 < rm.token_ratio < 1  # some tokens halted: the check is not trivial
+    sm, sg = cm.summary(), cg.summary()
+    assert sg["sops"] == pytest.approx(sm["sops"], rel=1e-6)
+    assert sg["macs"] == pytest.approx(sm["macs"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["spikformer-2-32", "spikingformer-2-32"])
+def test_gather_equals_mask_on_direct_models(name):
+    model, x = _model(name)
+    with torch.no_grad():
+        _assert_same(*_both(model, x))
+
+
+@pytest.mark.parametrize("mode", ["block", "time"])
+def test_gather_equals_mask_in_every_accumulation_mode(mode):
+    model, x = _model("spikformer-1-32", seed=1)
+    cfg = HaltingConfig(alpha=1.0, beta=-0.5, eps=0.1, accumulate=mode)
+    with torch.no_grad():
+        (rm, _), (rg, _) = _both(model, x, cfg)
+    assert torch.allclose(rm.logits, rg.logits, atol=1e-5)
+    assert torch.equal(rm.depth, rg.depth)
+
+
+def test_gather_equals_mask_with_the_sinabs_backend():
+    model, x = _model("spikformer-1-32", backend="sinabs")
+    with torch.no_grad():
+        _assert_same(*_both(model, x))
+
+
+def test_gather_gives_the_same_gradients_in_training():
+    grads = {}
+    for execution in ("mask", "gather"):
+        model, x = _model("spikformer-1-32", seed=2)
+        model.train()
+        res = run_halting(model, x, CFG, execution=execution)
+        (res.logits.square().mean() + 0.01 * res.ponder_loss).backward()
+        grads[execution] = {n: p.grad.clone() for n, p in model.named_parameters()
+                            if p.grad is not None}
+    assert grads["mask"].keys() == grads["gather"].keys() and grads["mask"]
+    for n, g in grads["mask"].items():
+        assert torch.allclose(g, grads["gather"][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_gather_equals_mask_on_a_converted_vit():
+    snn, x = tiny_converted_vit(images=3)
+    cfg = HaltingConfig(alpha=1.0, beta=0.0, eps=0.2, score="mean")
+    with torch.no_grad():
+        _assert_same(*_both(snn, x, cfg))
+
+
+def test_rows_step_equals_a_masked_single_step():
+    torch.manual_seed(0)
+    active = torch.rand(3, 5) > 0.4
+    rows = TokenRows.from_mask(active)
+    dense, gathered = LIF(2.0, step_mode="s"), LIF(2.0, step_mode="s")
+    for _ in range(3):
+        x = torch.rand(3, 5, 4) * 3
+        s_dense = dense.single_step(x, active.unsqueeze(-1))
+        s_rows = gathered.rows_step(rows.gather(x), rows.index, 15)
+        assert torch.equal(rows.scatter(s_rows), s_dense)
+    assert torch.equal(gathered.v.view(3, 5, 4), dense.v)  # halted tokens' state frozen
+
+
+def test_unknown_execution_is_a_clear_error():
+    model, x = _model("spikformer-1-32")
+    with pytest.raises(HaltingConfigError, match="execution must be one of mask, gather"):
+        run_halting(model, x, CFG, execution="sparse")
