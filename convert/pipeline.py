@@ -25,6 +25,7 @@ from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoin
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, OpCounter
 from stas_core.errors import check_positive_int
+from stas_core.evaluate import save_depth_heatmap
 from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
@@ -362,6 +363,8 @@ def convert(cfg: ConvertConfig) -> dict:
         halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
                                  cfg.energy_images, cfg.execution)
         halted["halting"] = {**dataclasses.asdict(halting_cfg), "execution": cfg.execution}
+        halted.update(save_depth_heatmap(snn, val_loader, device, halting_cfg,
+                                         out / "halting_depth.png", execution=cfg.execution))
     report = {
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),

@@ -21,6 +21,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
     model.eval()
     correct = total = 0
     ratio_sum = 0.0
+    fraction_sum = None
     seconds = 0.0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
@@ -30,6 +31,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
         if isinstance(logits, tuple):  # Halted: (logits, ponder loss)
             logits = logits[0]
             ratio_sum += model.last.token_ratio * labels.numel()
+            part = model.last.active_fraction * labels.numel()
+            fraction_sum = part if fraction_sum is None else fraction_sum + part
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
@@ -39,9 +42,32 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
             progress.update(1)
     out = {"correct": correct, "images": total, "seconds": seconds,
            "top1": correct / max(total, 1), "images_per_s": total / seconds if seconds else 0.0}
-    if ratio_sum:
+    if fraction_sum is not None:
         out["token_ratio"] = ratio_sum / max(total, 1)
+        out["active_fraction"] = (fraction_sum / max(total, 1)).tolist()  # [T][L]
     return out
+
+
+@torch.no_grad()
+def save_depth_heatmap(model: nn.Module, loader: Iterable, device: torch.device,
+                       halting: HaltingConfig, path, *, execution: str = "mask",
+                       samples: int = 6) -> dict:
+    """Run the first batch of ``loader`` with halting and save a PNG of each token's
+    halting depth over the image for ``samples`` images; returns the depth statistics."""
+    from halting.plots import plot_depth_heatmap
+
+    images, labels = next(iter(loader))
+    images = images[:samples].to(device)
+    model.eval()
+    res = run_halting(model, images, halting, execution=execution)
+    steps = res.active_fraction.numel()
+    plot_depth_heatmap(images, res.depth, path, max_depth=steps,
+                       prefix_tokens=getattr(model, "num_prefix_tokens", 0),
+                       labels=[f"label {int(v)}" for v in labels[:samples]])
+    depth = res.depth.float()
+    return {"depth_plot": str(path), "depth_mean": float(depth.mean()),
+            "depth_min": float(depth.min()), "depth_max": float(depth.max()),
+            "depth_of": steps}
 
 
 @torch.no_grad()

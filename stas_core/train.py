@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import accuracy_per_timestep, evaluate, measure_energy
+from .evaluate import accuracy_per_timestep, evaluate, measure_energy, save_depth_heatmap
 from .models import create_model
 from .models.base import SpikingTransformer
 
@@ -360,6 +360,9 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
     per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
     energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images,
                             halting=halting_cfg, execution=cfg.execution)
+    depth = {} if halting_cfg is None else save_depth_heatmap(
+        model, val_loader, device, halting_cfg, Path(cfg.out) / "halting_depth.png",
+        execution=cfg.execution)
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
@@ -376,5 +379,6 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         **({"halting": {"alpha": cfg.alpha, "beta": cfg.beta, "eps": cfg.eps,
                         "delta_p": cfg.delta_p, "accumulate": cfg.accumulate,
                         "execution": cfg.execution},
-            "token_ratio": ev.get("token_ratio", 1.0)} if halting_cfg else {}),
+            "token_ratio": ev.get("token_ratio", 1.0),
+            "active_fraction": ev.get("active_fraction"), **depth} if halting_cfg else {}),
     }

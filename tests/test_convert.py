@@ -305,4 +305,6 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
     assert sorted(report["halted_top1"], key=int) == ["1", "2", "4"]
     assert 0 < report["token_ratio"]["4"] < 1
     assert report["halted_energy_mj"]["4"] < report["energy_mj"]["4"]
-    assert report["halting"]["score"] == "mean"
+    assert report["halting"]["score"] == "mean" and report["halting"]["execution"] == "gather"
+    assert (out / "halting_depth.png").stat().st_size > 0
+    assert 1 <= report["depth_min"] <= report["depth_mean"] <= report["depth_max"] <= 4 * 2

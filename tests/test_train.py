@@ -174,6 +174,10 @@ def test_two_stage_training_with_halting_lowers_the_token_ratio(tmp_path):
           "token ratio", stage2["token_ratio"])
     assert stage2["energy_mj"] < stage1["energy_mj"]  # halted tokens cost nothing
     assert stage2["halting"]["accumulate"] == "both"
+    fractions = stage2["active_fraction"]  # [T][L], the first step runs every token
+    assert len(fractions) == 2 and fractions[0][0] == 1.0
+    assert sum(map(sum, fractions)) / 4 == pytest.approx(stage2["token_ratio"], rel=1e-6)
+    assert (tmp_path / "s2" / "halting_depth.png").stat().st_size > 0
 
 
 def test_halting_flags_are_checked(tmp_path, capsys):
