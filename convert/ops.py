@@ -39,6 +39,10 @@ def _freeze(new: Tensor, old: Optional[Tensor], active: Optional[Tensor]) -> Ten
 
 def _pow2_levels(a: Tensor) -> Tensor:
     """Nearest power of two of ``a >= 0`` (mantissa rounding: [0.75, 1.5) 2^k -> 2^k)."""
+    if torch.onnx.is_in_onnx_export():  # ONNX has no bit casts: log2, then made exact
+        p = torch.exp2(torch.floor(torch.log2(a / 0.75)))
+        p = torch.where(p * 1.5 <= a, p * 2.0, p)
+        return torch.where(p * 0.75 > a, p * 0.5, p)
     if a.dtype == torch.float32:  # two integer ops on the float bits
         return ((a.view(torch.int32) + 0x00400000) & 0x7F800000).view(torch.float32)
     mant, exp = torch.frexp(a)
@@ -54,7 +58,7 @@ def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
     p = _pow2_levels(a)
     p = torch.where(p < smallest, 0.0, p)
     p = torch.maximum(p, torch.floor(a))  # whole spikes beyond theta: nothing is clipped
-    s = torch.copysign(p, u) * theta
+    s = torch.where(u < 0, -p, p) * theta  # copysign, in ops that ONNX has
     return s, v - s
 
 

@@ -164,6 +164,7 @@ def ann_energy(vit: nn.Module, x: Tensor, costs: Optional[EnergyCosts] = None) -
 # ----------------------------------------------------------------------------- save / load
 def save_converted(path: Path, snn: SpikingViT, cfg: ConvertConfig, vit_kwargs: dict) -> None:
     save_checkpoint(path, {"format": FORMAT, "timm_model": canonical_name(cfg.model),
+                           "dataset": get_dataset_info(cfg.dataset).name,
                            "vit_kwargs": vit_kwargs, "levels": snn.levels,
                            "timesteps": snn.timesteps, "model": snn.state_dict()})
 

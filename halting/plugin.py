@@ -66,6 +66,7 @@ class HaltingResult:
     active_fraction: Tensor          # [T, L]: share of tokens computed at (t, l)
     depth: Tensor                    # [B, N]: scored steps per token (N_k)
     remainder: Tensor                # [B, N]: R_k (summed over windows in 'block' mode)
+    image_ratio: Tensor              # [B]: each image's share of token-steps computed
     history: list = field(default_factory=list)  # per step (t, l): (H, R, N, mask) copies
 
     @property
@@ -110,22 +111,24 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     mask = H = R = N = None
     mean_field = None
     logits_sum = None
+    image_active = 0.0
     signal_sums = [None] * depth  # running sums of the score signal, per block
     for t in range(steps):
         if on_timestep is not None:
             on_timestep(t)
         h = model.tokens(x, t)
         if mask is None:
-            b, n = h.shape[:2]
-            mask = torch.ones(b, n, dtype=torch.bool, device=h.device)
-            H = h.new_zeros(b, n)
-            R = h.new_zeros(b, n)
-            N = h.new_zeros(b, n)
+            H = torch.zeros_like(h[..., 0])  # like a slice: the batch size stays symbolic
+            mask = H == 0                     # (for tracers such as the ONNX exporter)
+            R = torch.zeros_like(H)
+            N = torch.zeros_like(H)
         if cfg.accumulate == "block" and t > 0:  # a fresh window every timestep
             mask = torch.ones_like(mask)
             H = torch.zeros_like(H)
         for l, blk in enumerate(model.blocks):
-            fractions[t, l] = mask.float().mean()
+            per_image = mask.to(h.dtype).mean(-1)
+            image_active = image_active + per_image
+            fractions[t, l] = per_image.mean()
             h = blk.step(h, mask, gather=True) if gather else blk.step(h, mask)
             scored, last = _window(cfg, t, l, steps, depth)
             if not scored:
@@ -156,7 +159,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     logits = logits_sum / steps if cfg.accumulate == "block" else model.readout(mean_field)
     ponder = (N + R).mean()
     return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
-                         depth=N, remainder=R, history=history)
+                         depth=N, remainder=R, image_ratio=image_active / (steps * depth),
+                         history=history)
 
 
 class Halted(nn.Module):

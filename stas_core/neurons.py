@@ -127,6 +127,27 @@ class _FusedNeuronFn(torch.autograd.Function):
         return grad_x, (g_v if has_v0 else None), None, None, None, None, None, None, None
 
 
+def _traceable_update(x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: float,
+                      bias: float, v_th: float, v_reset: Optional[float]) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`_FusedNeuronFn` with out-of-place ops only, for tracers
+    (ONNX export); same spikes and state."""
+    v = v0  # None: at rest (0); no constant is made, so the batch size stays symbolic
+    spikes = []
+    for t in range(x_seq.shape[0]):
+        h = x_seq[t] * scale
+        if v is not None:
+            h = h + (v * decay if decay != 1.0 else v)
+        if bias != 0.0:
+            h = h + bias
+        s = (h >= v_th).to(x_seq.dtype)
+        if v_reset is None:
+            v = h - s * v_th
+        else:
+            v = h * (1.0 - s) + (s * v_reset if v_reset != 0.0 else 0.0)
+        spikes.append(s)
+    return torch.stack(spikes), v
+
+
 def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[float] = 2.0,
                   v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = True, surrogate=Sigmoid()) -> tuple[Tensor, Tensor]:
@@ -136,6 +157,8 @@ def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[f
     else:
         decay, scale = 1.0 - 1.0 / tau, 1.0 / tau
         bias = (v_reset or 0.0) / tau
+    if torch.onnx.is_in_onnx_export():
+        return _traceable_update(x_seq, v0, decay, scale, bias, float(v_threshold), v_reset)
     return _FusedNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                 None if v_reset is None else float(v_reset),
                                 bool(detach_reset), surrogate)

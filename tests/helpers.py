@@ -23,8 +23,8 @@ def calibrate_bn(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.T
     return model.eval()
 
 
-def tiny_converted_vit(images: int = 2, timesteps: int = 3, seed: int = 0):
-    """A calibrated 2-block converted ViT on 28x28 inputs and its calibration batch."""
+def tiny_converted_vit(images: int = 2, timesteps: int = 3, seed: int = 0, depth: int = 2):
+    """A calibrated converted ViT (``depth`` blocks) on 28x28 inputs and its calibration batch."""
     import timm
 
     from convert.calibrate import calibrate
@@ -32,7 +32,7 @@ def tiny_converted_vit(images: int = 2, timesteps: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
-                            num_classes=10, depth=2, embed_dim=48, num_heads=3).eval()
+                            num_classes=10, depth=depth, embed_dim=48, num_heads=3).eval()
     snn = SpikingViT(vit, timesteps=timesteps)
     x = torch.randn(images, 1, 28, 28)
     calibrate(snn, [x])

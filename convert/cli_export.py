@@ -1,0 +1,112 @@
+"""``stas-export``: write a direct-trained or converted model as an ONNX graph.
+
+All T timesteps are unrolled in the graph (see ``stas_core.export``): input ``images``
+``[B, C, H, W]`` (dynamic batch, normalised as for training), output ``logits``; with
+halting also ``token_ratio [B]`` and ``depth [B, N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from stas_core.cli.common import run
+from stas_core.errors import DataError, check_positive_int
+from stas_core.train import halting_config_of
+
+logger = logging.getLogger("convert.export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stas-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="last.safetensors of stas-train, or model.safetensors of stas-convert")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("-T", "--timesteps", type=int, default=None,
+                   help="timesteps unrolled in the graph (default: the checkpoint's)")
+    h = p.add_argument_group("token halting (default: on for a model trained with halting)")
+    h.add_argument("--halting", dest="halting", action="store_true", default=None)
+    h.add_argument("--no-halting", dest="halting", action="store_false")
+    h.add_argument("--alpha", type=float, default=None, help="default: trained value or 1.0")
+    h.add_argument("--beta", type=float, default=None, help="default: trained value or -2.0")
+    h.add_argument("--eps", type=float, default=None, help="default: trained value or 0.01")
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default=None)
+    h.add_argument("--halting-score", choices=["current", "mean"], default=None,
+                   help="default: 'mean' for converted models, 'current' for direct ones")
+    c = p.add_argument_group("tracing and checking")
+    c.add_argument("--check", action="store_true",
+                   help="compare PyTorch and onnxruntime on the sample batch; fail unless "
+                        "logits agree within --atol and every top-1 is identical")
+    c.add_argument("--atol", type=float, default=1e-4)
+    c.add_argument("--sample-images", type=int, default=16,
+                   help="validation images used to trace and check")
+    c.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    c.add_argument("--data-dir", default=None)
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def _sample(loaded, args) -> torch.Tensor:
+    """The first validation images of the model's dataset (random images if it is absent)."""
+    from stas_core.data import build_datasets
+
+    name = args.dataset or loaded.dataset or "fashion-mnist"
+    try:
+        _, val_ds, _ = build_datasets(name, data_dir=args.data_dir, augment=False)
+        return torch.stack([val_ds[i][0] for i in range(min(args.sample_images, len(val_ds)))])
+    except DataError as exc:
+        logger.warning("%s; tracing and checking on random images instead", exc)
+        shape = _input_shape(loaded.model)
+        return torch.randn(args.sample_images, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def _input_shape(model) -> tuple:
+    size = model.img_size if isinstance(model.img_size, tuple) else (model.img_size,) * 2
+    return (model.in_chans, *size)
+
+
+def _halting(loaded, args):
+    trained = loaded.halting
+    on = args.halting if args.halting is not None else trained is not None
+    if not on:
+        return None
+    knobs = argparse.Namespace(
+        halting=True, execution="mask",
+        alpha=args.alpha if args.alpha is not None else (trained.alpha if trained else 1.0),
+        beta=args.beta if args.beta is not None else (trained.beta if trained else -2.0),
+        eps=args.eps if args.eps is not None else (trained.eps if trained else 0.01),
+        accumulate=args.accumulate or (trained.accumulate if trained else "both"))
+    score = args.halting_score or ("mean" if loaded.kind == "converted" else "current")
+    return halting_config_of(knobs, score=score)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from stas_core.export import export_onnx
+
+    from .loading import load_spiking_model
+
+    check_positive_int("sample_images", args.sample_images)
+    if args.timesteps is not None:
+        check_positive_int("timesteps", args.timesteps)
+    loaded = load_spiking_model(args.checkpoint)
+    halting = _halting(loaded, args)
+    result = export_onnx(
+        loaded.model, args.out, _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
+        halting=halting, check=args.check, atol=args.atol,
+        metadata={"kind": loaded.kind, "model": loaded.name, "dataset": loaded.dataset,
+                  "checkpoint": str(args.checkpoint)})
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""ONNX export of spiking transformers, with or without token halting.
+
+Any model of the haltable-model protocol exports (direct-trained Spikformer/Spikingformer
+and converted ViTs alike) through :class:`InferenceGraph`: ``images [B, C, H, W] ->
+logits [B, classes]``, plus ``token_ratio [B]`` and ``depth [B, N]`` with halting.
+
+The graph holds all T timesteps **unrolled** (one copy of the per-timestep ops per t; the
+weights are stored once). Why not one timestep with explicit state inputs/outputs: a model
+carries dozens of state tensors (every neuron's membrane, every compensated op's running
+sums, and with halting the per-token H, R, N, mask and mean field); a one-step graph
+would make every runtime juggle them and re-implement the timestep loop and the halting
+accumulation outside the graph. Unrolled, a deployment is "image in, logits out", the
+halting accumulation lives inside the graph (the ``mask`` execution: static shapes), and
+the result equals PyTorch's. The price: the graph grows with T, and T is fixed at export.
+The batch dimension is dynamic.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from halting.plugin import HaltingConfig, run_halting
+from halting.protocol import run_stepwise
+
+from .errors import StasError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "stas-onnx/1"
+OPSET = 18
+PROTOCOL = ("reset", "tokens", "blocks", "readout", "timesteps")
+
+
+class ExportError(StasError):
+    """A model could not be exported, or the export does not reproduce PyTorch."""
+
+
+class InferenceGraph(nn.Module):
+    """What is exported: the timestep loop (and halting) around a protocol model."""
+
+    def __init__(self, model: nn.Module, timesteps: int,
+                 halting: Optional[HaltingConfig] = None) -> None:
+        super().__init__()
+        self.model, self.timesteps, self.halting = model, int(timesteps), halting
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"] + (["token_ratio", "depth"] if self.halting is not None else [])
+
+    def forward(self, images: Tensor):
+        if self.halting is None:
+            return run_stepwise(self.model, images, self.timesteps)
+        res = run_halting(self.model, images, self.halting, timesteps=self.timesteps,
+                          execution="mask")
+        return res.logits, res.image_ratio, res.depth
+
+
+def _check_protocol(model: nn.Module) -> None:
+    missing = [name for name in PROTOCOL if not hasattr(model, name)]
+    if missing:
+        raise ExportError(
+            f"{type(model).__name__} cannot be exported: it lacks {', '.join(missing)} of the "
+            f"haltable-model protocol (reset, tokens, blocks, readout, timesteps). Export a "
+            f"model made by stas-train or stas-convert.")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints, warnings and chatty loggers."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def ort_session(path: str | os.PathLike, threads: Optional[int] = None):
+    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ExportError("onnxruntime is needed: pip install onnxruntime") from exc
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images: Tensor,
+                    atol: float = 1e-4) -> dict:
+    """Run ``images`` through PyTorch and onnxruntime; raise ExportError unless logits agree
+    within ``atol`` (max abs difference) and give the same top-1 for every image."""
+    with torch.no_grad():
+        ref = graph(images)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    sess = ort_session(onnx_path)
+    got = sess.run(["logits"], {"images": images.cpu().numpy()})[0]
+    ref_np = ref.detach().cpu().numpy()
+    diff = float(np.abs(got - ref_np).max())
+    agree = float((got.argmax(-1) == ref_np.argmax(-1)).mean())
+    if not diff <= atol or agree < 1.0:
+        raise ExportError(
+            f"the exported graph does not reproduce PyTorch on {len(images)} images: max abs "
+            f"logit difference {diff:.3g} (allowed {atol:g}), top-1 identical for "
+            f"{100 * agree:.1f}% (required 100%). Nothing was written; report this as a bug.")
+    return {"max_abs_diff": diff, "top1_identical": agree, "check_images": len(images)}
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
+                timesteps: Optional[int] = None, halting: Optional[HaltingConfig] = None,
+                metadata: Optional[dict] = None, check: bool = True,
+                atol: float = 1e-4) -> dict:
+    """Export ``model`` (eval mode, ``timesteps`` unrolled) to ``path``, atomically.
+
+    ``sample`` is a batch of input images used to trace (and, with ``check``, to compare
+    PyTorch and onnxruntime). ``metadata`` is stored as JSON in the model's ``stas``
+    metadata property (with the format, timesteps, halting knobs and output names).
+    """
+    import onnx
+
+    _check_protocol(model)
+    model.eval()
+    steps = int(timesteps or model.timesteps)
+    graph = InferenceGraph(model, steps, halting).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the exporter may write side files (external weights): all of it goes in a scratch
+    # directory beside the target, and only the finished single-file model is moved out
+    scratch = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = os.path.join(scratch, "model.onnx")
+    start = time.perf_counter()
+    try:
+        try:
+            with _quiet(), torch.no_grad():
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(graph, (sample,), tmp, input_names=["images"],
+                                  output_names=graph.output_names, opset_version=OPSET,
+                                  dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+        except Exception as exc:  # the exporter raises many kinds; one clear message
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"{type(model).__name__} could not be exported to ONNX: "
+                              f"{first}") from None
+        proto = onnx.load(tmp)  # external weights, if any, are read in and saved inline
+        meta = {"format": FORMAT, "timesteps": steps,
+                "halting": None if halting is None else halting.__dict__,
+                "outputs": graph.output_names, "input_shape": list(sample.shape[1:]),
+                **(metadata or {})}
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "stas", json.dumps(meta)
+        onnx.save(proto, tmp)
+        seconds = time.perf_counter() - start
+        result = {"path": str(path), "export_s": seconds, "bytes": os.path.getsize(tmp),
+                  "nodes": len(proto.graph.node), **meta}
+        if check:
+            result.update(compare_outputs(graph, tmp, sample, atol))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("exported %s (%d nodes, %.1f MB) in %.1f s", path, result["nodes"],
+                result["bytes"] / 1e6, seconds)
+    return result
