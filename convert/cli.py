@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from stas_core.cli.common import add_data_args, run
+from stas_core.cli.config import add_config_arg
 
 from .timm_models import parse_model_kwargs, supported_models
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None)
+    add_config_arg(p)
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 

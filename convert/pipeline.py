@@ -25,7 +25,7 @@ from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoin
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, OpCounter
 from stas_core.errors import check_positive_int
-from stas_core.evaluate import save_depth_heatmap
+from stas_core.evaluate import evaluate_halting, save_depth_heatmap
 from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
@@ -242,34 +242,14 @@ def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
     """Top-1, token ratio, energy per image and images/s of the halted SNN after
     t = 1, 2, 4, ... (each t is its own run: the halting window ends at the last timestep).
     Throughput is timed on the batches run without the op counter."""
-    from halting import run_halting
-
     marks = sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= timesteps} | {timesteps})
     top1, ratio, energy, speed = {}, {}, {}, {}
     for t in marks:
-        correct = total = timed = 0
-        ratio_sum = seconds = 0.0
-        counter = OpCounter(snn)
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            if counter.images < max_energy_images:
-                with counter:
-                    res = run_halting(snn, x, cfg, timesteps=t, execution=execution,
-                                      on_timestep=counter.set_timestep)
-                counter.add_images(len(x))
-            else:
-                start = time.perf_counter()
-                res = run_halting(snn, x, cfg, timesteps=t, execution=execution)
-                seconds += time.perf_counter() - start
-                timed += len(y)
-            correct += int((res.logits.argmax(-1) == y).sum())
-            ratio_sum += res.token_ratio * len(y)
-            total += len(y)
-        top1[str(t)] = correct / total
-        ratio[str(t)] = ratio_sum / total
-        energy[str(t)] = counter.summary()["energy_mj"]
-        if timed:
-            speed[str(t)] = timed / seconds
+        ev = evaluate_halting(snn, loader, cfg, t, device, energy_images=max_energy_images,
+                              execution=execution)
+        top1[str(t)], ratio[str(t)], energy[str(t)] = ev["top1"], ev["token_ratio"], ev["energy_mj"]
+        if "images_per_s" in ev:
+            speed[str(t)] = ev["images_per_s"]
     return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy,
             **({"halted_images_per_s": speed} if speed else {})}
 

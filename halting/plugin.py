@@ -31,6 +31,7 @@ from .protocol import HaltableModel
 
 MODES = ("both", "block", "time")
 EXECUTIONS = ("mask", "gather")
+OUTPUTS = ("mean_field", "last")
 
 
 class HaltingConfigError(ValueError):
@@ -39,15 +40,25 @@ class HaltingConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HaltingConfig:
-    """The halting knobs tuned by STAS: score slope/offset, threshold slack, mode."""
+    """The halting knobs tuned by STAS: score slope/offset, threshold slack, mode.
+
+    ``output='mean_field'`` (STAS) reads out each token's h-weighted outputs; ``'last'``
+    reads out the last block's tokens every timestep (halted tokens carry the value they
+    stopped with) and averages over timesteps, as a converted SNN's readout expects.
+    """
 
     alpha: float = 1.0
     beta: float = -2.0
     eps: float = 0.01
     accumulate: str = "both"
     score: str = "current"  # 'mean': the running mean over timesteps (converted models)
+    output: str = "mean_field"  # 'last': read out the last block every timestep, mean over t
+    keep_prefix: bool = True    # the model's prefix tokens (a ViT's class token) never halt
 
     def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise HaltingConfigError(f"output must be one of {', '.join(OUTPUTS)}; "
+                                     f"got {self.output!r}")
         if self.score not in ("current", "mean"):
             raise HaltingConfigError(f"score must be 'current' or 'mean'; got {self.score!r}")
         if not 0.0 <= self.eps < 1.0:
@@ -113,6 +124,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     logits_sum = None
     image_active = 0.0
     signal_sums = [None] * depth  # running sums of the score signal, per block
+    per_step = cfg.accumulate == "block" or cfg.output == "last"  # read out every timestep
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if cfg.keep_prefix else 0
     for t in range(steps):
         if on_timestep is not None:
             on_timestep(t)
@@ -122,6 +135,9 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             mask = H == 0                     # (for tracers such as the ONNX exporter)
             R = torch.zeros_like(H)
             N = torch.zeros_like(H)
+            free = torch.ones_like(mask)  # tokens allowed to halt before the forced end
+            if prefix:
+                free[:, :prefix] = False
         if cfg.accumulate == "block" and t > 0:  # a fresh window every timestep
             mask = torch.ones_like(mask)
             H = torch.zeros_like(H)
@@ -138,6 +154,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
                 signal_sums[l] = signal if signal_sums[l] is None else signal_sums[l] + signal
                 signal = signal_sums[l] / (t + 1)
             score = torch.sigmoid(cfg.alpha * signal + cfg.beta)
+            if prefix:  # kept tokens score 0, so their whole weight comes at the end
+                score = score * free.to(score.dtype)
             if last:
                 score = torch.ones_like(score)
             live = mask.to(h.dtype)
@@ -152,11 +170,11 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             if record:
                 history.append((t, l, H.detach().clone(), R.detach().clone(),
                                 N.detach().clone(), mask.clone()))
-        if cfg.accumulate == "block":  # A-ViT per timestep: read out, average over t
-            out = model.readout(mean_field)
+        if per_step:  # A-ViT per timestep ('block'), or the last block's tokens ('last')
+            out = model.readout(h if cfg.output == "last" else mean_field)
             logits_sum = out if logits_sum is None else logits_sum + out
             mean_field = None
-    logits = logits_sum / steps if cfg.accumulate == "block" else model.readout(mean_field)
+    logits = logits_sum / steps if per_step else model.readout(mean_field)
     ponder = (N + R).mean()
     return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
                          depth=N, remainder=R, image_ratio=image_active / (steps * depth),

@@ -49,6 +49,41 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
 
 
 @torch.no_grad()
+def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
+                     timesteps: Optional[int], device: torch.device, *,
+                     energy_images: int = 256, execution: str = "gather") -> dict:
+    """Top-1, token ratio, energy per image (ops counted on the first ``energy_images``
+    images) and images/s (timed on the other batches) of ``model`` run for ``timesteps``
+    steps with halting ``cfg``. An empty loader is a ConfigError."""
+    from .errors import ConfigError
+
+    model.eval()
+    counter = OpCounter(model)
+    correct = total = timed = 0
+    ratio_sum = seconds = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if counter.images < energy_images:
+            with counter:
+                res = run_halting(model, x, cfg, timesteps=timesteps, execution=execution,
+                                  on_timestep=counter.set_timestep)
+            counter.add_images(len(x))
+        else:
+            start = time.perf_counter()
+            res = run_halting(model, x, cfg, timesteps=timesteps, execution=execution)
+            seconds += time.perf_counter() - start
+            timed += len(y)
+        correct += int((res.logits.argmax(-1) == y).sum())
+        ratio_sum += res.token_ratio * len(y)
+        total += len(y)
+    if not total:
+        raise ConfigError("the validation set is empty; check --val-subset")
+    return {"top1": correct / total, "energy_mj": float(counter.summary()["energy_mj"]),
+            "token_ratio": ratio_sum / total, "images": total,
+            **({"images_per_s": timed / seconds} if timed else {})}
+
+
+@torch.no_grad()
 def save_depth_heatmap(model: nn.Module, loader: Iterable, device: torch.device,
                        halting: HaltingConfig, path, *, execution: str = "mask",
                        samples: int = 6) -> dict:

@@ -11,7 +11,6 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from .neurons import LIF
 

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -214,8 +214,13 @@ def _gather_rng_states(d: Dist) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg: TrainConfig) -> dict:
-    """Run a training job; returns the summary (also written to ``out/summary.json``)."""
+def train(cfg: TrainConfig, *,
+          on_epoch: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Run a training job; returns the summary (also written to ``out/summary.json``).
+
+    ``on_epoch(epoch, record)`` is called on every process after each epoch's validation
+    and checkpoint, with the 0-based epoch index and that epoch's history record (e.g. to
+    report intermediate values to an Optuna pruner; whatever it raises stops training)."""
     cfg.validate()
     device = resolve_device(cfg.device)
     d = init_distributed(device)
@@ -337,6 +342,8 @@ def train(cfg: TrainConfig) -> dict:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                 "rng": rng})
+        if on_epoch is not None:
+            on_epoch(epoch, record)
 
     summary = None
     if d.main:

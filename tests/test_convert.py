@@ -9,7 +9,7 @@ import torch
 
 from convert.calibrate import calibrate
 from convert.cli import main as convert_main
-from convert.errors import CheckpointError, ConfigError, ConversionError
+from convert.errors import CheckpointError, ConversionError
 from convert.ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
 from convert.pipeline import ConvertConfig, convert, load_converted
 from convert.spiking_vit import SpikingViT

@@ -138,3 +138,21 @@ def test_runs_unchanged_on_a_converted_vit():
         some = run_halting(snn, x, HaltingConfig(alpha=1.0, beta=0.0, eps=0.2))
     assert none.token_ratio == 1.0 and none.logits.shape == (2, 10)
     assert 0 < some.token_ratio < 1.0
+
+
+def test_prefix_tokens_never_halt_and_last_output_reads_the_last_block():
+    snn, x = tiny_converted_vit()
+    with torch.no_grad():
+        res = run_halting(snn, x, HaltingConfig(beta=1e4, score="mean", output="last"))
+        assert (res.depth[:, 0] == 3 * 2).all()   # the class token runs every (t, l)
+        assert (res.depth[:, 1:] == 1).all()      # patches halt after the first step
+        # nothing halts: 'last' is the plain per-timestep readout, averaged over t
+        none = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0, output="last"))
+        assert torch.allclose(none.logits, run_stepwise(snn, x), atol=1e-5)
+        free = run_halting(snn, x, HaltingConfig(beta=1e4, keep_prefix=False))
+    assert (free.depth == 1).all()
+
+
+def test_unknown_output_is_a_clear_error():
+    with pytest.raises(HaltingConfigError, match="output must be one of mean_field, last"):
+        HaltingConfig(output="first")

@@ -7,6 +7,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from ..errors import StasError
+from .config import apply_config_file
 
 PACKAGES = ("stas_core", "halting", "convert", "tuning")
 
@@ -49,7 +50,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
         argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv``, run ``main``; a user error prints one line and exits non-zero."""
+    """Parse ``argv`` (with ``--config FILE`` defaults when the parser offers that option),
+    run ``main``; a user error prints one line and exits non-zero."""
+    try:
+        apply_config_file(parser, argv)
+    except StasError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from ..models import list_models
 from .common import add_data_args, run
+from .config import add_config_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images used to count ops and energy")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None, help="plain log lines instead of a progress bar")
+    add_config_arg(p)
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice, check_positive_int

@@ -1,0 +1,119 @@
+"""onnxruntime vs PyTorch on CPU: images/s of exported spiking transformers, same batches,
+one run.
+
+    python bench/onnx_bench.py --direct S1_OR_S2.safetensors --converted MODEL.safetensors \\
+        [-T 8] [--halting] [--batch-size 128] [--batches 4] [--rounds 3] [--out runs/onnx_bench]
+
+Each model is exported with ``stas-export``'s library call (``--check`` parity included),
+then PyTorch's fastest inference path (direct, no halting: the multi-step forward; converted:
+the per-timestep loop; with halting: the ``gather`` execution) and an onnxruntime session
+run the same in-memory batches, interleaved, median of rounds. Prints one JSON object.
+Run by hand; not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from convert.loading import load_spiking_model
+from halting import HaltingConfig, run_halting
+from halting.protocol import run_stepwise
+from stas_core.data import build_datasets
+from stas_core.export import export_onnx
+from stas_core.onnx_runtime import OnnxModel
+
+
+def _median_rates(runners: dict, batches: list, rounds: int) -> dict:
+    images = sum(len(x) for x in batches)
+    for fn in runners.values():
+        fn(batches[0])  # warm-up
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            for x in batches:
+                fn(x)
+            times[name].append(time.perf_counter() - start)
+    return {k: images / statistics.median(v) for k, v in times.items()}
+
+
+def bench_one(path: str, args, out: Path, label: str) -> dict:
+    loaded = load_spiking_model(path)
+    model = loaded.model
+    steps = args.timesteps if (args.timesteps and loaded.kind == "converted") else loaded.timesteps
+    halting = None
+    if args.halting:
+        halting = loaded.halting or HaltingConfig(
+            alpha=args.alpha, beta=args.beta, eps=args.eps,
+            score="mean" if loaded.kind == "converted" else "current")
+    _, val_ds, _ = build_datasets(loaded.dataset or "fashion-mnist",
+                                  val_subset=args.batch_size * args.batches, augment=False)
+    batches = [x for x, _ in DataLoader(val_ds, batch_size=args.batch_size, shuffle=False)]
+    onnx_path = out / f"{label}.onnx"
+    exported = export_onnx(model, onnx_path, batches[0][:16], timesteps=steps, halting=halting,
+                           check=True, metadata={"kind": loaded.kind, "model": loaded.name,
+                                                 "dataset": loaded.dataset})
+    ort_model = OnnxModel(onnx_path, threads=torch.get_num_threads())
+    if halting is not None:
+        torch_fn = lambda x: run_halting(model, x, halting, timesteps=steps, execution="gather")
+    elif loaded.kind == "direct" and steps == model.timesteps:
+        torch_fn = model  # the multi-step forward
+    else:
+        torch_fn = lambda x: run_stepwise(model, x, steps)
+    with torch.no_grad():
+        rates = _median_rates({"pytorch": torch_fn,
+                               "onnxruntime": lambda x: ort_model(x.numpy())},
+                              batches, args.rounds)
+    return {"checkpoint": path, "kind": loaded.kind, "model": loaded.name, "timesteps": steps,
+            "halting": None if halting is None else halting.__dict__,
+            "export_s": exported["export_s"], "onnx_bytes": exported["bytes"],
+            "onnx_nodes": exported["nodes"], "check_max_abs_diff": exported["max_abs_diff"],
+            "check_top1_identical": exported["top1_identical"],
+            "images_per_s": rates, "onnxruntime_vs_pytorch": rates["onnxruntime"] / rates["pytorch"],
+            "timed_images": sum(len(x) for x in batches), "batch_size": args.batch_size}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--direct", default=None, help="stas-train checkpoint")
+    p.add_argument("--converted", default=None, help="stas-convert model")
+    p.add_argument("-T", "--timesteps", type=int, default=8, help="converted model's T")
+    p.add_argument("--halting", action="store_true",
+                   help="export with halting (trained knobs, else --alpha/--beta/--eps)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=-2.0)
+    p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="runs/onnx_bench")
+    args = p.parse_args()
+    if not (args.direct or args.converted):
+        p.error("give --direct and/or --converted")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = {"bench": "onnx", "models": {}}
+    for label, path in (("direct", args.direct), ("converted", args.converted)):
+        if path:
+            result["models"][label] = bench_one(path, args, out, label)
+    result.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                   "machine": platform.machine(), "load_average_1m_end": os.getloadavg()[0]})
+    text = json.dumps(result, indent=2)
+    (out / "onnx_bench.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""What one trial measures: top-1, energy per image and token ratio of a halting setting.
+
+* :class:`DirectTrial` (``--path direct``): a short STAS stage-2 fine-tune with halting
+  from a stage-1 checkpoint of ``stas-train`` (the only path that can tune ``delta_p``).
+* :class:`ConvertedTrial` (``--path converted``): inference only, on a converted model
+  of ``stas-convert`` loaded once per process.
+
+Both are plain callables ``trial(params, number, on_epoch=None) -> dict`` with ``top1``,
+``energy_mj`` and ``token_ratio``; Optuna is not needed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+from stas_core.checkpoint import META_KEY
+from stas_core.data import build_datasets, get_dataset_info
+from stas_core.evaluate import evaluate_halting
+
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DIRECT_FORMAT = "stas-direct/1"        # stas_core.train.CHECKPOINT_FORMAT
+CONVERTED_FORMAT = "stas-converted/1"  # convert.pipeline.FORMAT
+_KINDS = {DIRECT_FORMAT: ("direct", "a direct-training checkpoint written by stas-train"),
+          CONVERTED_FORMAT: ("converted", "a converted model written by stas-convert")}
+
+EpochHook = Optional[Callable[[int, dict], None]]
+
+
+def _plain(node):
+    """The JSON part of a checkpoint skeleton (tensors become None)."""
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return None
+        if "__dict__" in node:
+            return {k: _plain(v) for k, v in node["__dict__"]}
+        if "__list__" in node:
+            return [_plain(v) for v in node["__list__"]]
+        return {k: _plain(v) for k, v in node.items()}
+    return node
+
+
+def read_header(path: str | Path) -> dict:
+    """Format, config and other JSON fields of a STAS checkpoint, without its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc}); pass "
+                              f"a file written by stas-train or stas-convert") from None
+    if META_KEY not in meta:
+        raise CheckpointError(f"{path} has no STAS metadata; pass a file written by stas-train "
+                              f"(--path direct) or stas-convert (--path converted)")
+    return _plain(json.loads(meta[META_KEY]))
+
+
+def check_kind(path: str | Path, want: str) -> dict:
+    """The header of ``path`` if it is a checkpoint for ``--path want``; else one clear
+    :class:`CheckpointError` naming what it is and which ``--path`` it needs."""
+    header = read_header(path)
+    fmt = header.get("format")
+    if fmt not in _KINDS:
+        raise CheckpointError(f"{path} has format {fmt!r}; stas-tune takes a stage-1 checkpoint "
+                              f"of stas-train ({DIRECT_FORMAT!r}, --path direct) or a model of "
+                              f"stas-convert ({CONVERTED_FORMAT!r}, --path converted)")
+    kind, what = _KINDS[fmt]
+    if kind != want:
+        raise CheckpointError(f"{path} is {what} ({fmt}), but --path {want} was given; "
+                              f"use --path {kind}")
+    return header
+
+
+# ----------------------------------------------------------------------------- direct
+class DirectTrial:
+    """STAS stage 2 for one knob setting: ``train(TrainConfig(halting=True, init_from=CKPT,
+    alpha, beta, eps, delta_p, epochs=trial_epochs, out=OUT/trials/<number>))``.
+
+    The model, timesteps, SPS and neuron settings come from the checkpoint's config;
+    ``None`` arguments keep the checkpoint's values.
+    """
+
+    path_kind = "direct"
+
+    def __init__(self, checkpoint: str | Path, out: str | Path, *, trial_epochs: int = 1,
+                 dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                 train_subset: Optional[int] = None, val_subset: Optional[int] = None,
+                 batch_size: Optional[int] = None, timesteps: Optional[int] = None,
+                 energy_images: int = 256, seed: int = 0, device: str = "auto",
+                 header: Optional[dict] = None) -> None:
+        from stas_core.train import TrainConfig
+
+        header = header or check_kind(checkpoint, "direct")
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = TrainConfig(**{k: v for k, v in (header.get("config") or {}).items() if k in names})
+        self.out = Path(out)
+        self.base = dataclasses.replace(
+            saved, halting=True, init_from=str(checkpoint), epochs=trial_epochs, resume=False,
+            progress=False, dataset=dataset or saved.dataset, data_dir=data_dir,
+            train_subset=train_subset, val_subset=val_subset,
+            batch_size=batch_size or saved.batch_size, timesteps=timesteps or saved.timesteps,
+            energy_images=energy_images, seed=seed, device=device, workers=0,
+            out=str(self.out / "trials" / "0")).validate()
+        # fail here (before any trial exists) on missing data, not inside a trial
+        build_datasets(self.base.dataset, data_dir=data_dir, train_subset=train_subset,
+                       val_subset=val_subset, seed=seed)
+
+    def defaults(self) -> dict:
+        """The ``stas-train`` options of a stage-2 run with these settings (for best.json)."""
+        b = self.base
+        return {"halting": True, "init_from": b.init_from, "model": b.model,
+                "dataset": b.dataset, "timesteps": b.timesteps, "sps": b.sps,
+                "accumulate": b.accumulate}
+
+    def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
+        from stas_core.train import train
+
+        cfg = dataclasses.replace(self.base, **params, out=str(self.out / "trials" / str(number)))
+        summary = train(cfg, on_epoch=on_epoch)
+        return {"top1": float(summary["top1"]), "energy_mj": float(summary["energy_mj"]),
+                "token_ratio": float(summary.get("token_ratio", 1.0)), "trial_dir": cfg.out}
+
+
+# ----------------------------------------------------------------------------- converted
+class ConvertedTrial:
+    """Inference with halting (running-mean score, ``gather`` execution) on a converted
+    model, loaded once; ``energy_mj`` is per image at ``timesteps`` (default: the model's T)."""
+
+    path_kind = "converted"
+
+    def __init__(self, checkpoint: str | Path, *, dataset: Optional[str] = None,
+                 data_dir: Optional[str] = None, val_subset: Optional[int] = None,
+                 batch_size: Optional[int] = None, timesteps: Optional[int] = None,
+                 energy_images: int = 256, seed: int = 0, device: str = "auto",
+                 accumulate: str = "both", header: Optional[dict] = None) -> None:
+        from torch.utils.data import DataLoader
+
+        from convert.pipeline import load_converted
+        from stas_core.train import resolve_device
+
+        header = header or check_kind(checkpoint, "converted")
+        info = get_dataset_info(dataset or "fashion-mnist")
+        vk = header.get("vit_kwargs") or {}
+        got = (vk.get("img_size"), vk.get("in_chans"), vk.get("num_classes"))
+        want = (info.img_size, info.in_chans, info.num_classes)
+        if any(g is not None and g != w for g, w in zip(got, want)):
+            raise ConfigError(f"{checkpoint} was converted for img_size/in_chans/num_classes "
+                              f"{got}, but --dataset {info.name} gives {want}; pass the "
+                              f"dataset the model was converted for")
+        if timesteps is not None and timesteps < 1:
+            raise ConfigError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+        self.device = resolve_device(device)
+        self.model = load_converted(checkpoint, self.device)
+        self.timesteps = int(timesteps or self.model.timesteps)
+        self.accumulate = accumulate
+        self.energy_images = energy_images
+        _, val_ds, _ = build_datasets(info.name, data_dir=data_dir, val_subset=val_subset,
+                                      seed=seed, augment=False)
+        self.loader = DataLoader(val_ds, batch_size=batch_size or 128, shuffle=False)
+
+    def defaults(self) -> dict:
+        """The ``stas-convert`` options that reproduce this evaluation (for best.json)."""
+        return {"halting": True, "timesteps": self.timesteps, "accumulate": self.accumulate,
+                "halting_score": "mean"}
+
+    def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
+        from stas_core.train import halting_config_of
+
+        knobs = SimpleNamespace(halting=True, accumulate=self.accumulate, execution="gather",
+                                alpha=params["alpha"], beta=params["beta"], eps=params["eps"])
+        cfg = halting_config_of(knobs, score="mean")
+        return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
+                                energy_images=self.energy_images)
