@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
     h.add_argument("--halting-score", choices=["mean", "current"], default="mean",
                    help="score from the running mean of the signal, or the current step")
+    h.add_argument("--halting-output", choices=["last", "mean_field"], default="last",
+                   help="read out the last block every timestep, or the tokens' mean field")
+    h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
+                   help="a halted token's key/value: kept (running mean) or dropped")
     h.add_argument("--execution", choices=["gather", "mask"], default="gather",
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
@@ -77,6 +81,7 @@ def _main(args: argparse.Namespace) -> int:
         energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
         compile=args.compile, halting=args.halting, alpha=args.alpha, beta=args.beta,
         eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score, execution=args.execution,
+        halting_output=args.halting_output, halted_kv=args.halted_kv,
         progress=args.progress)
     report = convert(cfg)
     brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--accumulate", choices=["both", "block", "time"], default=None)
     h.add_argument("--halting-score", choices=["current", "mean"], default=None,
                    help="default: 'mean' for converted models, 'current' for direct ones")
+    h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
+                   help="default: 'last' for converted models, 'mean_field' for direct ones")
+    h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
+                   help="converted models: a halted token's key/value kept or dropped")
     c = p.add_argument_group("tracing and checking")
     c.add_argument("--check", action="store_true",
                    help="compare PyTorch and onnxruntime on the sample batch; fail unless "
@@ -81,8 +85,10 @@ def _halting(loaded, args):
         beta=args.beta if args.beta is not None else (trained.beta if trained else -2.0),
         eps=args.eps if args.eps is not None else (trained.eps if trained else 0.01),
         accumulate=args.accumulate or (trained.accumulate if trained else "both"))
-    score = args.halting_score or ("mean" if loaded.kind == "converted" else "current")
-    return halting_config_of(knobs, score=score)
+    converted = loaded.kind == "converted"
+    score = args.halting_score or ("mean" if converted else "current")
+    output = args.halting_output or ("last" if converted else "mean_field")
+    return halting_config_of(knobs, score=score, output=output)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -95,6 +101,8 @@ def _main(args: argparse.Namespace) -> int:
         check_positive_int("timesteps", args.timesteps)
     loaded = load_spiking_model(args.checkpoint)
     halting = _halting(loaded, args)
+    if loaded.kind == "converted":
+        loaded.model.set_halted_kv(args.halted_kv)
     result = export_onnx(
         loaded.model, args.out, _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
         halting=halting, check=args.check, atol=args.atol,

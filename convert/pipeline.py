@@ -31,7 +31,7 @@ from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_
 from .calibrate import METHODS, calibrate
 from .ops import compile_kernels
 from .errors import CheckpointError, ConfigError
-from .spiking_vit import SpikingViT
+from .spiking_vit import HALTED_KV, SpikingViT
 from .timm_models import canonical_name, check_convertible, create_vit
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class ConvertConfig:
     eps: float = 0.01
     accumulate: str = "both"
     halting_score: str = "mean"
+    halting_output: str = "last"     # the head reads the last block, as the ANN's did
+    halted_kv: str = "frozen"        # halted tokens' K/V: kept (running mean) or dropped
     execution: str = "gather"
     progress: Optional[bool] = None
 
@@ -90,11 +92,14 @@ class ConvertConfig:
             raise ConfigError("give only one of --pretrained and --checkpoint")
         get_dataset_info(self.dataset)
         self.halting_config()
+        if self.halted_kv not in HALTED_KV:
+            raise ConfigError(f"halted_kv must be one of {', '.join(HALTED_KV)}; "
+                              f"got {self.halted_kv!r}")
         return self
 
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
-        return halting_config_of(self, score=self.halting_score)
+        return halting_config_of(self, score=self.halting_score, output=self.halting_output)
 
 
 # ----------------------------------------------------------------------------- ANN side
@@ -341,9 +346,11 @@ def convert(cfg: ConvertConfig) -> dict:
     halting_cfg = cfg.halting_config()
     halted = {}
     if halting_cfg is not None:
+        snn.set_halted_kv(cfg.halted_kv)
         halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
                                  cfg.energy_images, cfg.execution)
-        halted["halting"] = {**dataclasses.asdict(halting_cfg), "execution": cfg.execution}
+        halted["halting"] = {**dataclasses.asdict(halting_cfg), "execution": cfg.execution,
+                             "halted_kv": cfg.halted_kv}
         halted.update(save_depth_heatmap(snn, val_loader, device, halting_cfg,
                                          out / "halting_depth.png", execution=cfg.execution))
     report = {

@@ -24,6 +24,8 @@ from .errors import ConversionError
 from .ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
 
 Recorder = Optional[Callable[[nn.Module, Tensor], None]]
+HALTED_KV = ("frozen", "drop")
+DROPPED_SCORE = -1e4  # a halted key's attention score in 'drop' mode: its weight goes to 0
 
 
 def _linear_with_scale(linear: nn.Linear, ls: nn.Module) -> nn.Linear:
@@ -77,6 +79,8 @@ class ConvertedBlock(nn.Module):
         self.fc2 = _events(_linear_with_scale(mlp.fc2, blk.ls2), self.in_fc2)
         self.reset()
 
+    halted_kv = "frozen"  # or 'drop' (see SpikingViT.set_halted_kv)
+
     def reset(self) -> None:
         self.key_count = None  # steps each token has fed K/V (None: all tokens, every step)
 
@@ -127,6 +131,8 @@ class ConvertedBlock(nn.Module):
         kc = None if self.key_count is None else self.key_count[:, None, None, :]
         vc = None if self.key_count is None else self.key_count[:, None, :, None]
         scores = self.qk.step(q, k.transpose(-2, -1), kc)
+        if self.halted_kv == "drop" and active is not None:  # halted keys leave the softmax
+            scores = scores.masked_fill(~active[:, None, None, :], DROPPED_SCORE)
         a = self.n_attn.step(self.softmax.step(scores, row), row)
         o = self.av.step(a, v, vc).transpose(-3, -2).flatten(-2)
         y = x + lin(self.proj, self.in_proj.step(o, tok))
@@ -240,6 +246,16 @@ class SpikingViT(nn.Module):
         from halting.protocol import run_stepwise
 
         return run_stepwise(self, x, timesteps or self.timesteps)
+
+    def set_halted_kv(self, mode: str) -> "SpikingViT":
+        """What the other tokens see of a halted token: ``'frozen'`` (default) keeps its
+        running-mean key/value in attention, not recomputed; ``'drop'`` removes it from the
+        softmax (its cumulative attention weight is compensated back to zero)."""
+        if mode not in HALTED_KV:
+            raise ConversionError(f"halted_kv must be one of {', '.join(HALTED_KV)}; got {mode!r}")
+        for blk in self.blocks:
+            blk.halted_kv = mode
+        return self
 
     def neurons(self) -> dict[str, MultiThresholdNeuron]:
         return {n: m for n, m in self.named_modules() if isinstance(m, MultiThresholdNeuron)}

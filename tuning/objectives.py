@@ -145,7 +145,7 @@ class ConvertedTrial:
                  accumulate: str = "both", header: Optional[dict] = None) -> None:
         from torch.utils.data import DataLoader
 
-        from convert.pipeline import load_converted
+        from convert.pipeline import ConvertConfig, load_converted
         from stas_core.train import resolve_device
 
         header = header or check_kind(checkpoint, "converted")
@@ -160,7 +160,9 @@ class ConvertedTrial:
         if timesteps is not None and timesteps < 1:
             raise ConfigError(f"timesteps must be an integer >= 1, got {timesteps!r}")
         self.device = resolve_device(device)
-        self.model = load_converted(checkpoint, self.device)
+        self.inference = ConvertConfig()  # stas-convert's halting readout and K/V defaults
+        self.model = load_converted(checkpoint, self.device).set_halted_kv(
+            self.inference.halted_kv)
         self.timesteps = int(timesteps or self.model.timesteps)
         self.accumulate = accumulate
         self.energy_images = energy_images
@@ -171,13 +173,14 @@ class ConvertedTrial:
     def defaults(self) -> dict:
         """The ``stas-convert`` options that reproduce this evaluation (for best.json)."""
         return {"halting": True, "timesteps": self.timesteps, "accumulate": self.accumulate,
-                "halting_score": "mean"}
+                "halting_score": "mean", "halting_output": self.inference.halting_output,
+                "halted_kv": self.inference.halted_kv}
 
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import halting_config_of
 
         knobs = SimpleNamespace(halting=True, accumulate=self.accumulate, execution="gather",
                                 alpha=params["alpha"], beta=params["beta"], eps=params["eps"])
-        cfg = halting_config_of(knobs, score="mean")
+        cfg = halting_config_of(knobs, score="mean", output=self.inference.halting_output)
         return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
                                 energy_images=self.energy_images)
