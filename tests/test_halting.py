@@ -156,3 +156,19 @@ def test_prefix_tokens_never_halt_and_last_output_reads_the_last_block():
 def test_unknown_output_is_a_clear_error():
     with pytest.raises(HaltingConfigError, match="output must be one of mean_field, last"):
         HaltingConfig(output="first")
+
+
+def test_halted_keys_frozen_or_dropped_on_a_converted_vit():
+    from convert.errors import ConversionError
+
+    snn, x = tiny_converted_vit()
+    cfg = HaltingConfig(alpha=1.0, beta=0.0, eps=0.2, score="mean", output="last")
+    with torch.no_grad():
+        frozen = run_halting(snn, x, cfg)
+        dropped = run_halting(snn.set_halted_kv("drop"), x, cfg)
+        nothing = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0, output="last"))
+    assert 0 < frozen.token_ratio < 1 and torch.equal(frozen.depth, dropped.depth)
+    assert not torch.allclose(frozen.logits, dropped.logits)  # the others see a difference
+    assert torch.allclose(nothing.logits, run_stepwise(snn, x), atol=1e-5)  # no-op if none halt
+    with pytest.raises(ConversionError, match="halted_kv must be one of frozen, drop"):
+        snn.set_halted_kv("keep")
