@@ -182,9 +182,15 @@ def bench_converted(args) -> dict:
     steps = args.timesteps or snn.timesteps
     snn.timesteps = steps
     cfg = HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps if args.eps is not None
-                        else 0.01, accumulate=args.accumulate, score="mean")
+                        else 0.01, accumulate=args.accumulate, score="mean", output=args.output)
     batches = _batches(args.dataset, args.val_subset, args.batch_size)
     base_top1, _ = _top1(lambda x: run_stepwise(snn, x, steps), batches)
+    kv = {}  # what the other tokens see of a halted token: frozen K/V vs dropped
+    for mode in ("drop", "frozen"):
+        snn.set_halted_kv(mode)
+        top1, ratio = _top1(lambda x: run_halting(snn, x, cfg, execution="gather"), batches)
+        kv[mode] = {"top1": top1, "token_ratio": ratio}
+    snn.set_halted_kv(args.halted_kv)
     halted_top1, ratio = _top1(lambda x: run_halting(snn, x, cfg, execution="gather"), batches)
     base_e = _energy(snn, batches, args.energy_images)
     stas_e = _energy(snn, batches, args.energy_images, cfg)
@@ -199,6 +205,7 @@ def bench_converted(args) -> dict:
                                out / "converted_depth.png", execution="gather")
     return {
         "path": "converted", "model": args.model, "timesteps": steps, "halting": cfg.__dict__,
+        "halted_kv": args.halted_kv, "halted_kv_comparison": kv,
         "val_images": sum(len(y) for _, y in batches),
         "snn_top1": base_top1, "halted_top1": halted_top1,
         "top1_delta_points": 100 * (halted_top1 - base_top1), "token_ratio": ratio,
@@ -225,6 +232,8 @@ def main() -> int:
     c.add_argument("--alpha", type=float, default=1.0)
     c.add_argument("--beta", type=float, default=-2.0)
     c.add_argument("--accumulate", default="both")
+    c.add_argument("--output", default="last", choices=["last", "mean_field"])
+    c.add_argument("--halted-kv", default="frozen", choices=["frozen", "drop"])
     for q in (d, c):
         q.add_argument("--eps", type=float, default=None, help="override the halting eps")
         q.add_argument("--val-subset", type=int, default=None)
