@@ -135,8 +135,8 @@ def bench_direct(args) -> dict:
 
     base, base_cfg = load_trained_model(args.baseline)
     stas, stas_cfg = load_trained_model(args.stas)
-    cfg = HaltingConfig(alpha=stas_cfg.alpha, beta=stas_cfg.beta, eps=stas_cfg.eps,
-                        accumulate=stas_cfg.accumulate)
+    cfg = stas_cfg.halting_config() or HaltingConfig(
+        alpha=stas_cfg.alpha, beta=stas_cfg.beta, eps=stas_cfg.eps)  # a stage-1 as --stas
     if args.eps is not None:
         cfg = HaltingConfig(**{**cfg.__dict__, "eps": args.eps})
     batches = _batches(base_cfg.dataset, args.val_subset, args.batch_size)

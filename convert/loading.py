@@ -54,8 +54,8 @@ def load_spiking_model(path: str | os.PathLike,
         state = load_checkpoint(path)
         return LoadedModel(snn, CONVERTED, state["timm_model"], state.get("dataset"),
                            snn.timesteps, None)
-    from stas_core.train import halting_config_of, load_trained_model
+    from stas_core.train import load_trained_model
 
     model, cfg = load_trained_model(path, device)
     return LoadedModel(model, DIRECT, cfg.model, cfg.dataset, cfg.timesteps,
-                       halting_config_of(cfg))
+                       cfg.halting_config())

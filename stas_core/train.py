@@ -69,6 +69,7 @@ class TrainConfig:
     delta_p: float = 5e-4          # weight of the ponder loss
     accumulate: str = "both"
     execution: str = "gather"      # halting: compute active tokens only ('mask': dense)
+    halting_output: str = "mean_field"  # STAS; 'last': the last block, averaged over t
     init_from: Optional[str] = None  # stage-1 checkpoint to start from
     progress: Optional[bool] = None  # None: a bar when stderr is a terminal
 
@@ -88,7 +89,7 @@ class TrainConfig:
 
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
-        return halting_config_of(self)
+        return halting_config_of(self, output=self.halting_output)
 
 
 def halting_config_of(cfg, **extra):
@@ -385,7 +386,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         "history": history,
         **({"halting": {"alpha": cfg.alpha, "beta": cfg.beta, "eps": cfg.eps,
                         "delta_p": cfg.delta_p, "accumulate": cfg.accumulate,
-                        "execution": cfg.execution},
+                        "execution": cfg.execution, "output": cfg.halting_output},
             "token_ratio": ev.get("token_ratio", 1.0),
             "active_fraction": ev.get("active_fraction"), **depth} if halting_cfg else {}),
     }

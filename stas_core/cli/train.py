@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
     h.add_argument("--delta-p", type=float, default=5e-4, help="ponder loss weight")
     h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
+    h.add_argument("--halting-output", choices=["mean_field", "last"], default="mean_field",
+                   help="train on the mean-field readout (STAS) or the last block's")
     h.add_argument("--execution", choices=["gather", "mask"], default="gather",
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--out", default="runs/direct", help="output directory")
@@ -76,7 +78,8 @@ def _main(args: argparse.Namespace) -> int:
         workers=args.workers, energy_images=args.energy_images, progress=args.progress,
         neuron={"tau": args.tau, "backend": args.backend, "surrogate": args.surrogate},
         halting=args.halting, init_from=args.init_from, alpha=args.alpha, beta=args.beta,
-        eps=args.eps, delta_p=args.delta_p, accumulate=args.accumulate, execution=args.execution)
+        eps=args.eps, delta_p=args.delta_p, accumulate=args.accumulate, execution=args.execution,
+        halting_output=args.halting_output)
     summary = train(cfg)
     if summary is not None:
         keys = ("checkpoint", "top1", "timesteps", "energy_mj", "sops", "macs", "wall_s",
