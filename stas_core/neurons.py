@@ -85,20 +85,22 @@ class _FusedNeuronFn(torch.autograd.Function):
         steps = x_seq.shape[0]
         h_seq = torch.empty_like(x_seq)
         s_seq = torch.empty_like(x_seq)
-        v = v0 if v0 is not None else x_seq.new_zeros(x_seq.shape[1:])
+        v = v0  # None: at rest (0), so the first step skips reading a state
         for t in range(steps):
             h = h_seq[t]
-            torch.mul(v, decay, out=h) if decay != 1.0 else h.copy_(v)
-            h.add_(x_seq[t], alpha=scale)
+            if v is None:
+                torch.mul(x_seq[t], scale, out=h) if scale != 1.0 else h.copy_(x_seq[t])
+            else:
+                torch.mul(v, decay, out=h) if decay != 1.0 else h.copy_(v)
+                h.add_(x_seq[t], alpha=scale)
             if bias != 0.0:
                 h.add_(bias)
-            s = s_seq[t]
-            torch.ge(h, v_th, out=s)  # writes 0./1. into the float buffer
+            spiked = h >= v_th  # one byte per element
+            s_seq[t].copy_(spiked)
             if v_reset is None:
-                v = torch.sub(h, s, alpha=v_th)
+                v = torch.sub(h, s_seq[t], alpha=v_th)
             else:
-                v = torch.where(s.bool(), torch.full_like(h, v_reset), h) if v_reset != 0.0 \
-                    else h * (1.0 - s)
+                v = h.masked_fill(spiked, v_reset)
         ctx.save_for_backward(h_seq)
         ctx.params = (decay, scale, v_th, v_reset, detach_reset, surrogate, v0 is not None)
         return s_seq, v
