@@ -23,6 +23,9 @@ def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, flat: Tensor) -> Ten
     stats = all_reduce(torch.cat([flat.sum(0), (flat * flat).sum(0), count]))
     channels = flat.shape[1]
     n = stats[-1]
+    if float(n) < 2:  # (nearly) every token halted on every rank: no batch statistics
+        return nn.functional.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight,
+                                        bn.bias, False, 0.0, bn.eps)
     mean = stats[:channels] / n
     var = stats[channels:2 * channels] / n - mean * mean
     with torch.no_grad():

@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 
 from .neurons import LIF
 
@@ -69,12 +70,16 @@ class TokenBN(nn.BatchNorm1d):
             return self._norm(flat).reshape(shape)
         keep = active.reshape(-1).to(torch.bool)
         out = flat.clone()
-        if keep.any():
-            out[keep] = self._norm(flat[keep])
+        out[keep] = self._norm(flat[keep])  # always called: subclasses may sync across ranks
         return out.reshape(shape)
 
     def _norm(self, flat: Tensor) -> Tensor:
-        """BatchNorm of ``[M, D]`` rows (overridden for cross-process statistics)."""
+        """BatchNorm of ``[M, D]`` rows (overridden for cross-process statistics). Fewer
+        than two rows (nearly every token halted) have no batch statistics: the running
+        ones are used then, and not updated."""
+        if self.training and flat.shape[0] < 2:
+            return F.batch_norm(flat, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
         return super().forward(flat)
 
 

@@ -101,3 +101,17 @@ def test_unknown_execution_is_a_clear_error():
     model, x = _model("spikformer-1-32")
     with pytest.raises(HaltingConfigError, match="execution must be one of mask, gather"):
         run_halting(model, x, CFG, execution="sparse")
+
+
+@pytest.mark.parametrize("execution", ["mask", "gather"])
+def test_training_survives_when_at_most_one_token_is_left(execution):
+    model, x = _model("spikformer-1-32", seed=3)
+    model.train()
+    x = x[:1]  # one image: after the first step only the forced-last token budget is left
+    res = run_halting(model, x, HaltingConfig(alpha=1.0, beta=1e4), execution=execution)
+    assert res.active_fraction[0, 0] == 1 and res.active_fraction[1:].sum() == 0
+    res.logits.sum().backward()  # no "expected more than 1 value per channel"
+    one = torch.zeros(1, 49, dtype=torch.bool)
+    one[0, 3] = True
+    model.reset()
+    model.blocks[0].step(model.tokens(x, 0), one, gather=execution == "gather")
