@@ -307,7 +307,12 @@ class LIF(nn.Module):
                               f"index {total} tokens; call reset() before a new sample")
         self._set_state(v_full.index_select(0, index))
         s = self._run(x.unsqueeze(0)).squeeze(0)
-        self._set_state(v_full.index_copy(0, index, self._state_tensor(x)))
+        v_rows = self._state_tensor(x)
+        if torch.is_grad_enabled() and (v_full.requires_grad or v_rows.requires_grad):
+            v_full = v_full.index_copy(0, index, v_rows)  # autograd: a new tensor
+        else:
+            v_full.index_copy_(0, index, v_rows)  # inference: write M rows, copy nothing
+        self._set_state(v_full)
         return self._emit(s, None)
 
     def _emit(self, spikes: Tensor, active: Optional[Tensor]) -> Tensor:
