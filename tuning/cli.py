@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--range", dest="ranges", action="append", default=[],
                    metavar="KNOB=LOW:HIGH[:log]",
                    help="override a range, e.g. --range alpha=-2:2 --range delta_p=1e-5:1e-3:log "
-                        "(defaults: alpha=-4:4 beta=-6:2 eps=0:0.3 delta_p=1e-5:1e-2:log)")
+                        "(defaults: alpha=-4:4 beta=-6:2 eps=0:0.3 delta_p=1e-5:1e-2:log; "
+                        "converted: alpha=-0.5:0.5 beta=-6:-1)")
     s.add_argument("--space", dest="space_file", default=None, metavar="FILE",
                    help='JSON ranges, e.g. {"alpha": [-2, 2], "delta_p": [1e-5, 1e-2, "log"]} '
                         "(--range wins)")
