@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from halting import HaltingConfig
-from stas_core.checkpoint import load_checkpoint
+from stas_core.checkpoint import read_header
 from stas_core.errors import CheckpointError
 
 from . import pipeline
@@ -37,7 +37,7 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     """'direct' or 'converted', from the checkpoint's format field (clear error otherwise)."""
     from stas_core.train import CHECKPOINT_FORMAT
 
-    fmt = load_checkpoint(path).get("format")
+    fmt = read_header(path).get("format")
     if fmt == CHECKPOINT_FORMAT:
         return DIRECT
     if fmt == pipeline.FORMAT:
@@ -51,8 +51,8 @@ def load_spiking_model(path: str | os.PathLike,
     """Rebuild the model saved at ``path`` (either kind), in eval mode."""
     if checkpoint_kind(path) == CONVERTED:
         snn = pipeline.load_converted(path, device)
-        state = load_checkpoint(path)
-        return LoadedModel(snn, CONVERTED, state["timm_model"], state.get("dataset"),
+        header = read_header(path)
+        return LoadedModel(snn, CONVERTED, header["timm_model"], header.get("dataset"),
                            snn.timesteps, None)
     from stas_core.train import load_trained_model
 

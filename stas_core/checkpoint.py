@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -86,20 +86,38 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (no unpickling)."""
+class _NoTensors(dict):
+    """Stands in for the tensors when only the JSON part of a checkpoint is read."""
+
+    def __missing__(self, key):
+        return None
+
+
+def _read(path: str | os.PathLike, device: Optional[str | torch.device], written_by: str) -> dict:
+    """The checkpoint at ``path``; ``device`` None: its JSON part only (tensors as None)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if device is not None \
+                else _NoTensors()
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc}); "
-                              f"pass a file written by stas-train") from None
+                              f"pass a file written by {written_by}") from None
     if META_KEY not in meta:
-        raise CheckpointError(f"{path} has no STAS metadata: it was not written by stas-train")
+        raise CheckpointError(f"{path} has no STAS metadata: pass a file written by {written_by}")
     return _unflatten(json.loads(meta[META_KEY]), tensors)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (no unpickling)."""
+    return _read(path, device, "stas-train")
+
+
+def read_header(path: str | os.PathLike, written_by: str = "stas-train or stas-convert") -> dict:
+    """The JSON part of a checkpoint (format, config, ...) without reading its tensors."""
+    return _read(path, None, written_by)

@@ -280,12 +280,12 @@ class LIF(nn.Module):
 
     def single_step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
         """One timestep on ``x[B, ...]``; ``active`` (broadcastable bool) freezes the rest."""
-        v_old = self._state_tensor(x)
+        v_old = self._state_tensor(x.shape)
         s = self._run(x.unsqueeze(0)).squeeze(0)
         if active is None:
             return self._emit(s, None)
         active = active.to(torch.bool)
-        v_new = self._state_tensor(x)
+        v_new = self._state_tensor(x.shape)
         if v_old is None:
             v_old = torch.full_like(v_new, self.v_reset or 0.0)
         v_kept = torch.where(active, v_new, v_old)
@@ -299,7 +299,7 @@ class LIF(nn.Module):
         full_shape = (total, *x.shape[1:])
         if self._sinabs is not None:
             self._sinabs_sync(full_shape, x)
-        v_full = self._state_tensor(x.new_empty(full_shape))
+        v_full = self._state_tensor(full_shape)
         if v_full is None:
             v_full = x.new_full(full_shape, self.v_reset or 0.0)
         elif v_full.shape[0] != total:
@@ -307,7 +307,7 @@ class LIF(nn.Module):
                               f"index {total} tokens; call reset() before a new sample")
         self._set_state(v_full.index_select(0, index))
         s = self._run(x.unsqueeze(0)).squeeze(0)
-        v_rows = self._state_tensor(x)
+        v_rows = self._state_tensor(x.shape)
         if torch.is_grad_enabled() and (v_full.requires_grad or v_rows.requires_grad):
             v_full = v_full.index_copy(0, index, v_rows)  # autograd: a new tensor
         else:
@@ -336,10 +336,11 @@ class LIF(nn.Module):
         return s_seq
 
     # state access shared by both backends
-    def _state_tensor(self, like: Tensor) -> Optional[Tensor]:
+    def _state_tensor(self, shape) -> Optional[Tensor]:
+        """The membrane (None: at rest, or a sinabs state of another ``shape``)."""
         if self._sinabs is None:
             return self.v
-        if self._fresh or self._sinabs.v_mem.shape != like.shape:
+        if self._fresh or tuple(self._sinabs.v_mem.shape) != tuple(shape):
             return None
         return self._sinabs.v_mem
 

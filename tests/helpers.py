@@ -1,8 +1,22 @@
 """Shared test utilities."""
+import os
+from pathlib import Path
 from typing import Iterable, Union
 
+import pytest
 import torch
 from torch import nn
+
+from stas_core.data import SYSTEM_FASHION_MNIST_DIR
+
+FMNIST_MISSING = "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+
+
+def have_fmnist() -> bool:
+    return Path(os.environ.get("STAS_FASHION_MNIST_DIR", SYSTEM_FASHION_MNIST_DIR)).is_dir()
+
+
+needs_fmnist = pytest.mark.skipif(not have_fmnist(), reason=FMNIST_MISSING)
 
 
 def calibrate_bn(model: nn.Module, batches: Union[torch.Tensor, Iterable[torch.Tensor]],

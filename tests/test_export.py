@@ -12,7 +12,7 @@ from stas_core.export import ExportError, InferenceGraph, export_onnx
 from stas_core.models import create_model
 from stas_core.onnx_runtime import OnnxModel
 
-from helpers import calibrate_bn, tiny_converted_vit
+from helpers import calibrate_bn, needs_fmnist, tiny_converted_vit
 
 
 def _direct(name="spikformer-1-32"):
@@ -71,6 +71,7 @@ def test_a_failed_check_leaves_nothing_behind(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@needs_fmnist
 def test_export_and_infer_clis(tmp_path, capsys):
     from convert.cli_export import main as export_main
     from stas_core.cli.infer import main as infer_main
@@ -78,9 +79,7 @@ def test_export_and_infer_clis(tmp_path, capsys):
 
     ckpt = train(TrainConfig(model="spikformer-1-32", timesteps=2, batch_size=32, epochs=1,
                              train_subset=64, val_subset=32, energy_images=8, progress=False,
-                             out=str(tmp_path / "run")))["checkpoint"] if _have_data() else None
-    if ckpt is None:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+                             out=str(tmp_path / "run")))["checkpoint"]
     onnx_path = tmp_path / "m.onnx"
     assert export_main([ckpt, "--out", str(onnx_path), "--check", "--halting", "--beta", "0",
                         "--sample-images", "8"]) == 0
@@ -93,17 +92,6 @@ def test_export_and_infer_clis(tmp_path, capsys):
     assert report["val_images"] == 32 and 0 <= report["top1"] <= 1
     assert report["images_per_s"] > 0 and 0 < report["token_ratio"] <= 1
     assert report["timesteps"] == 2 and report["dataset"] == "fashion-mnist"
-
-
-def _have_data():
-    from stas_core.data import build_datasets
-    from stas_core.errors import DataError
-
-    try:
-        build_datasets("fashion-mnist", val_subset=1, train_subset=1)
-    except DataError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -5,20 +5,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from stas_core.checkpoint import load_checkpoint, save_checkpoint
 from stas_core.cli.train import main as train_main
-from stas_core.data import SYSTEM_FASHION_MNIST_DIR
 from stas_core.errors import CheckpointError
 from stas_core.train import TrainConfig, load_trained_model, train
 
-needs_fmnist = pytest.mark.skipif(
-    not Path(os.environ.get("STAS_FASHION_MNIST_DIR", SYSTEM_FASHION_MNIST_DIR)).is_dir(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+from helpers import needs_fmnist
 
 TINY = dict(model="spikformer-1-32", timesteps=2, batch_size=32, progress=False,
             energy_images=32)

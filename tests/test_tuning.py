@@ -19,7 +19,6 @@ import pytest
 
 from stas_core.checkpoint import save_checkpoint
 from stas_core.cli.config import apply_config_file
-from stas_core.data import SYSTEM_FASHION_MNIST_DIR
 from stas_core.errors import ConfigError
 from tuning import export
 from tuning.cli import main as tune_main
@@ -27,11 +26,10 @@ from tuning.space import DEFAULTS, build_space, parse_range
 from tuning.storage import open_storage
 from tuning.study import PENALTY, TuneConfig, run_study
 
+from helpers import FMNIST_MISSING, have_fmnist, needs_fmnist
+
 optuna = pytest.importorskip("optuna")
 
-needs_fmnist = pytest.mark.skipif(
-    not Path(os.environ.get("STAS_FASHION_MNIST_DIR", SYSTEM_FASHION_MNIST_DIR)).is_dir(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 ROOT = Path(__file__).resolve().parents[1]
 # subprocesses: one torch thread (a busy 2-core machine stalls with more), unbuffered output
@@ -57,8 +55,8 @@ def converted_model(tmp_path_factory):
     from convert.pipeline import ConvertConfig, convert
     from convert.timm_models import parse_model_kwargs
 
-    if not Path(os.environ.get("STAS_FASHION_MNIST_DIR", SYSTEM_FASHION_MNIST_DIR)).is_dir():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    if not have_fmnist():
+        pytest.skip(FMNIST_MISSING)
     out = tmp_path_factory.mktemp("converted")
     report = convert(ConvertConfig(
         model="vit_tiny", model_kwargs=parse_model_kwargs("patch_size=7,depth=2,embed_dim=48,num_heads=3"),

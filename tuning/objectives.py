@@ -11,13 +11,12 @@ Both are plain callables ``trial(params, number, on_epoch=None) -> dict`` with `
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-from stas_core.checkpoint import META_KEY
+from stas_core import checkpoint
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.evaluate import evaluate_halting
 
@@ -33,36 +32,10 @@ _KINDS = {DIRECT_FORMAT: ("direct", "a direct-training checkpoint written by sta
 EpochHook = Optional[Callable[[int, dict], None]]
 
 
-def _plain(node):
-    """The JSON part of a checkpoint skeleton (tensors become None)."""
-    if isinstance(node, dict):
-        if "__tensor__" in node:
-            return None
-        if "__dict__" in node:
-            return {k: _plain(v) for k, v in node["__dict__"]}
-        if "__list__" in node:
-            return [_plain(v) for v in node["__list__"]]
-        return {k: _plain(v) for k, v in node.items()}
-    return node
-
-
 def read_header(path: str | Path) -> dict:
     """Format, config and other JSON fields of a STAS checkpoint, without its tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc}); pass "
-                              f"a file written by stas-train or stas-convert") from None
-    if META_KEY not in meta:
-        raise CheckpointError(f"{path} has no STAS metadata; pass a file written by stas-train "
-                              f"(--path direct) or stas-convert (--path converted)")
-    return _plain(json.loads(meta[META_KEY]))
+    return checkpoint.read_header(path, "stas-train (--path direct) or stas-convert "
+                                        "(--path converted)")
 
 
 def check_kind(path: str | Path, want: str) -> dict:
