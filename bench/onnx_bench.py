@@ -7,7 +7,9 @@ one run.
 Each model is exported with ``stas-export``'s library call (``--check`` parity included),
 then PyTorch's fastest inference path (direct, no halting: the multi-step forward; converted:
 the per-timestep loop; with halting: the ``gather`` execution) and an onnxruntime session
-run the same in-memory batches, interleaved, median of rounds. Prints one JSON object.
+run the same in-memory batches, interleaved, median of rounds. With ``--precision float64``
+the converted model's graph computes in double, and PyTorch's float64 run of the same graph
+is timed too and is the parity reference. Prints one JSON object.
 Run by hand; not part of the test suite.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from convert.loading import load_spiking_model
 from halting import HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 from stas_core.data import build_datasets
-from stas_core.export import export_onnx
+from stas_core.export import InferenceGraph, export_onnx
 from stas_core.onnx_runtime import OnnxModel
 
 
@@ -61,8 +63,9 @@ def bench_one(path: str, args, out: Path, label: str) -> dict:
                                   val_subset=args.batch_size * args.batches, augment=False)
     batches = [x for x, _ in DataLoader(val_ds, batch_size=args.batch_size, shuffle=False)]
     onnx_path = out / f"{label}.onnx"
+    precision = args.precision if loaded.kind == "converted" else "float32"
     exported = export_onnx(model, onnx_path, batches[0][:16], timesteps=steps, halting=halting,
-                           check=not args.no_check,
+                           check=not args.no_check, precision=precision,
                            metadata={"kind": loaded.kind, "model": loaded.name,
                                      "dataset": loaded.dataset})
     ort_model = OnnxModel(onnx_path, threads=torch.get_num_threads())
@@ -72,22 +75,30 @@ def bench_one(path: str, args, out: Path, label: str) -> dict:
         torch_fn = model  # the multi-step forward
     else:
         torch_fn = lambda x: run_stepwise(model, x, steps)
+    runners = {"pytorch": torch_fn, "onnxruntime": lambda x: ort_model(x.numpy())}
+    reference = torch_fn
+    if precision == "float64":  # the graph's own precision in PyTorch is the reference
+        reference = InferenceGraph(model, steps, halting, precision).eval()
+        runners["pytorch_float64"] = reference
+    logits = lambda out: (out[0] if isinstance(out, tuple)
+                          else out.logits if hasattr(out, "logits") else out).numpy()
     with torch.no_grad():
-        rates = _median_rates({"pytorch": torch_fn,
-                               "onnxruntime": lambda x: ort_model(x.numpy())},
-                              batches, args.rounds)
-        diffs, agree = [], []  # parity on every timed image (not only the check batch)
+        rates = _median_rates(runners, batches, args.rounds)
+        diffs, agree, vs32 = [], [], []  # parity on every timed image, not only the check's
         for x in batches:
-            ref = torch_fn(x)
-            ref = (ref.logits if hasattr(ref, "logits") else ref).numpy()
+            ref = logits(reference(x))
             got = ort_model(x.numpy())["logits"]
             diffs.append(float(abs(got - ref).max()))
             agree.append((got.argmax(-1) == ref.argmax(-1)).mean())
+            if precision == "float64":  # how far float32 PyTorch is from the same model
+                vs32.append(float(abs(logits(torch_fn(x)) - ref).max()))
     return {"checkpoint": path, "kind": loaded.kind, "model": loaded.name, "timesteps": steps,
             "halting": None if halting is None else halting.__dict__,
             "export_s": exported["export_s"], "onnx_bytes": exported["bytes"],
             "onnx_nodes": exported["nodes"], "checked_at_export": not args.no_check,
+            "precision": precision,
             "max_abs_logit_diff": max(diffs), "top1_identical": float(sum(agree) / len(agree)),
+            **({"pytorch_float32_vs_float64_max_abs_logit_diff": max(vs32)} if vs32 else {}),
             "images_per_s": rates, "onnxruntime_vs_pytorch": rates["onnxruntime"] / rates["pytorch"],
             "timed_images": sum(len(x) for x in batches), "batch_size": args.batch_size}
 
@@ -105,6 +116,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                   help="arithmetic in the converted model's graph (direct: always float32)")
     p.add_argument("--no-check", action="store_true",
                    help="export without the parity check (parity is still measured)")
     p.add_argument("--out", default="runs/onnx_bench")

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: 'last' for converted models, 'mean_field' for direct ones")
     h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
                    help="converted models: a halted token's key/value kept or dropped")
+    p.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                   help="arithmetic inside the graph (images in and logits out stay float32). "
+                        "float64 makes a converted ViT reproduce PyTorch to ~1e-12; in float32 "
+                        "its spikes flip on last-bit kernel differences (about 0.1 on logits)")
     c = p.add_argument_group("tracing and checking")
     c.add_argument("--check", action="store_true",
                    help="compare PyTorch and onnxruntime on the sample batch; fail unless "
@@ -105,7 +109,7 @@ def _main(args: argparse.Namespace) -> int:
         loaded.model.set_halted_kv(args.halted_kv)
     result = export_onnx(
         loaded.model, args.out, _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
-        halting=halting, check=args.check, atol=args.atol,
+        halting=halting, check=args.check, atol=args.atol, precision=args.precision,
         metadata={"kind": loaded.kind, "model": loaded.name, "dataset": loaded.dataset,
                   "checkpoint": str(args.checkpoint)})
     print(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from stas_core.errors import ConfigError
+from stas_core.onnx_float64 import gelu_float64
 
 Count = Union[int, Tensor]
 
@@ -46,7 +47,8 @@ def _pow2_levels(a: Tensor) -> Tensor:
     if a.dtype == torch.float32:  # two integer ops on the float bits
         return ((a.view(torch.int32) + 0x00400000) & 0x7F800000).view(torch.float32)
     mant, exp = torch.frexp(a)
-    return torch.ldexp(torch.ones_like(a), exp - (mant < 0.75).to(exp.dtype))
+    p = torch.ldexp(torch.ones_like(a), exp - (mant < 0.75).to(exp.dtype))
+    return torch.where(a > 0, p, 0.0)  # frexp(0) has mantissa 0: not a level
 
 
 def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
@@ -250,4 +252,8 @@ def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
 
 
 def gelu_fn(approximate: str = "none") -> Callable[[Tensor], Tensor]:
-    return lambda x: torch.nn.functional.gelu(x, approximate=approximate)
+    def gelu(x: Tensor) -> Tensor:
+        if approximate == "none" and x.dtype == torch.float64 and torch.onnx.is_in_onnx_export():
+            return gelu_float64(x)  # onnxruntime has no float64 Erf
+        return torch.nn.functional.gelu(x, approximate=approximate)
+    return gelu

@@ -13,6 +13,10 @@ accumulation outside the graph. Unrolled, a deployment is "image in, logits out"
 halting accumulation lives inside the graph (the ``mask`` execution: static shapes), and
 the result equals PyTorch's. The price: the graph grows with T, and T is fixed at export.
 The batch dimension is dynamic.
+
+``precision='float64'`` computes inside the graph in double (input and outputs stay
+float32). Converted ViTs need it for parity: in float32 their multi-threshold neurons flip
+on last-bit differences between runtimes' kernels (see :mod:`stas_core.onnx_float64`).
 """
 from __future__ import annotations
 
@@ -36,12 +40,14 @@ from halting.plugin import HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 
 from .errors import StasError
+from .onnx_float64 import to_float64
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "stas-onnx/1"
 OPSET = 18
 PROTOCOL = ("reset", "tokens", "blocks", "readout", "timesteps")
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ExportError(StasError):
@@ -52,20 +58,30 @@ class InferenceGraph(nn.Module):
     """What is exported: the timestep loop (and halting) around a protocol model."""
 
     def __init__(self, model: nn.Module, timesteps: int,
-                 halting: Optional[HaltingConfig] = None) -> None:
+                 halting: Optional[HaltingConfig] = None, precision: str = "float32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}; "
+                              f"got {precision!r}")
+        if precision == "float64":
+            try:
+                model = to_float64(model)
+            except StasError as exc:
+                raise ExportError(str(exc)) from None
         self.model, self.timesteps, self.halting = model, int(timesteps), halting
+        self.precision = precision
 
     @property
     def output_names(self) -> list[str]:
         return ["logits"] + (["token_ratio", "depth"] if self.halting is not None else [])
 
     def forward(self, images: Tensor):
+        images = images.to(PRECISIONS[self.precision])
         if self.halting is None:
-            return run_stepwise(self.model, images, self.timesteps)
+            return run_stepwise(self.model, images, self.timesteps).float()
         res = run_halting(self.model, images, self.halting, timesteps=self.timesteps,
                           execution="mask")
-        return res.logits, res.image_ratio, res.depth
+        return res.logits.float(), res.image_ratio.float(), res.depth.float()
 
 
 def _check_protocol(model: nn.Module) -> None:
@@ -113,6 +129,9 @@ def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images:
     with torch.no_grad():
         ref = graph(images)
     ref = ref[0] if isinstance(ref, tuple) else ref
+    hint = ("Converted ViTs flip spikes on last-bit differences between float32 kernels: "
+            "export them with precision float64 (stas-export --precision float64). "
+            if graph.precision == "float32" else "")
     sess = ort_session(onnx_path)
     got = sess.run(["logits"], {"images": images.cpu().numpy()})[0]
     ref_np = ref.detach().cpu().numpy()
@@ -122,26 +141,29 @@ def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images:
         raise ExportError(
             f"the exported graph does not reproduce PyTorch on {len(images)} images: max abs "
             f"logit difference {diff:.3g} (allowed {atol:g}), top-1 identical for "
-            f"{100 * agree:.1f}% (required 100%). Nothing was written; report this as a bug.")
+            f"{100 * agree:.1f}% (required 100%). Nothing was written. {hint}Otherwise, "
+            f"report this as a bug.")
     return {"max_abs_diff": diff, "top1_identical": agree, "check_images": len(images)}
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
                 timesteps: Optional[int] = None, halting: Optional[HaltingConfig] = None,
                 metadata: Optional[dict] = None, check: bool = True,
-                atol: float = 1e-4) -> dict:
+                atol: float = 1e-4, precision: str = "float32") -> dict:
     """Export ``model`` (eval mode, ``timesteps`` unrolled) to ``path``, atomically.
 
     ``sample`` is a batch of input images used to trace (and, with ``check``, to compare
     PyTorch and onnxruntime). ``metadata`` is stored as JSON in the model's ``stas``
     metadata property (with the format, timesteps, halting knobs and output names).
+    ``precision`` is the arithmetic inside the graph, 'float32' or 'float64' (images in and
+    outputs stay float32); the check compares against PyTorch at the same precision.
     """
     import onnx
 
     _check_protocol(model)
     model.eval()
     steps = int(timesteps or model.timesteps)
-    graph = InferenceGraph(model, steps, halting).eval()
+    graph = InferenceGraph(model, steps, halting, precision).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the exporter may write side files (external weights): all of it goes in a scratch
@@ -161,7 +183,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
             raise ExportError(f"{type(model).__name__} could not be exported to ONNX: "
                               f"{first}") from None
         proto = onnx.load(tmp)  # external weights, if any, are read in and saved inline
-        meta = {"format": FORMAT, "timesteps": steps,
+        meta = {"format": FORMAT, "timesteps": steps, "precision": precision,
                 "halting": None if halting is None else halting.__dict__,
                 "outputs": graph.output_names, "input_shape": list(sample.shape[1:]),
                 **(metadata or {})}

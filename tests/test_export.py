@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime reproduces PyTorch for both model kinds, with and without
 halting; the CLIs; clear errors."""
+import copy
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from halting import HaltingConfig
+from halting.protocol import run_stepwise
 from stas_core.export import ExportError, InferenceGraph, export_onnx
 from stas_core.models import create_model
 from stas_core.onnx_runtime import OnnxModel
@@ -21,13 +23,13 @@ def _direct(name="spikformer-1-32"):
     return calibrate_bn(create_model(name, img_size=28, in_chans=1, timesteps=2), x), x
 
 
-def _parity(model, sample, path, halting):
+def _parity(model, sample, path, halting, precision="float32"):
     """Export with --check, then compare every output on a batch of another size."""
-    info = export_onnx(model, path, sample, halting=halting, check=True)
+    info = export_onnx(model, path, sample, halting=halting, check=True, precision=precision)
     assert info["max_abs_diff"] <= 1e-4 and info["top1_identical"] == 1.0
     x = torch.randn(5, *sample.shape[1:])
     with torch.no_grad():
-        ref = InferenceGraph(model, model.timesteps, halting)(x)
+        ref = InferenceGraph(model, model.timesteps, halting, precision)(x)
     ref = ref if isinstance(ref, tuple) else (ref,)
     got = OnnxModel(path)(x.numpy())
     assert list(got) == (["logits", "token_ratio", "depth"] if halting else ["logits"])
@@ -49,13 +51,36 @@ def test_spikingformer_with_halting_parity(tmp_path):
     _parity(model, x, tmp_path / "m.onnx", HaltingConfig(alpha=1.0, beta=-0.5, eps=0.1))
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("halting", [None, HaltingConfig(alpha=1.0, beta=0.0, eps=0.2,
                                                          score="mean")])
-def test_converted_vit_parity(tmp_path, halting):
+def test_converted_vit_parity(tmp_path, halting, precision):
     snn, x = tiny_converted_vit(images=4, timesteps=2, depth=1)
-    got = _parity(snn, x, tmp_path / "m.onnx", halting)
+    got = _parity(snn, x, tmp_path / "m.onnx", halting, precision)
     if halting is not None:
         assert 0 < got["token_ratio"].mean() < 1
+    assert next(snn.parameters()).dtype == torch.float32  # the float64 graph used a copy
+    assert OnnxModel(tmp_path / "m.onnx").meta["precision"] == precision
+
+
+def test_float64_graph_computes_in_double(tmp_path):
+    """The float64 graph is not the float32 one: its logits follow the double model's."""
+    snn, x = tiny_converted_vit(images=4, timesteps=2, depth=1)
+    export_onnx(snn, tmp_path / "m.onnx", x, precision="float64")
+    with torch.no_grad():
+        ref64 = run_stepwise(copy.deepcopy(snn).double(), x.double(), 2)
+    got = OnnxModel(tmp_path / "m.onnx")(x.numpy())["logits"]
+    assert got.dtype == np.float32
+    assert np.abs(got - ref64.numpy()).max() <= 1e-6
+
+
+def test_float64_export_of_a_model_with_padded_convolutions_is_a_clear_error(tmp_path):
+    model, x = _direct()  # SPS convolutions have padding: no float64 Conv in onnxruntime
+    with pytest.raises(ExportError, match="no float64 Conv.*Export this model in float32"):
+        export_onnx(model, tmp_path / "m.onnx", x, precision="float64")
+    with pytest.raises(ExportError, match="precision must be one of float32, float64"):
+        export_onnx(model, tmp_path / "m.onnx", x, precision="float16")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_model_without_the_protocol_is_a_clear_error(tmp_path):
@@ -66,7 +91,7 @@ def test_a_model_without_the_protocol_is_a_clear_error(tmp_path):
 
 def test_a_failed_check_leaves_nothing_behind(tmp_path):
     model, x = _direct()
-    with pytest.raises(ExportError, match="does not reproduce PyTorch"):
+    with pytest.raises(ExportError, match="does not reproduce PyTorch.*--precision float64"):
         export_onnx(model, tmp_path / "m.onnx", x, atol=-1.0)  # no difference passes
     assert not list(tmp_path.iterdir())
 

@@ -53,6 +53,7 @@ def _main(args: argparse.Namespace) -> int:
     report = {"model_path": str(args.model), "runtime": "onnxruntime", "dataset": info.name,
               "model": model.meta.get("model"), "kind": model.meta.get("kind"),
               "timesteps": model.meta.get("timesteps"), "halting": model.meta.get("halting"),
+              "precision": model.meta.get("precision", "float32"),
               "batch_size": args.batch_size, **ev}
     if args.out:
         atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
