@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from halting.numeric import exact
 from stas_core.errors import ConfigError
 from stas_core.onnx_float64 import gelu_float64
 
@@ -248,7 +249,7 @@ class CompensatedMatMul(nn.Module):
 
 def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
     """``softmax(scale * x)`` over the last dim."""
-    return lambda x: torch.softmax(x * scale, dim=-1)
+    return lambda x: torch.softmax(x * exact(scale, x), dim=-1)
 
 
 def gelu_fn(approximate: str = "none") -> Callable[[Tensor], Tensor]:

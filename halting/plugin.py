@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .numeric import exact
 from .protocol import HaltableModel
 
 MODES = ("both", "block", "time")
@@ -153,13 +154,13 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             if cfg.score == "mean":  # per-step values of a converted SNN fluctuate
                 signal_sums[l] = signal if signal_sums[l] is None else signal_sums[l] + signal
                 signal = signal_sums[l] / (t + 1)
-            score = torch.sigmoid(cfg.alpha * signal + cfg.beta)
+            score = torch.sigmoid(exact(cfg.alpha, signal) * signal + exact(cfg.beta, signal))
             if prefix:  # kept tokens score 0, so their whole weight comes at the end
                 score = score * free.to(score.dtype)
             if last:
                 score = torch.ones_like(score)
             live = mask.to(h.dtype)
-            reached = (H + score >= 1.0 - cfg.eps) & mask
+            reached = (H + score >= exact(1.0 - cfg.eps, score)) & mask
             weight = torch.where(reached, 1.0 - H, score) * live
             R = R + torch.where(reached, 1.0 - H, 0.0)  # summed over windows ('block')
             N = N + live

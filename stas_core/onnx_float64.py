@@ -7,9 +7,13 @@ and timesteps. In float32 the logits of such a model are only defined to about 0
 float32 against the same model in float64 differs by that much); in float64 the same
 flips need a 1e-16 coincidence, and two runtimes agree to ~1e-12.
 
-onnxruntime's CPU provider has no float64 ``Conv`` or ``Erf``. :func:`to_float64` swaps
-patch convolutions (kernel == stride, no padding: a ViT's patch embedding) for a reshape
-and a matmul, and :func:`erf_float64` evaluates erf to double precision with ops it has.
+onnxruntime's CPU provider has no float64 ``Conv`` or ``Erf``, and ONNX's
+``LayerNormalization`` holds its epsilon as a float32 attribute (1e-6 becomes
+0.99999999747e-6: a 1e-13 shift that still flips spikes in a few images out of a hundred).
+:func:`to_float64` swaps patch convolutions (kernel == stride, no padding: a ViT's patch
+embedding) for a reshape and a matmul and LayerNorms for a two-pass form with a float64
+epsilon, and :func:`erf_float64` evaluates erf to double precision with ops it has.
+Python-float constants go through :func:`halting.numeric.exact` for the same reason.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from halting.numeric import exact
 
 from .errors import StasError
 
@@ -64,7 +70,7 @@ def erf_float64(x: Tensor) -> Tensor:
 
 def gelu_float64(x: Tensor) -> Tensor:
     """Exact (erf) GELU through :func:`erf_float64`, as PyTorch computes it."""
-    return 0.5 * x * (1.0 + erf_float64(x * math.sqrt(0.5)))
+    return 0.5 * x * (1.0 + erf_float64(x * exact(math.sqrt(0.5), x)))
 
 
 class PatchConv(nn.Module):
@@ -90,6 +96,28 @@ class PatchConv(nn.Module):
         return y.permute(0, 3, 1, 2)  # [B, out, gh, gw], as the convolution gives
 
 
+class TwoPassLayerNorm(nn.Module):
+    """LayerNorm over the last dims as mean, centred second moment and scale, with a
+    float64 epsilon: in onnxruntime's float64 primitives, as accurate as PyTorch's kernel."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.dims = tuple(range(-len(norm.normalized_shape), 0))
+        self.eps = float(norm.eps)  # exact(): float64 graphs would store it as float32
+        self.weight = None if norm.weight is None else nn.Parameter(
+            norm.weight.detach().clone(), requires_grad=False)
+        self.bias = None if norm.bias is None else nn.Parameter(
+            norm.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - x.mean(self.dims, keepdim=True)
+        var = (centred * centred).mean(self.dims, keepdim=True)
+        y = centred / torch.sqrt(var + exact(self.eps, var))
+        if self.weight is not None:
+            y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+
 def _is_patch_conv(conv: nn.Conv2d) -> bool:
     return (tuple(conv.kernel_size) == tuple(conv.stride) and conv.groups == 1
             and all(p == 0 for p in conv.padding) and all(d == 1 for d in conv.dilation)
@@ -97,10 +125,12 @@ def _is_patch_conv(conv: nn.Conv2d) -> bool:
 
 
 def to_float64(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` whose convolutions onnxruntime can run (the input model
-    is left alone). Raises :class:`StasError` for a convolution other than a patch one."""
+    """A float64 copy of ``model`` that onnxruntime computes as exactly as PyTorch (the
+    input model is left alone). Raises :class:`StasError` for a convolution other than a patch one."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.LayerNorm):
+            _replace(model, name, TwoPassLayerNorm(module))
         if not isinstance(module, nn.Conv2d):
             continue
         if not _is_patch_conv(module):
@@ -110,6 +140,10 @@ def to_float64(model: nn.Module) -> nn.Module:
                 f"{tuple(module.padding)}): onnxruntime has no float64 Conv, and only patch "
                 f"convolutions (kernel == stride, no padding) are rewritten. Export this "
                 f"model in float32; direct-trained models reproduce PyTorch there.")
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], PatchConv(module))
+        _replace(model, name, PatchConv(module))
     return model.to(torch.float64)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], new)

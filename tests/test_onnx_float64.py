@@ -1,14 +1,17 @@
 """float64 ONNX pieces: erf from onnxruntime's double ops, patch convolutions as matmuls,
-and float64 spiking ops equal to float32 ones where both are exact."""
+constants kept in float64, and float64 spiking ops equal to float32 ones where both are
+exact."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from convert.ops import MultiThresholdNeuron, _pow2_levels, gelu_fn
+from convert.ops import MultiThresholdNeuron, _pow2_levels, gelu_fn, softmax_fn
+from halting.numeric import exact
 from stas_core.errors import StasError
-from stas_core.onnx_float64 import PatchConv, erf_float64, gelu_float64, to_float64
+from stas_core.onnx_float64 import (PatchConv, TwoPassLayerNorm, erf_float64, gelu_float64,
+                                    to_float64)
 
 
 def test_erf_float64_matches_libm_to_the_last_bits():
@@ -60,3 +63,34 @@ def test_multi_threshold_neuron_in_float64_spikes_as_in_float32():
     n64.double()
     for x in xs:
         assert n64.step(x.double()).equal(n32.step(x).double())
+
+
+def test_exact_keeps_float64_constants_and_leaves_float32_alone():
+    x64, x32 = torch.ones(2, dtype=torch.float64), torch.ones(2)
+    assert exact(0.21, x32) == 0.21
+    const = exact(0.21, x64)
+    assert const.dtype == torch.float64 and float(const) == 0.21
+
+
+def test_float64_pieces_in_onnxruntime_match_torch_to_the_last_bits(tmp_path):
+    """LayerNorm (eps 1e-6: a float32 attribute in ONNX's own op), GELU and a scaled softmax
+    of a float64 graph, against PyTorch's float64 kernels."""
+    import onnxruntime as ort
+
+    norm = TwoPassLayerNorm(nn.LayerNorm(48, eps=1e-6)).double()
+    softmax = softmax_fn(0.1234567)
+
+    class Pieces(nn.Module):
+        def forward(self, x):
+            return norm(x), gelu_float64(x), softmax(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 48, dtype=torch.float64) * 3
+    path = tmp_path / "pieces.onnx"
+    torch.onnx.export(Pieces().eval(), (x,), str(path), opset_version=18, dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ref = [nn.functional.layer_norm(x, (48,), eps=1e-6), nn.functional.gelu(x),
+           torch.softmax(x * 0.1234567, -1)]
+    for g, r in zip(got, ref):
+        assert abs(g - r.numpy()).max() <= 1e-14 * abs(r.numpy()).max()
