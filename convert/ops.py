@@ -52,11 +52,24 @@ def _pow2_levels(a: Tensor) -> Tensor:
     return torch.where(a > 0, p, 0.0)  # frexp(0) has mantissa 0: not a level
 
 
+# float64 membranes (in units of theta) are decided on a grid of 2^-40: see integrate_and_fire
+TIE_GRID = 2.0 ** 40
+
+
 def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
                        ) -> tuple[Tensor, Tensor]:
-    """One step of the multi-threshold neuron: returns (emitted value, new membrane)."""
+    """One step of the multi-threshold neuron: returns (emitted value, new membrane).
+
+    Ties are structural: when an input's running sum returns to an exact value (often 0),
+    the membrane is minus a sum of emitted levels, e.g. exactly 1.5 * 2^-6 theta, a level
+    boundary, give or take the last bits that summing the per-step increments leaves. In
+    float64 the membrane is rounded to a grid of 2^-40 theta before the level is chosen:
+    far finer than the smallest level, far coarser than that drift, so the tie is decided
+    by the rounding rule in every runtime instead of by the kernels' last bits."""
     v = v + x
     u = v / theta
+    if u.dtype == torch.float64:
+        u = torch.round(u * TIE_GRID) / TIE_GRID
     a = u.abs()
     p = _pow2_levels(a)
     p = torch.where(p < smallest, 0.0, p)

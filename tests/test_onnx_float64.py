@@ -94,3 +94,16 @@ def test_float64_pieces_in_onnxruntime_match_torch_to_the_last_bits(tmp_path):
            torch.softmax(x * 0.1234567, -1)]
     for g, r in zip(got, ref):
         assert abs(g - r.numpy()).max() <= 1e-14 * abs(r.numpy()).max()
+
+
+def test_float64_neuron_decides_structural_ties_by_the_rounding_rule():
+    """A membrane a few ulp under the level boundary 1.5 * 2^-6 theta (what summing
+    per-step increments back to an exact value leaves) fires as the exact boundary does:
+    2^-5 theta; one clearly under it fires 2^-6 theta."""
+    theta = 2.1439759731292725
+    neuron = MultiThresholdNeuron(levels=8, threshold=theta).double()
+    boundary = 1.5 * 2.0 ** -6 * theta
+    x = torch.tensor([boundary, boundary * (1 - 8e-16), boundary * (1 + 8e-16),
+                      boundary * (1 - 1e-9), -boundary * (1 - 8e-16)], dtype=torch.float64)
+    s = neuron.step(x) / theta
+    assert s.tolist() == [2.0 ** -5, 2.0 ** -5, 2.0 ** -5, 2.0 ** -6, -(2.0 ** -5)]
