@@ -2,7 +2,9 @@
 
 All T timesteps are unrolled in the graph (see ``stas_core.export``): input ``images``
 ``[B, C, H, W]`` (dynamic batch, normalised as for training), output ``logits``; with
-halting also ``token_ratio [B]`` and ``depth [B, N]``.
+halting also ``token_ratio [B]`` and ``depth [B, N]``. ``--precision float64`` computes in
+double inside the graph: a converted ViT then reproduces PyTorch exactly, which float32
+kernels cannot promise for its spikes (see ``stas_core.onnx_float64``).
 """
 from __future__ import annotations
 
