@@ -72,14 +72,12 @@ def integrate_and_fire(v: Tensor, x: Tensor, theta: Tensor, smallest: float
         u = torch.round(u * TIE_GRID) / TIE_GRID
     a = u.abs()
     p = _pow2_levels(a)
-    if torch.onnx.is_in_onnx_export():  # the same as below with masks as products: Where
-        p = p * (p >= smallest).to(p.dtype)  # is over half of onnxruntime's time otherwise
-        p = torch.maximum(p, torch.floor(a))
-        s = p * torch.sign(u) * theta  # u == 0 only where p == 0
-        return s, v - s
-    p = torch.where(p < smallest, 0.0, p)
+    # in ONNX, masks as products: Where is over half of onnxruntime's time otherwise
+    products = torch.onnx.is_in_onnx_export()
+    p = p * (p >= smallest).to(p.dtype) if products else torch.where(p < smallest, 0.0, p)
     p = torch.maximum(p, torch.floor(a))  # whole spikes beyond theta: nothing is clipped
-    s = torch.where(u < 0, -p, p) * theta  # copysign
+    signed = p * torch.sign(u) if products else torch.where(u < 0, -p, p)  # u == 0: p == 0
+    s = signed * theta
     return s, v - s
 
 

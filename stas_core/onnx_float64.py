@@ -126,21 +126,21 @@ def _is_patch_conv(conv: nn.Conv2d) -> bool:
 
 def to_float64(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model`` that onnxruntime computes as exactly as PyTorch (the
-    input model is left alone). Raises :class:`StasError` for a convolution other than a patch one."""
+    input model is left alone). Raises :class:`StasError` for a convolution other than a
+    patch one."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.LayerNorm):
             _replace(model, name, TwoPassLayerNorm(module))
-        if not isinstance(module, nn.Conv2d):
-            continue
-        if not _is_patch_conv(module):
-            raise StasError(
-                f"a float64 ONNX graph cannot hold convolution {name!r} (kernel "
-                f"{tuple(module.kernel_size)}, stride {tuple(module.stride)}, padding "
-                f"{tuple(module.padding)}): onnxruntime has no float64 Conv, and only patch "
-                f"convolutions (kernel == stride, no padding) are rewritten. Export this "
-                f"model in float32; direct-trained models reproduce PyTorch there.")
-        _replace(model, name, PatchConv(module))
+        elif isinstance(module, nn.Conv2d):
+            if not _is_patch_conv(module):
+                raise StasError(
+                    f"a float64 ONNX graph cannot hold convolution {name!r} (kernel "
+                    f"{tuple(module.kernel_size)}, stride {tuple(module.stride)}, padding "
+                    f"{tuple(module.padding)}): onnxruntime has no float64 Conv, and only "
+                    f"patch convolutions (kernel == stride, no padding) are rewritten. Export "
+                    f"this model in float32; direct-trained models reproduce PyTorch there.")
+            _replace(model, name, PatchConv(module))
     return model.to(torch.float64)
 
 
