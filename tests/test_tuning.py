@@ -333,7 +333,9 @@ def test_sqlite_study_resumes_after_a_kill(tmp_path, converted_model):
     assert len(failed) == 1 and len(states) == n + 1, states
     retries = [r for r in study.trials if r.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
-    assert retries[0].params == failed[0].params or not failed[0].params  # killed before drawing
+    # every parameter the killed trial had drawn is re-used (a kill between two draws
+    # leaves some undrawn, and the retry draws those afresh)
+    assert failed[0].params.items() <= retries[0].params.items()
     summary = json.loads(stdout)
     assert summary["complete_trials"] == n
     for name in ("pareto.json", "pareto.csv", "best.json", "trials.png", "trials.jsonl"):
