@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timesteps", "-T", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--energy-images", type=int, default=256)
+    p.add_argument("--bn-images", type=int, default=None,
+                   help="direct: BatchNorm recalibration images per trial epoch (default: "
+                        "the stage-1 checkpoint's; 0 measures the study without it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/tune_bench")
@@ -66,10 +69,14 @@ def bench_path(path: str, checkpoint: str, args: argparse.Namespace) -> dict:
         hand["delta_p"] = args.delta_p
     start = time.perf_counter()
     trial = build_trial(cfg, check_kind(checkpoint, path))
+    if path == "direct" and args.bn_images is not None:
+        import dataclasses
+
+        trial.base = dataclasses.replace(trial.base, bn_images=args.bn_images)
     reference = trial(hand, "hand-set", None)
     hand_s = time.perf_counter() - start
     start = time.perf_counter()
-    summary = run_study(cfg)
+    summary = run_study(cfg, evaluate=trial)
     study_s = time.perf_counter() - start
 
     import optuna
@@ -84,6 +91,7 @@ def bench_path(path: str, checkpoint: str, args: argparse.Namespace) -> dict:
         "energy_mj": r["energy_mj"], "token_ratio": r["token_ratio"]})
     return {
         "checkpoint": checkpoint, "n_trials": summary["complete_trials"],
+        **({"bn_images": trial.base.bn_images} if path == "direct" else {}),
         "hand_set": {"params": hand, **{k: reference[k] for k in ("top1", "energy_mj",
                                                                  "token_ratio")}},
         "best_at_equal_or_better_top1": point(best),

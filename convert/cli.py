@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from stas_core.cli.common import add_data_args, run
+from halting.plugin import DEFAULT_EXECUTION
+from stas_core.cli.common import HelpFormatter, add_data_args, run
 from stas_core.cli.config import add_config_arg
 
 from .timm_models import parse_model_kwargs, supported_models
@@ -15,7 +16,7 @@ from .timm_models import parse_model_kwargs, supported_models
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-convert", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", help=f"timm ViT name; supported: {'; '.join(supported_models())}")
     add_data_args(p)
     p.add_argument("--model-kwargs", default=None, metavar="K=V,...",
@@ -52,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--beta", type=float, default=-2.0)
     h.add_argument("--eps", type=float, default=0.01)
     h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
-    h.add_argument("--halting-score", choices=["mean", "current"], default="mean",
-                   help="score from the running mean of the signal, or the current step")
-    h.add_argument("--halting-output", choices=["last", "mean_field"], default="last",
-                   help="read out the last block every timestep, or the tokens' mean field")
+    h.add_argument("--halting-score", choices=["mean", "current"], default=None,
+                   help="score from the running mean of the signal, or the current step "
+                        "(default: the model's, mean)")
+    h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
+                   help="read out the last block every timestep (default: the model's; a "
+                        "converted ViT's stateful readout supports only this)")
     h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
                    help="a halted token's key/value: kept (running mean) or dropped")
-    h.add_argument("--execution", choices=["gather", "mask"], default="gather",
+    h.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None)

@@ -91,9 +91,9 @@ def _halting(loaded, args):
         beta=args.beta if args.beta is not None else (trained.beta if trained else -2.0),
         eps=args.eps if args.eps is not None else (trained.eps if trained else 0.01),
         accumulate=args.accumulate or (trained.accumulate if trained else "both"))
-    converted = loaded.kind == "converted"
-    score = args.halting_score or ("mean" if converted else "current")
-    output = args.halting_output or ("last" if converted else "mean_field")
+    # None: what the model was trained with, else the model's own default (export_onnx)
+    score = args.halting_score or (trained.score if trained else None)
+    output = args.halting_output or (trained.output if trained else None)
     return halting_config_of(knobs, score=score, output=output)
 
 

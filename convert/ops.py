@@ -181,6 +181,17 @@ class MultiThresholdNeuron(nn.Module):
     forward = step
 
 
+def _device_count(previous: Optional[tuple[Tensor, int]], count: int,
+                  like: Tensor) -> tuple[Tensor, int]:
+    """``(count as a 0-d tensor on like's device, count)``: copied from the host once per
+    run, then advanced by a device op, so no host value is sent per op and step (and a
+    compiled kernel sees a tensor, not a new constant per step)."""
+    if previous is not None and previous[1] == count - 1 and previous[0].dtype == like.dtype \
+            and previous[0].device == like.device:
+        return previous[0] + 1, count
+    return torch.full((), float(count), dtype=like.dtype, device=like.device), count
+
+
 class Compensated(nn.Module):
     """Expectation compensation of ``fn``: outputs sum to ``t * fn(mean of inputs)``."""
 
@@ -193,11 +204,13 @@ class Compensated(nn.Module):
         self.total: Optional[Tensor] = None
         self.count: Count = 0
         self.emitted: Optional[Tensor] = None
+        self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
 
     def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
         if active is None and self.total is not None and not isinstance(self.count, Tensor):
             self.count += 1  # common case: every token active
-            count = torch.tensor(float(self.count), dtype=x.dtype, device=x.device)
+            self._count_t = _device_count(self._count_t, self.count, x)
+            count = self._count_t[0]
             self.total, self.emitted, out = _compensate(self.fn, self.total, x, count,
                                                         self.emitted)
             return out
@@ -233,11 +246,13 @@ class CompensatedMatMul(nn.Module):
         self.sum_b: Optional[Tensor] = None
         self.emitted: Optional[Tensor] = None
         self.steps = 0
+        self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
 
     def step(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None) -> Tensor:
         if b_count is None and self.sum_a is not None:  # common case: every token active
             self.steps += 1
-            count = torch.tensor(float(self.steps), dtype=a.dtype, device=a.device)
+            self._count_t = _device_count(self._count_t, self.steps, a)
+            count = self._count_t[0]
             self.sum_a, self.sum_b, self.emitted, out = _product(self.sum_a, a, self.sum_b, b,
                                                                  count, self.emitted)
             return out

@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from halting.plugin import DEFAULT_EXECUTION, HaltingConfigError
 from halting.protocol import run_stepwise
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, OpCounter
 from stas_core.errors import check_positive_int
+from stas_core.timing import Stopwatch
 from stas_core.evaluate import evaluate_halting, save_depth_heatmap
 from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_device
 
@@ -70,10 +72,11 @@ class ConvertConfig:
     beta: float = -2.0
     eps: float = 0.01
     accumulate: str = "both"
-    halting_score: str = "mean"
-    halting_output: str = "last"     # the head reads the last block, as the ANN's did
+    halting_score: Optional[str] = None   # None: the model's default (running mean)
+    halting_output: Optional[str] = None  # None: the model's default ('last': the head
+    #                                       reads the last block, as the ANN's did)
     halted_kv: str = "frozen"        # halted tokens' K/V: kept (running mean) or dropped
-    execution: str = "gather"
+    execution: str = DEFAULT_EXECUTION
     progress: Optional[bool] = None
 
     def validate(self) -> "ConvertConfig":
@@ -91,7 +94,12 @@ class ConvertConfig:
         if sum(bool(v) for v in (self.pretrained or self.pretrained_file, self.checkpoint)) > 1:
             raise ConfigError("give only one of --pretrained and --checkpoint")
         get_dataset_info(self.dataset)
-        self.halting_config()
+        halting = self.halting_config()
+        if halting is not None:
+            try:
+                halting.with_defaults(SpikingViT.halting_defaults, "a converted ViT")
+            except HaltingConfigError as exc:
+                raise ConfigError(str(exc).replace("output=", "--halting-output ")) from None
         if self.halted_kv not in HALTED_KV:
             raise ConfigError(f"halted_kv must be one of {', '.join(HALTED_KV)}; "
                               f"got {self.halted_kv!r}")
@@ -207,17 +215,15 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
     correct = torch.zeros(timesteps, dtype=torch.float64)
     agree = torch.zeros(timesteps, dtype=torch.float64)
     ann_correct = total = 0
-    ann_s = snn_s = 0.0
+    ann_watch, snn_watch = Stopwatch(device), Stopwatch(device)
     err = torch.zeros(timesteps, dtype=torch.float64)
     bar = progress_bar(progress, len(loader), "evaluating", True)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        start = time.perf_counter()
-        a = vit(x)
-        ann_s += time.perf_counter() - start
-        start = time.perf_counter()
-        cum = run_stepwise(snn, x, timesteps, cumulative=True)
-        snn_s += time.perf_counter() - start
+        with ann_watch:
+            a = vit(x)
+        with snn_watch:
+            cum = run_stepwise(snn, x, timesteps, cumulative=True)
         pred = cum.argmax(-1)
         ann_correct += int((a.argmax(-1) == y).sum())
         correct += (pred == y).sum(-1).double().cpu()
@@ -229,6 +235,7 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
     if bar is not None:
         bar.close()
     ts = range(1, timesteps + 1)
+    ann_s, snn_s = ann_watch.seconds, snn_watch.seconds
     return {
         "val_images": total,
         "ann_top1": ann_correct / total,
@@ -243,7 +250,7 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
 
 @torch.no_grad()
 def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device, cfg,
-                    max_energy_images: int, execution: str = "gather") -> dict:
+                    max_energy_images: int, execution: str = DEFAULT_EXECUTION) -> dict:
     """Top-1, token ratio, energy per image and images/s of the halted SNN after
     t = 1, 2, 4, ... (each t is its own run: the halting window ends at the last timestep).
     Throughput is timed on the batches run without the op counter."""
@@ -349,7 +356,8 @@ def convert(cfg: ConvertConfig) -> dict:
         snn.set_halted_kv(cfg.halted_kv)
         halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
                                  cfg.energy_images, cfg.execution)
-        halted["halting"] = {**dataclasses.asdict(halting_cfg), "execution": cfg.execution,
+        halted["halting"] = {**dataclasses.asdict(halting_cfg.for_model(snn)),
+                             "execution": cfg.execution,
                              "halted_kv": cfg.halted_kv}
         halted.update(save_depth_heatmap(snn, val_loader, device, halting_cfg,
                                          out / "halting_depth.png", execution=cfg.execution))

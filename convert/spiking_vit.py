@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from halting.protocol import HaltingDefaults
 from stas_core.layers import TokenRows
 
 from .errors import ConversionError
@@ -144,6 +145,13 @@ class ConvertedBlock(nn.Module):
 
 class SpikingViT(nn.Module):
     """Converted ViT; build it with :func:`from_timm`."""
+
+    #: The readout (compensated norm, head neurons) must run once per timestep, on the last
+    #: block's tokens; per-step values fluctuate around their mean, so the score reads it.
+    halting_defaults = HaltingDefaults(
+        output="last", score="mean", outputs=("last",),
+        why="a converted ViT's readout is stateful and must be called once per timestep "
+            "on the last block's tokens")
 
     def __init__(self, vit: nn.Module, *, levels: int = 8, timesteps: int = 8) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ wall-clock time, not only ops). This module imports nothing of the project.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -28,11 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from .numeric import exact
-from .protocol import HaltableModel
+from .protocol import HaltableModel, HaltingDefaults
 
 MODES = ("both", "block", "time")
 EXECUTIONS = ("mask", "gather")
 OUTPUTS = ("mean_field", "last")
+SCORES = ("current", "mean")
+#: The execution of the Python API and the CLIs alike (``'mask'``: the ONNX form).
+DEFAULT_EXECUTION = "gather"
 
 
 class HaltingConfigError(ValueError):
@@ -46,27 +50,50 @@ class HaltingConfig:
     ``output='mean_field'`` (STAS) reads out each token's h-weighted outputs; ``'last'``
     reads out the last block's tokens every timestep (halted tokens carry the value they
     stopped with) and averages over timesteps, as a converted SNN's readout expects.
+    ``score='current'`` scores the step's own output, ``'mean'`` its running mean over
+    timesteps. ``output`` and ``score`` left as None take the model's
+    :class:`~halting.protocol.HaltingDefaults` (see :meth:`for_model`).
     """
 
     alpha: float = 1.0
     beta: float = -2.0
     eps: float = 0.01
     accumulate: str = "both"
-    score: str = "current"  # 'mean': the running mean over timesteps (converted models)
-    output: str = "mean_field"  # 'last': read out the last block every timestep, mean over t
+    score: Optional[str] = None   # None: the model's default ('mean' on converted ViTs)
+    output: Optional[str] = None  # None: the model's default ('last' on converted ViTs)
     keep_prefix: bool = True    # the model's prefix tokens (a ViT's class token) never halt
 
     def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
+        if self.output is not None and self.output not in OUTPUTS:
             raise HaltingConfigError(f"output must be one of {', '.join(OUTPUTS)}; "
                                      f"got {self.output!r}")
-        if self.score not in ("current", "mean"):
+        if self.score is not None and self.score not in SCORES:
             raise HaltingConfigError(f"score must be 'current' or 'mean'; got {self.score!r}")
         if not 0.0 <= self.eps < 1.0:
             raise HaltingConfigError(f"eps must be in [0, 1); got {self.eps}")
         if self.accumulate not in MODES:
             raise HaltingConfigError(f"accumulate must be one of {', '.join(MODES)}; "
                                      f"got {self.accumulate!r}")
+
+    def for_model(self, model: object) -> "HaltingConfig":
+        """This config with ``output`` and ``score`` filled from ``model.halting_defaults``
+        where left open; a readout the model cannot honour is a HaltingConfigError."""
+        return self.with_defaults(getattr(model, "halting_defaults", None) or HaltingDefaults(),
+                                  type(model).__name__)
+
+    def with_defaults(self, defaults: HaltingDefaults, owner: str = "the model") -> "HaltingConfig":
+        """:meth:`for_model` for a model kind known by its defaults only (CLI checks)."""
+        output = self.output if self.output is not None else defaults.output
+        score = self.score if self.score is not None else defaults.score
+        if output not in defaults.outputs:
+            why = f" ({defaults.why})" if defaults.why else ""
+            raise HaltingConfigError(
+                f"{owner} supports output {' or '.join(map(repr, defaults.outputs))}"
+                f"{why}; got output={output!r}. Leave output unset (None) to use the model's "
+                f"default {defaults.output!r}")
+        if (output, score) == (self.output, self.score):
+            return self
+        return dataclasses.replace(self, output=output, score=score)
 
 
 @dataclass
@@ -80,6 +107,7 @@ class HaltingResult:
     remainder: Tensor                # [B, N]: R_k (summed over windows in 'block' mode)
     image_ratio: Tensor              # [B]: each image's share of token-steps computed
     history: list = field(default_factory=list)  # per step (t, l): (H, R, N, mask) copies
+    config: Optional[HaltingConfig] = None  # the config as run (output, score filled in)
 
     @property
     def token_ratio(self) -> float:
@@ -106,19 +134,24 @@ def check_execution(execution: str) -> str:
 
 def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
                 timesteps: Optional[int] = None, record: bool = False,
-                execution: str = "mask",
+                execution: str = DEFAULT_EXECUTION,
                 on_timestep: Optional[Callable[[int], None]] = None) -> HaltingResult:
     """Run ``model`` on ``x`` with token halting.
 
-    ``execution='mask'`` runs every block densely with the token mask; ``'gather'`` asks the
-    blocks to compute the active tokens only (``step(x, active, gather=True)``); both give
-    the same result. ``on_timestep(t)`` is called before each timestep (op counters).
+    ``execution='gather'`` (default) asks the blocks to compute the active tokens only
+    (``step(x, active, gather=True)``); ``'mask'`` runs every block densely with the token
+    mask (static shapes); both give the same result. ``output``/``score`` left open in
+    ``cfg`` come from the model (:meth:`HaltingConfig.for_model`). A halted token enters
+    later timesteps with the value it halted with (not with fresh input tokens), so
+    ``output='last'`` reads out what it stopped with. ``on_timestep(t)`` is called before
+    each timestep (op counters).
     """
     gather = check_execution(execution) == "gather"
+    cfg = cfg.for_model(model)
     steps = model.timesteps if timesteps is None else timesteps
     depth = len(model.blocks)
     model.reset()
-    fractions = torch.zeros(steps, depth)
+    fractions = []  # per (t, l): a 0-d tensor on the model's device (no host sync)
     history = []
     mask = H = R = N = None
     mean_field = None
@@ -130,7 +163,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     for t in range(steps):
         if on_timestep is not None:
             on_timestep(t)
-        h = model.tokens(x, t)
+        fresh = model.tokens(x, t)
+        h = fresh if mask is None else torch.where(mask.unsqueeze(-1), fresh, h)
         if mask is None:
             H = torch.zeros_like(h[..., 0])  # like a slice: the batch size stays symbolic
             mask = H == 0                     # (for tracers such as the ONNX exporter)
@@ -142,10 +176,11 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
         if cfg.accumulate == "block" and t > 0:  # a fresh window every timestep
             mask = torch.ones_like(mask)
             H = torch.zeros_like(H)
+            h = fresh  # every token is computed again from its input tokens
         for l, blk in enumerate(model.blocks):
             per_image = mask.to(h.dtype).mean(-1)
             image_active = image_active + per_image
-            fractions[t, l] = per_image.mean()
+            fractions.append(per_image.mean())
             h = blk.step(h, mask, gather=True) if gather else blk.step(h, mask)
             scored, last = _window(cfg, t, l, steps, depth)
             if not scored:
@@ -177,18 +212,20 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             mean_field = None
     logits = logits_sum / steps if per_step else model.readout(mean_field)
     ponder = (N + R).mean()
+    fractions = torch.stack(fractions).detach().float().reshape(steps, depth).cpu()
     return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
                          depth=N, remainder=R, image_ratio=image_active / (steps * depth),
-                         history=history)
+                         history=history, config=cfg)
 
 
 class Halted(nn.Module):
     """``model`` run with halting as a module: ``forward(x) -> (logits, ponder_loss)``, so
     it can be wrapped by DistributedDataParallel; ``last`` keeps the latest result."""
 
-    def __init__(self, model: nn.Module, cfg: HaltingConfig, *, execution: str = "mask") -> None:
+    def __init__(self, model: nn.Module, cfg: HaltingConfig, *,
+                 execution: str = DEFAULT_EXECUTION) -> None:
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg = model, cfg.for_model(model)
         self.execution = check_execution(execution)
         self.last: Optional[HaltingResult] = None
 

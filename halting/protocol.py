@@ -9,9 +9,28 @@ Execution order is timestep-major, ``for t: for l:``; tensors of one timestep ar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HaltingDefaults:
+    """What a model needs from the halting plugin, declared by the model itself as its
+    ``halting_defaults`` attribute (a model without one gets these values).
+
+    ``output`` and ``score`` fill a :class:`~halting.plugin.HaltingConfig` that leaves them
+    open (None); ``outputs`` lists the readouts the model can honour, and a config asking
+    for another is refused. A converted ViT's readout is stateful (compensated LayerNorm,
+    head neurons) and must be called once per timestep, so it allows ``'last'`` only and
+    scores the running mean of its fluctuating per-step values.
+    """
+
+    output: str = "mean_field"
+    score: str = "current"
+    outputs: tuple[str, ...] = ("mean_field", "last")
+    why: str = ""  # one line: why the model restricts its readouts (used in the error)
 
 
 @runtime_checkable
@@ -24,6 +43,8 @@ class HaltableBlock(Protocol):
 
 @runtime_checkable
 class HaltableModel(Protocol):
+    """``halting_defaults`` (a :class:`HaltingDefaults`) is optional."""
+
     timesteps: int
     blocks: Sequence[HaltableBlock]
 

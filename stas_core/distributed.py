@@ -13,28 +13,41 @@ from .layers import TokenBN
 
 
 def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, flat: Tensor) -> Tensor:
-    """Normalise ``[M, C]`` with statistics over every rank's rows; update running stats."""
+    """Normalise ``[M, C]`` with statistics over every rank's rows; update running stats.
+
+    Statistics are summed in float32 (also under autocast: sums of squares overflow
+    float16) and nothing is read back to the host: with fewer than two rows over all
+    ranks (nearly every token halted) the running statistics are used and left as they are.
+    """
     if not bn.training:
         return nn.functional.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight,
                                         bn.bias, False, 0.0, bn.eps)
     from torch.distributed.nn.functional import all_reduce
 
-    count = flat.new_full((1,), float(flat.shape[0]))
-    stats = all_reduce(torch.cat([flat.sum(0), (flat * flat).sum(0), count]))
-    channels = flat.shape[1]
+    x = flat.float()
+    count = x.new_full((1,), float(x.shape[0]))  # a host int: no device read
+    stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), count]))
+    channels = x.shape[1]
     n = stats[-1]
-    if float(n) < 2:  # (nearly) every token halted on every rank: no batch statistics
-        return nn.functional.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight,
-                                        bn.bias, False, 0.0, bn.eps)
-    mean = stats[:channels] / n
-    var = stats[channels:2 * channels] / n - mean * mean
+    enough = n >= 2
+    mean = stats[:channels] / n.clamp(min=1.0)
+    var = (stats[channels:2 * channels] / n.clamp(min=1.0) - mean * mean).clamp(min=0.0)
     with torch.no_grad():
-        bn.num_batches_tracked += 1
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.lerp_(mean.detach(), momentum)
-        bn.running_var.lerp_(var.detach() * n / max(float(n) - 1.0, 1.0), momentum)
-    out = (flat - mean) * torch.rsqrt(var + bn.eps)
-    return out * bn.weight + bn.bias if bn.affine else out
+        bn.num_batches_tracked.add_(enough.to(bn.num_batches_tracked.dtype))
+        if bn.momentum is None:  # cumulative average (also recalibration)
+            momentum = 1.0 / bn.num_batches_tracked.clamp(min=1).to(x.dtype)
+        else:
+            momentum = x.new_tensor(bn.momentum)
+        momentum = momentum * enough.to(x.dtype)
+        unbiased = var.detach() * n / (n - 1.0).clamp(min=1.0)
+        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    mean = torch.where(enough, mean, bn.running_mean.float())
+    var = torch.where(enough, var, bn.running_var.float())
+    out = (x - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        out = out * bn.weight + bn.bias
+    return out.to(flat.dtype)
 
 
 class SyncTokenBN(TokenBN):

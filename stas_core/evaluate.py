@@ -1,45 +1,42 @@
 """Evaluation of spiking models: top-1, throughput, and energy with the shared op counter."""
 from __future__ import annotations
 
-import time
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from halting.plugin import HaltingConfig, run_halting
+from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 
 from .energy import EnergyCosts, OpCounter
+from .timing import Stopwatch
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
-             amp: bool = False, progress=None) -> dict:
+             amp: bool = False, amp_dtype: torch.dtype = torch.float16, progress=None) -> dict:
     """Top-1 and images/s over ``loader`` (local to this process). ``model`` may be a
     :class:`halting.Halted` wrapper: then the token ratio is reported too."""
     model.eval()
     correct = total = 0
     ratio_sum = 0.0
     fraction_sum = None
-    seconds = 0.0
+    watch = Stopwatch(device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with watch, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(images)
         if isinstance(logits, tuple):  # Halted: (logits, ponder loss)
             logits = logits[0]
             ratio_sum += model.last.token_ratio * labels.numel()
             part = model.last.active_fraction * labels.numel()
             fraction_sum = part if fraction_sum is None else fraction_sum + part
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
         if progress is not None:
             progress.update(1)
+    seconds = watch.seconds
     out = {"correct": correct, "images": total, "seconds": seconds,
            "top1": correct / max(total, 1), "images_per_s": total / seconds if seconds else 0.0}
     if fraction_sum is not None:
@@ -51,7 +48,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
 @torch.no_grad()
 def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
                      timesteps: Optional[int], device: torch.device, *,
-                     energy_images: int = 256, execution: str = "gather") -> dict:
+                     energy_images: int = 256, execution: str = DEFAULT_EXECUTION) -> dict:
     """Top-1, token ratio, energy per image (ops counted on the first ``energy_images``
     images) and images/s (timed on the other batches) of ``model`` run for ``timesteps``
     steps with halting ``cfg``. An empty loader is a ConfigError."""
@@ -60,7 +57,8 @@ def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
     model.eval()
     counter = OpCounter(model)
     correct = total = timed = 0
-    ratio_sum = seconds = 0.0
+    ratio_sum = 0.0
+    watch = Stopwatch(device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         if counter.images < energy_images:
@@ -69,9 +67,8 @@ def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
                                   on_timestep=counter.set_timestep)
             counter.add_images(len(x))
         else:
-            start = time.perf_counter()
-            res = run_halting(model, x, cfg, timesteps=timesteps, execution=execution)
-            seconds += time.perf_counter() - start
+            with watch:
+                res = run_halting(model, x, cfg, timesteps=timesteps, execution=execution)
             timed += len(y)
         correct += int((res.logits.argmax(-1) == y).sum())
         ratio_sum += res.token_ratio * len(y)
@@ -80,12 +77,12 @@ def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
         raise ConfigError("the validation set is empty; check --val-subset")
     return {"top1": correct / total, "energy_mj": float(counter.summary()["energy_mj"]),
             "token_ratio": ratio_sum / total, "images": total,
-            **({"images_per_s": timed / seconds} if timed else {})}
+            **({"images_per_s": timed / watch.seconds} if timed else {})}
 
 
 @torch.no_grad()
 def save_depth_heatmap(model: nn.Module, loader: Iterable, device: torch.device,
-                       halting: HaltingConfig, path, *, execution: str = "mask",
+                       halting: HaltingConfig, path, *, execution: str = DEFAULT_EXECUTION,
                        samples: int = 6) -> dict:
     """Run the first batch of ``loader`` with halting and save a PNG of each token's
     halting depth over the image for ``samples`` images; returns the depth statistics."""
@@ -124,7 +121,8 @@ def accuracy_per_timestep(model: nn.Module, loader: Iterable, device: torch.devi
 @torch.no_grad()
 def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
                    max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None,
-                   halting: Optional[HaltingConfig] = None, execution: str = "mask") -> dict:
+                   halting: Optional[HaltingConfig] = None,
+                   execution: str = DEFAULT_EXECUTION) -> dict:
     """Per-image ops and energy, counted per timestep on the per-timestep path.
 
     The per-timestep path computes exactly what the multi-step path does (tested), and

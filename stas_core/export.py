@@ -21,6 +21,7 @@ on last-bit differences between runtimes' kernels (see :mod:`stas_core.onnx_floa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from halting.plugin import HaltingConfig, run_halting
+from halting.plugin import HaltingConfig, HaltingConfigError, run_halting
 from halting.protocol import run_stepwise
 
 from .errors import StasError
@@ -67,6 +68,11 @@ class InferenceGraph(nn.Module):
             try:
                 model = to_float64(model)
             except StasError as exc:
+                raise ExportError(str(exc)) from None
+        if halting is not None:
+            try:
+                halting = halting.for_model(model)  # the model's readout defaults filled in
+            except HaltingConfigError as exc:
                 raise ExportError(str(exc)) from None
         self.model, self.timesteps, self.halting = model, int(timesteps), halting
         self.precision = precision
@@ -184,7 +190,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
                               f"{first}") from None
         proto = onnx.load(tmp)  # external weights, if any, are read in and saved inline
         meta = {"format": FORMAT, "timesteps": steps, "precision": precision,
-                "halting": None if halting is None else halting.__dict__,
+                "halting": None if graph.halting is None else dataclasses.asdict(graph.halting),
                 "outputs": graph.output_names, "input_shape": list(sample.shape[1:]),
                 **(metadata or {})}
         del proto.metadata_props[:]

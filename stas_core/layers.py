@@ -76,7 +76,11 @@ class TokenBN(nn.BatchNorm1d):
     def _norm(self, flat: Tensor) -> Tensor:
         """BatchNorm of ``[M, D]`` rows (overridden for cross-process statistics). Fewer
         than two rows (nearly every token halted) have no batch statistics: the running
-        ones are used then, and not updated."""
+        ones are used then, and not updated. Under autocast the statistics are computed in
+        float32 (a float16 sum of squares overflows) and the output keeps the input dtype."""
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(flat.device.type, enabled=False):
+                return self._norm(flat.float()).to(flat.dtype)
         if self.training and flat.shape[0] < 2:
             return F.batch_norm(flat, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)

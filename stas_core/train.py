@@ -1,9 +1,15 @@
 """Direct training of spiking transformers with surrogate gradients (``stas-train --direct``).
 
 AdamW, linear warmup then cosine decay (per step), label smoothing, AMP on CUDA, DDP under
-``torchrun`` (gloo on CPU, NCCL on GPU). After every epoch the process of rank 0 appends a
-line to ``metrics.jsonl`` and atomically rewrites ``last.safetensors``; ``resume`` picks up
-from there. At the end ``summary.json`` reports accuracy, energy, firing rates and speed.
+``torchrun`` (gloo on CPU, NCCL on GPU). After every epoch the BatchNorm statistics are
+recomputed for the epoch's final weights (:mod:`stas_core.batchnorm`), then the process of
+rank 0 appends a line to ``metrics.jsonl`` and atomically rewrites ``last.safetensors``;
+``resume`` picks up from there. At the end ``summary.json`` reports accuracy, energy,
+firing rates and speed.
+
+Stage 2 (``init_from``) is the model stage 1 was: model, timesteps, SPS, integration and
+neuron settings left unset (None) are taken from the stage-1 checkpoint, and a value that
+conflicts with it is an error (:meth:`TrainConfig.resolved`).
 """
 from __future__ import annotations
 
@@ -22,29 +28,44 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from halting.plugin import DEFAULT_EXECUTION
+
+from .batchnorm import batches_for, recalibrate_batchnorm
+from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
 from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
 from .evaluate import accuracy_per_timestep, evaluate, measure_energy, save_depth_heatmap
 from .models import create_model
 from .models.base import SpikingTransformer
+from .timing import Stopwatch
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "stas-direct/1"
 CHECKPOINT_NAME = "last.safetensors"
 
+#: What defines the model (stage 2 takes these from stage 1), with their defaults.
+MODEL_DEFAULTS = {"model": "spikformer-2-128", "timesteps": 4, "sps": "integrated",
+                  "integrate": "max"}
+NEURON_DEFAULTS = {"tau": 2.0, "backend": "fused", "surrogate": "sigmoid"}
+_FLAGS = {"timesteps": "--timesteps"}  # the option of each inherited setting (else --name)
+
 
 @dataclass
 class TrainConfig:
-    """Everything a direct training run depends on (also stored in the checkpoint)."""
+    """Everything a direct training run depends on (also stored in the checkpoint).
 
-    model: str = "spikformer-2-128"
+    ``model``, ``timesteps``, ``sps``, ``integrate`` and the ``neuron`` keys left unset
+    take :data:`MODEL_DEFAULTS` / :data:`NEURON_DEFAULTS`, or with ``init_from`` the
+    stage-1 checkpoint's values (see :meth:`resolved`).
+    """
+
+    model: Optional[str] = None      # None: spikformer-2-128, or init_from's
     dataset: str = "fashion-mnist"
     data_dir: Optional[str] = None
-    timesteps: int = 4
-    sps: str = "integrated"
-    integrate: str = "max"
+    timesteps: Optional[int] = None  # None: 4, or init_from's
+    sps: Optional[str] = None        # None: integrated (I-SPS), or init_from's
+    integrate: Optional[str] = None  # None: max, or init_from's
     epochs: int = 1
     batch_size: int = 64
     lr: float = 2e-3
@@ -60,22 +81,30 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     energy_images: int = 256
-    neuron: dict = field(default_factory=lambda: {"tau": 2.0, "backend": "fused",
-                                                  "surrogate": "sigmoid"})
+    neuron: dict = field(default_factory=dict)  # LIF settings; unset: defaults or init_from's
+    bn_images: int = 2048          # training images that recompute BatchNorm statistics
+    #                                after every epoch (0: keep the running averages)
+    amp: Optional[bool] = None     # mixed precision; None: on CUDA (float16), off on CPU
     halting: bool = False          # stage 2 of STAS: train with token halting
     alpha: float = 1.0
     beta: float = -2.0
     eps: float = 0.01
     delta_p: float = 5e-4          # weight of the ponder loss
     accumulate: str = "both"
-    execution: str = "gather"      # halting: compute active tokens only ('mask': dense)
-    halting_output: str = "mean_field"  # STAS; 'last': the last block, averaged over t
+    execution: str = DEFAULT_EXECUTION  # halting: active tokens only ('mask': dense)
+    halting_output: Optional[str] = None  # None: the model's (mean_field, STAS); 'last'
+
     init_from: Optional[str] = None  # stage-1 checkpoint to start from
     progress: Optional[bool] = None  # None: a bar when stderr is a terminal
 
     def validate(self) -> "TrainConfig":
-        check_positive_int("timesteps", self.timesteps)
+        if self.timesteps is not None:
+            check_positive_int("timesteps", self.timesteps)
         check_positive_int("epochs", self.epochs)
+        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) \
+                or self.bn_images < 0:
+            raise ConfigError(f"bn_images must be an integer >= 0 (0: no BatchNorm "
+                              f"recalibration); got {self.bn_images!r}")
         check_positive_int("batch_size", self.batch_size)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
@@ -90,6 +119,38 @@ class TrainConfig:
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
         return halting_config_of(self, output=self.halting_output)
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every model-defining setting filled in: from ``init_from``'s
+        checkpoint when given (an explicit value that differs from it is a ConfigError
+        naming both), else from the defaults."""
+        if self.init_from:
+            header = read_header(self.init_from, "stas-train")
+            if header.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(
+                    f"--init-from {self.init_from} is not a stage-1 checkpoint of stas-train "
+                    f"(format {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+            saved = header.get("config") or {}
+            source = {k: saved.get(k, v) for k, v in MODEL_DEFAULTS.items()}
+            neuron = {**NEURON_DEFAULTS, **(saved.get("neuron") or {})}
+        else:
+            source, neuron = dict(MODEL_DEFAULTS), dict(NEURON_DEFAULTS)
+        values = {}
+        for key, inherited in [*source.items(), *((k, neuron.get(k)) for k in self.neuron)]:
+            given = self.neuron.get(key) if key in self.neuron else getattr(self, key)
+            if given is None:
+                values[key] = inherited
+                continue
+            if self.init_from and inherited is not None and given != inherited:
+                flag = _FLAGS.get(key, f"--{key}")
+                raise ConfigError(
+                    f"{flag} {given} conflicts with the stage-1 checkpoint --init-from "
+                    f"{self.init_from}, which was trained with {flag} {inherited}: stage 2 "
+                    f"must be the model stage 1 was; drop {flag} (it is taken from the "
+                    f"checkpoint) or start from another checkpoint")
+            values[key] = given
+        neuron.update({k: values.pop(k) for k in self.neuron})
+        return dataclasses.replace(self, **values, neuron=neuron)
 
 
 def halting_config_of(cfg, **extra):
@@ -137,17 +198,33 @@ class Dist:
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE set), else single process."""
+    """Join the process group when launched by torchrun (WORLD_SIZE set), else single process.
+    On CUDA each rank is bound to ``cuda:LOCAL_RANK`` before the group is formed."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         if dist.is_initialized():
-            return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+            return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
         return Dist()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
-        torch.cuda.set_device(d.local_rank)
-    return d
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                              f"CUDA device(s); start at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def rank_device(device: torch.device, d: Dist) -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` under torchrun on CUDA."""
+    if device.type == "cuda" and "WORLD_SIZE" in os.environ:
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def augmentation_seed(seed: int, rank: int) -> int:
+    """The RNG seed of one rank's data augmentation: every rank draws its own crops and
+    flips (rank 0 of N and a single process draw alike)."""
+    return seed + 1_000_003 * rank
 
 
 def build_model(cfg: TrainConfig) -> SpikingTransformer:
@@ -222,9 +299,10 @@ def train(cfg: TrainConfig, *,
     ``on_epoch(epoch, record)`` is called on every process after each epoch's validation
     and checkpoint, with the 0-based epoch index and that epoch's history record (e.g. to
     report intermediate values to an Optuna pruner; whatever it raises stops training)."""
-    cfg.validate()
+    cfg = cfg.validate().resolved().validate()
     device = resolve_device(cfg.device)
     d = init_distributed(device)
+    device = rank_device(device, d)
     start_wall = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -239,16 +317,27 @@ def train(cfg: TrainConfig, *,
                                              workers=cfg.workers, distributed=d.enabled,
                                              seed=cfg.seed)
     train_sampler = train_loader.sampler
+    # BatchNorm recalibration sees training images as evaluation does: not augmented
+    # (random crops and flips shift the statistics: 0.17 instead of 0.47 top-1, measured)
+    recal_batches = batches_for(cfg.bn_images, cfg.batch_size)
+    recal_loader = train_loader
+    if recal_batches and cfg.augment:
+        plain, _, _ = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
+                                     train_subset=cfg.train_subset, val_subset=cfg.val_subset,
+                                     seed=cfg.seed, augment=False)
+        recal_loader, _ = build_loaders(plain, val_ds, batch_size=max(1, cfg.batch_size // d.world),
+                                        workers=0, distributed=d.enabled, seed=cfg.seed)
 
     model = build_model(cfg).to(device)
     if cfg.init_from:
-        stage1, _ = load_trained_model(cfg.init_from, device, halting=False)
+        stage1 = load_checkpoint(cfg.init_from, device)
         try:
-            model.load_state_dict(stage1.state_dict())
+            model.load_state_dict(stage1["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"--init-from {cfg.init_from} does not match {cfg.model}: "
                                   f"{str(exc).splitlines()[0]}") from None
         logger.info("initialised from %s", cfg.init_from)
+    torch.manual_seed(augmentation_seed(cfg.seed, d.rank))  # weights above: the same on all
     halting_cfg = cfg.halting_config()
     if d.enabled:
         from .distributed import convert_sync_batchnorm
@@ -256,14 +345,16 @@ def train(cfg: TrainConfig, *,
     from halting import Halted
 
     runner = Halted(model, halting_cfg, execution=cfg.execution) if halting_cfg is not None else model
-    net = nn.parallel.DistributedDataParallel(runner) if d.enabled else runner
+    ddp_ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    net = nn.parallel.DistributedDataParallel(runner, device_ids=ddp_ids) if d.enabled else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp = device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)  # its state is checkpointed
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     history: list[dict] = []
@@ -281,6 +372,8 @@ def train(cfg: TrainConfig, *,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"][d.rank].cpu() if d.rank < len(state["rng"])
@@ -295,12 +388,12 @@ def train(cfg: TrainConfig, *,
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
         net.train()
-        t0 = time.perf_counter()
+        watch = Stopwatch(device).start()
         loss_sum = correct = seen = 0.0
         bar = progress_bar(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.main)
         for step, (images, labels) in enumerate(train_loader):
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            with torch.autocast(device.type, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = net(images)
                 if halting_cfg is not None:  # task loss on the mean field + ponder loss
                     logits, ponder = logits
@@ -323,9 +416,13 @@ def train(cfg: TrainConfig, *,
                             steps_per_epoch, loss_sum / seen, correct / seen)
         if bar is not None:
             bar.close()
-        train_s = time.perf_counter() - t0
+        train_s = watch.stop()
         loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], d, device)
-        ev = evaluate(runner, val_loader, device, amp=amp)
+        # the evaluated and saved model carries BatchNorm statistics of its final weights
+        recal_loader.sampler.set_epoch(epoch)
+        recalibrate_batchnorm(runner, recal_loader, device, batches=recal_batches, amp=amp,
+                              amp_dtype=amp_dtype)
+        ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
         v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
@@ -341,15 +438,15 @@ def train(cfg: TrainConfig, *,
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                "rng": rng})
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch + 1, "history": history, "rng": rng})
         if on_epoch is not None:
             on_epoch(epoch, record)
 
     summary = None
     if d.main:
         summary = _summarise(cfg, model, runner, val_loader if not d.enabled else None, val_ds,
-                             device, ckpt_path, history, start_wall, amp)
+                             device, ckpt_path, history, start_wall, amp, amp_dtype)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if d.enabled:
         dist.barrier()
@@ -358,13 +455,13 @@ def train(cfg: TrainConfig, *,
 
 
 def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader, val_ds,
-               device, ckpt_path, history, start_wall, amp) -> dict:
+               device, ckpt_path, history, start_wall, amp, amp_dtype) -> dict:
     from torch.utils.data import DataLoader
 
     if val_loader is None:  # DDP: evaluate the whole val set on rank 0
         val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
     halting_cfg = cfg.halting_config()
-    ev = evaluate(runner, val_loader, device, amp=amp)
+    ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
     per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
     energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images,
                             halting=halting_cfg, execution=cfg.execution)
@@ -384,9 +481,11 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         "wall_s": time.perf_counter() - start_wall,
         "images_per_s": ev["images_per_s"],
         "history": history,
+        "bn_images": cfg.bn_images, "amp": amp,
         **({"halting": {"alpha": cfg.alpha, "beta": cfg.beta, "eps": cfg.eps,
                         "delta_p": cfg.delta_p, "accumulate": cfg.accumulate,
-                        "execution": cfg.execution, "output": cfg.halting_output},
+                        "execution": cfg.execution,
+                        "output": runner.cfg.output, "score": runner.cfg.score},
             "token_ratio": ev.get("token_ratio", 1.0),
             "active_fraction": ev.get("active_fraction"), **depth} if halting_cfg else {}),
     }

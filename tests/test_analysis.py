@@ -17,7 +17,7 @@ from stas_core.analysis import (plot_similarity, similarity_report, sps_variants
 from stas_core.errors import ConfigError, DataError
 from stas_core.models import create_model
 
-from helpers import calibrate_bn
+from helpers import calibrate_bn, missing
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,7 +102,7 @@ def checkpoint(tmp_path_factory):
     try:
         load_fashion_mnist(download=False)
     except DataError as exc:
-        pytest.skip(f"Fashion-MNIST not available offline (apt-get install "
+        missing(f"Fashion-MNIST not available offline (apt-get install "
                     f"dataset-fashion-mnist or set STAS_FASHION_MNIST_DIR): {exc}")
     out = tmp_path_factory.mktemp("run")
     summary = train(TrainConfig(model="spikformer-1-32", train_subset=64, val_subset=32, epochs=1,

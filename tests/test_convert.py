@@ -15,6 +15,9 @@ from convert.pipeline import ConvertConfig, convert, load_converted
 from convert.spiking_vit import SpikingViT
 from convert.timm_models import create_vit, parse_model_kwargs
 from halting import HaltableModel, run_stepwise
+from stas_core.errors import DataError
+
+from helpers import missing
 
 SHARED = Path(os.environ.get("STAS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 WORKLOAD = SHARED / "workloads" / "vit_fmnist_d6.safetensors"
@@ -134,8 +137,8 @@ def test_trained_fashion_mnist_vit_agrees_with_ann_by_t32():
     try:
         train, val, _ = build_datasets("fashion-mnist", train_subset=128, val_subset=128,
                                        augment=False)
-    except Exception as exc:  # noqa: BLE001 - data missing on this machine
-        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    except DataError as exc:  # data missing on this machine
+        missing(f"Fashion-MNIST not available: {exc}")
     snn = SpikingViT(vit)
     calib = torch.stack([train[i][0] for i in range(len(train))])
     calibrate(snn, [calib])
@@ -169,10 +172,8 @@ def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path):
         out=str(tmp_path / "c"), progress=False)
     try:
         report = convert(cfg)
-    except Exception as exc:  # noqa: BLE001
-        if "Fashion-MNIST" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    except DataError as exc:
+        missing(str(exc))
     snn = load_converted(report["model_path"])
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
@@ -255,7 +256,7 @@ def test_cli_trains_the_ann_offline_then_converts(tmp_path, capsys):
                          "--no-progress"])
     captured = capsys.readouterr()
     if code == 2 and "Fashion-MNIST" in captured.err:
-        pytest.skip(captured.err.strip())
+        missing(captured.err.strip())
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in report["ann_training"]] == [1, 2]
@@ -299,7 +300,7 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
                          "--no-progress"])
     captured = capsys.readouterr()
     if code == 2 and "Fashion-MNIST" in captured.err:
-        pytest.skip(captured.err.strip())
+        missing(captured.err.strip())
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["halted_top1"], key=int) == ["1", "2", "4"]

@@ -14,6 +14,8 @@ from torch.utils.data import Subset
 from stas_core import data as D
 from stas_core.errors import ConfigError, DataError
 
+from helpers import missing
+
 SYSTEM_DIR = Path(D.SYSTEM_FASHION_MNIST_DIR)
 
 
@@ -115,7 +117,7 @@ def test_bad_subset_is_config_error(kw):
 def system_fmnist():
     if not all((SYSTEM_DIR / f"{s}.gz").is_file() or (SYSTEM_DIR / s).is_file()
                for s in D._FMNIST_FILES.values()):
-        pytest.skip(f"{SYSTEM_DIR} absent or incomplete (apt-get install dataset-fashion-mnist)")
+        missing(f"{SYSTEM_DIR} absent or incomplete (apt-get install dataset-fashion-mnist)")
     return D.load_fashion_mnist(data_dir="/nonexistent-stas-dir", download=False)
 
 
@@ -156,7 +158,7 @@ def test_system_fashion_mnist_build_and_subsets(system_fmnist, monkeypatch):
 
 def test_real_loader_reads_system_dir(monkeypatch, tmp_path):
     if not SYSTEM_DIR.is_dir():
-        pytest.skip(f"{SYSTEM_DIR} absent (apt-get install dataset-fashion-mnist)")
+        missing(f"{SYSTEM_DIR} absent (apt-get install dataset-fashion-mnist)")
     monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
     tr, va, _ = D.build_datasets("fashion-mnist", data_dir=tmp_path, download=False,
                                  train_subset=8, val_subset=8)

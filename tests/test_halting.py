@@ -13,75 +13,156 @@ from helpers import calibrate_bn, tiny_converted_vit
 
 
 class ScriptedBlock(nn.Module):
-    """Sets each active token's first element to logit(p[call][token]); halted tokens pass."""
+    """Block ``l`` of a scripted model: each active token's element 0 becomes
+    ``logit(p[t][token])`` (so its score is p with alpha=1, beta=0) and element 1 the marker
+    ``t * L + l + 1`` of the step; halted tokens pass through unchanged. Outputs that differ
+    from step to step make every weight of the mean field visible in the readout."""
 
-    def __init__(self, probs):
+    def __init__(self, index, depth, probs):
         super().__init__()
-        self.probs, self.calls = probs, 0
+        self.index, self.depth, self.probs, self.calls = index, depth, probs, 0
 
-    def step(self, x, active=None):
+    def step(self, x, active=None, *, gather=False):  # dense either way: same result
         p = torch.tensor(self.probs[self.calls])
+        marker = float(self.calls * self.depth + self.index + 1)
         self.calls += 1
         out = x.clone()
         out[..., 0] = torch.where(active, torch.logit(p), x[..., 0])
+        out[..., 1] = torch.where(active, torch.full_like(x[..., 1], marker), x[..., 1])
         return out
 
 
 class Scripted(nn.Module):
-    """A two-token, two-block, two-timestep model with known halting scores."""
+    """Two tokens, two blocks, two timesteps with known halting scores; the readout is the
+    identity (``[B, N * D]``), so a test sees exactly what it was given."""
 
     timesteps = 2
 
     def __init__(self, probs):
         super().__init__()
-        self.blocks = nn.ModuleList(ScriptedBlock(p) for p in probs)
+        depth = len(probs[0])
+        self.blocks = nn.ModuleList(ScriptedBlock(l, depth, [probs[t][l] for t in range(2)])
+                                    for l in range(depth))
+        self.seen = []
 
     def reset(self):
+        self.seen = []
         for b in self.blocks:
             b.calls = 0
 
     def tokens(self, x, t):
-        return x
+        return x  # fresh input tokens: zeros
 
     def readout(self, h):
-        return h.sum(-2)
+        self.seen.append(h.clone())
+        return h.flatten(1)
 
 
-# token 0 scores 0.5 at every step, token 1 scores 0.25 (alpha=1, beta=0: h = p)
-PROBS = [[[0.5, 0.25], [0.5, 0.25]], [[0.5, 0.25], [0.5, 0.25]]]
+# PROBS[t][l] = [score of token 0, score of token 1]; token 0 reaches 1 at (0, 1) with
+# remainder 0.25 = 1 - 0.75 (not its score 0.75), token 1 is forced at the end
+PROBS = [[[0.75, 0.125], [0.75, 0.25]], [[0.75, 0.5], [0.75, 0.5]]]
 
 
-@pytest.mark.parametrize("mode, depth, remainder, ponder, fractions", [
-    # one window over (t,l) = (0,0),(0,1),(1,0),(1,1):
-    # token 0: H .5 -> reaches 1 at (0,1): R = .5, N = 2; token 1: .25 x3, forced at (1,1): R = .25
-    ("both", [2, 4], [0.5, 0.25], (2.5 + 4.25) / 2, [[1, 1], [0.5, 0.5]]),
-    # a window per timestep, forced at the last block: R .5 / .75 twice, N = 4
-    ("block", [4, 4], [1.0, 1.5], (5 + 5.5) / 2, [[1, 1], [1, 1]]),
-    # scored after the last block only: token 0 .5 then forced (R .5); token 1 .25 then R .75
-    ("time", [2, 2], [0.5, 0.75], (2.5 + 2.75) / 2, [[1, 1], [1, 1]]),
+@pytest.mark.parametrize("mode, depth, remainder, ponder, fractions, markers", [
+    # one window over (t,l) = (0,0),(0,1),(1,0),(1,1), markers 1..4:
+    # token 0: .75 x m1, then R .25 x m2; token 1: .125 m1 + .25 m2 + .5 m3 + R .125 m4
+    ("both", [2, 4], [0.25, 0.125], (2.25 + 4.125) / 2, [[1, 1], [0.5, 0.5]],
+     [0.75 * 1 + 0.25 * 2, 0.125 * 1 + 0.25 * 2 + 0.5 * 3 + 0.125 * 4]),
+    # a window per timestep, forced at its last block, read out per t and averaged:
+    # token 0: (.75 m1 + .25 m2 + .75 m3 + .25 m4) / 2; token 1: (.125 m1 + .875 m2 + .5 m3 + .5 m4) / 2
+    ("block", [4, 4], [0.5, 1.375], (4.5 + 5.375) / 2, [[1, 1], [1, 1]],
+     [(1.25 + 3.25) / 2, (1.875 + 3.5) / 2]),
+    # scored after the last block only: token 0 .75 x m2 then R .25 x m4; token 1 .25 m2, R .75 m4
+    ("time", [2, 2], [0.25, 0.75], (2.25 + 2.75) / 2, [[1, 1], [1, 1]],
+     [0.75 * 2 + 0.25 * 4, 0.25 * 2 + 0.75 * 4]),
 ])
-def test_hand_worked_accumulation(mode, depth, remainder, ponder, fractions):
-    model = Scripted([[PROBS[t][l] for t in range(2)] for l in range(2)])
+@pytest.mark.parametrize("execution", ["mask", "gather"])
+def test_hand_worked_accumulation(mode, depth, remainder, ponder, fractions, markers, execution):
+    model = Scripted(PROBS)
     x = torch.zeros(1, 2, 3)
     res = run_halting(model, x, HaltingConfig(alpha=1.0, beta=0.0, eps=0.0, accumulate=mode),
-                      record=True)
+                      record=True, execution=execution)
     assert res.depth[0].tolist() == depth
     assert res.remainder[0].tolist() == pytest.approx(remainder)
     assert float(res.ponder_loss) == pytest.approx(ponder)
     assert res.active_fraction.tolist() == fractions
+    # element 1 of each token's mean field: its step markers weighted by h, and R at the end
+    assert res.logits.view(2, 3)[:, 1].tolist() == pytest.approx(markers)
     if mode == "both":  # per-step record: (t, l, H, R, N, mask)
         t, l, H, R, N, mask = res.history[1]
-        assert (t, l) == (0, 1) and H[0].tolist() == [1.0, 0.5] and mask[0].tolist() == [False, True]
-        # mean-field weights of token 1: .25 + .25 + .25 + R .25 = 1 (the sums check it)
-        assert res.logits[0, 0].item() == pytest.approx(
-            0.5 * math.log(1) + 0.5 * 0 + (0.25 * 3 + 0.25) * math.log(1 / 3))
+        assert (t, l) == (0, 1) and mask[0].tolist() == [False, True]
+        assert H[0].tolist() == pytest.approx([1.5, 0.375])  # H sums scores; R is 1 - H before
+
+
+def test_last_output_reads_what_a_halted_token_stopped_with():
+    # token 0 halts at (0, 1) holding marker 2; at t = 1 it must not re-enter as its
+    # (zero) input token: the last block's readout sees 2 at both timesteps
+    model = Scripted(PROBS)
+    res = run_halting(model, torch.zeros(1, 2, 3),
+                      HaltingConfig(alpha=1.0, beta=0.0, eps=0.0, output="last"))
+    assert [h[0, :, 1].tolist() for h in model.seen] == [[2.0, 2.0], [2.0, 4.0]]
+    assert res.logits.view(2, 3)[:, 1].tolist() == pytest.approx([2.0, 3.0])
+
+
+@pytest.mark.parametrize("execution", ["mask", "gather"])
+def test_last_output_on_a_direct_model_reads_the_halting_value(execution):
+    # beta 1e4: every token halts after block 0 at t = 0; the readout at t = 1, 2 must see
+    # that block's output, not the patch embedding the token would re-enter with
+    model, x = _tiny_model("spikformer-2-32", timesteps=3)
+    first, seen = [], []
+    step0, readout = model.blocks[0].step, model.readout
+    model.blocks[0].step = lambda h, *a, **k: first.append(step0(h, *a, **k)) or first[-1]
+    model.readout = lambda h: seen.append(h.clone()) or readout(h)
+    with torch.no_grad():
+        run_halting(model, x, HaltingConfig(beta=1e4, output="last"), execution=execution)
+        embedding = model.tokens(x, 0)
+    assert len(seen) == 3 and not torch.equal(first[0], embedding)
+    for t in range(3):
+        assert torch.equal(seen[t], first[0]), t
+
+
+def test_last_output_on_an_average_pooled_vit_reads_the_halting_value():
+    snn, x = tiny_converted_vit(global_pool="avg")
+    assert snn.global_pool == "avg" and snn.num_prefix_tokens == 1
+    first, seen = [], []
+    step0, readout = snn.blocks[0].step, snn.readout
+    snn.blocks[0].step = lambda h, *a, **k: first.append(step0(h, *a, **k)) or first[-1]
+    snn.readout = lambda h: seen.append(h.clone()) or readout(h)
+    with torch.no_grad():
+        run_halting(snn, x, HaltingConfig(beta=1e4))  # the model's default: output='last'
+    patches = slice(1, None)  # the class token never halts; the patches halt at (0, 0)
+    for t in range(1, 3):
+        assert torch.equal(seen[t][:, patches], first[0][:, patches]), t
+
+
+def test_a_model_declares_its_halting_defaults():
+    snn, x = tiny_converted_vit(timesteps=8)
+    with torch.no_grad():
+        ann = snn.ann_forward(x)
+        default = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0))
+        explicit = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0, output="last",
+                                                     score="mean"))
+        plain = run_stepwise(snn, x)
+    assert default.config.output == "last" and default.config.score == "mean"
+    assert torch.equal(default.logits, explicit.logits)
+    assert torch.allclose(default.logits, plain, atol=1e-5)  # nothing halts: the plain SNN
+    assert float((default.logits - ann).abs().max()) < 0.1
+    with pytest.raises(HaltingConfigError, match="supports output 'last'.*got output='mean_field'"):
+        run_halting(snn, x, HaltingConfig(output="mean_field"))
+    direct, y = _tiny()
+    res = run_halting(direct, y, HaltingConfig())
+    assert (res.config.output, res.config.score) == ("mean_field", "current")
+
+
+def _tiny_model(name="spikformer-1-32", timesteps=2, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 1, 28, 28)
+    model = create_model(name, img_size=28, in_chans=1, timesteps=timesteps)
+    return calibrate_bn(model, x), x
 
 
 def _tiny(seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(4, 1, 28, 28)
-    model = create_model("spikformer-1-32", img_size=28, in_chans=1, timesteps=2)
-    return calibrate_bn(model, x), x
+    return _tiny_model(seed=seed)
 
 
 def test_nothing_halts_with_eps_0_and_very_negative_beta():

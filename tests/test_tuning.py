@@ -1,5 +1,6 @@
 """stas-tune: search space, Pareto export, --config round trip, bad input, SQLite resume after
 a kill, two workers on one PostgreSQL study, a direct-path study."""
+import dataclasses
 import glob
 import json
 import os
@@ -26,9 +27,9 @@ from tuning.space import DEFAULTS, build_space, parse_range
 from tuning.storage import open_storage
 from tuning.study import PENALTY, TuneConfig, run_study
 
-from helpers import FMNIST_MISSING, have_fmnist, needs_fmnist
+from helpers import FMNIST_MISSING, have_fmnist, missing, needs_fmnist
 
-optuna = pytest.importorskip("optuna")
+import optuna
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def converted_model(tmp_path_factory):
     from convert.timm_models import parse_model_kwargs
 
     if not have_fmnist():
-        pytest.skip(FMNIST_MISSING)
+        missing(FMNIST_MISSING)
     out = tmp_path_factory.mktemp("converted")
     report = convert(ConvertConfig(
         model="vit_tiny", model_kwargs=parse_model_kwargs("patch_size=7,depth=2,embed_dim=48,num_heads=3"),
@@ -78,12 +79,12 @@ def postgres_url():
     """A throwaway PostgreSQL server on loopback (trust auth), stopped at teardown."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found under "
+        missing("PostgreSQL server binaries (initdb, pg_ctl) not found under "
                     "/usr/lib/postgresql/*/bin; install them: apt-get install -y postgresql")
     try:
         import psycopg2
     except ImportError:
-        pytest.skip("psycopg2 missing: pip install -e '.[test]' (psycopg2-binary)")
+        missing("psycopg2 missing: pip install -e '.[test]' (psycopg2-binary)")
     root = Path(tempfile.mkdtemp(prefix="stas-pg-"))
     prefix = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
@@ -91,7 +92,7 @@ def postgres_url():
             pg = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(root)
-            pytest.skip("running as root and no 'postgres' system user to run PostgreSQL as "
+            missing("running as root and no 'postgres' system user to run PostgreSQL as "
                         "(apt-get install -y postgresql creates it)")
         os.chown(root, pg.pw_uid, pg.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
@@ -383,8 +384,11 @@ def test_direct_path_study_and_best_json_round_trip(tmp_path, capsys):
     from stas_core.cli.train import main as train_main
     from stas_core.train import TrainConfig, train
 
+    # stage 1 with non-default optimiser and neuron settings: the trials inherit them
     stage1 = train(TrainConfig(model="spikformer-1-32", timesteps=2, train_subset=256,
                                val_subset=128, batch_size=64, epochs=1, energy_images=32,
+                               lr=1e-3, warmup_epochs=0.3, neuron={"tau": 1.5,
+                                                                   "surrogate": "atan"},
                                progress=False, out=str(tmp_path / "s1")))
     out = tmp_path / "tune"
     code = tune_main(["--path", "direct", "--checkpoint", stage1["checkpoint"], "--n-trials", "2",
@@ -412,6 +416,17 @@ def test_direct_path_study_and_best_json_round_trip(tmp_path, capsys):
         (True, stage1["checkpoint"], "spikformer-1-32", 2)
     assert (args.alpha, args.beta, args.eps, args.delta_p) == \
         (best["alpha"], best["beta"], best["eps"], best["delta_p"])
+    # --config best.json trains what was tuned: every option of the trials' runs
+    from stas_core.checkpoint import read_header
+    from stas_core.cli.train import config_from_args
+
+    tuned = read_header(out / "trials" / "0" / "last.safetensors")["config"]
+    tuned.update({k: best[k] for k in ("alpha", "beta", "eps", "delta_p")})
+    again = dataclasses.asdict(config_from_args(args).resolved())
+    where = ("out", "progress", "device", "workers", "resume")
+    assert {k: v for k, v in again.items() if k not in where} == \
+        {k: v for k, v in tuned.items() if k not in where}
+    assert (again["lr"], again["neuron"]["tau"], again["neuron"]["surrogate"]) == (1e-3, 1.5, "atan")
     # and a tiny stage-2 run from it: explicit flags next to --config
     code = train_main(["--direct", "--config", str(out / "best.json"), "--epochs", "1",
                        "--train-subset", "64", "--val-subset", "32", "--batch-size", "32",

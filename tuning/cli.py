@@ -8,12 +8,12 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from stas_core.cli.common import add_data_args, run
+from stas_core.cli.common import HelpFormatter, add_data_args, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-tune", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--path", choices=["direct", "converted"], required=True,
                    help="direct: short halting fine-tunes (STAS stage 2) from a stas-train "
                         "stage-1 checkpoint; converted: inference on a stas-convert model")

@@ -83,17 +83,30 @@ class DirectTrial:
             train_subset=train_subset, val_subset=val_subset,
             batch_size=batch_size or saved.batch_size, timesteps=timesteps or saved.timesteps,
             energy_images=energy_images, seed=seed, device=device, workers=0,
-            out=str(self.out / "trials" / "0")).validate()
+            out=str(self.out / "trials" / "0")).validate().resolved()
         # fail here (before any trial exists) on missing data, not inside a trial
         build_datasets(self.base.dataset, data_dir=data_dir, train_subset=train_subset,
                        val_subset=val_subset, seed=seed)
 
+    #: TrainConfig fields a trial depends on that are also stas-train options (best.json
+    #: holds them all, so ``stas-train --config best.json`` trains what was tuned)
+    OPTIONS = ("init_from", "model", "dataset", "data_dir", "timesteps", "sps", "integrate",
+               "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+               "label_smoothing", "train_subset", "val_subset", "augment", "seed",
+               "energy_images", "bn_images", "amp", "accumulate", "execution",
+               "halting_output", "alpha", "beta", "eps", "delta_p")
+    NEURON_OPTIONS = ("tau", "surrogate", "backend")
+
     def defaults(self) -> dict:
-        """The ``stas-train`` options of a stage-2 run with these settings (for best.json)."""
+        """The ``stas-train`` options of a stage-2 run with these settings (for best.json);
+        the tuned knobs overwrite alpha, beta, eps and delta_p."""
         b = self.base
-        return {"halting": True, "init_from": b.init_from, "model": b.model,
-                "dataset": b.dataset, "timesteps": b.timesteps, "sps": b.sps,
-                "accumulate": b.accumulate}
+        extra = sorted(set(b.neuron) - set(self.NEURON_OPTIONS))
+        if extra:
+            logger.warning("neuron settings %s have no stas-train option: best.json "
+                           "cannot carry them", ", ".join(extra))
+        return {"halting": True, **{k: getattr(b, k) for k in self.OPTIONS},
+                **{k: b.neuron[k] for k in self.NEURON_OPTIONS if k in b.neuron}}
 
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import train
@@ -106,8 +119,8 @@ class DirectTrial:
 
 # ----------------------------------------------------------------------------- converted
 class ConvertedTrial:
-    """Inference with halting (running-mean score, ``gather`` execution) on a converted
-    model, loaded once; ``energy_mj`` is per image at ``timesteps`` (default: the model's T)."""
+    """Inference with halting (the model's score and readout, stas-convert's execution) on
+    a converted model, loaded once; ``energy_mj`` is per image at ``timesteps`` (default: the model's T)."""
 
     path_kind = "converted"
 
@@ -138,6 +151,7 @@ class ConvertedTrial:
             self.inference.halted_kv)
         self.timesteps = int(timesteps or self.model.timesteps)
         self.accumulate = accumulate
+        self.execution = self.inference.execution
         self.energy_images = energy_images
         _, val_ds, _ = build_datasets(info.name, data_dir=data_dir, val_subset=val_subset,
                                       seed=seed, augment=False)
@@ -145,15 +159,19 @@ class ConvertedTrial:
 
     def defaults(self) -> dict:
         """The ``stas-convert`` options that reproduce this evaluation (for best.json)."""
+        from halting import HaltingConfig
+
+        readout = HaltingConfig().for_model(self.model)  # the model's score and readout
         return {"halting": True, "timesteps": self.timesteps, "accumulate": self.accumulate,
-                "halting_score": "mean", "halting_output": self.inference.halting_output,
-                "halted_kv": self.inference.halted_kv}
+                "halting_score": readout.score, "halting_output": readout.output,
+                "halted_kv": self.inference.halted_kv, "execution": self.execution}
 
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import halting_config_of
 
-        knobs = SimpleNamespace(halting=True, accumulate=self.accumulate, execution="gather",
-                                alpha=params["alpha"], beta=params["beta"], eps=params["eps"])
-        cfg = halting_config_of(knobs, score="mean", output=self.inference.halting_output)
+        knobs = SimpleNamespace(halting=True, accumulate=self.accumulate,
+                                execution=self.execution, alpha=params["alpha"],
+                                beta=params["beta"], eps=params["eps"])
+        cfg = halting_config_of(knobs)  # score and readout: the model's defaults
         return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
-                                energy_images=self.energy_images)
+                                energy_images=self.energy_images, execution=self.execution)

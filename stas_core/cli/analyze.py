@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConfigError, check_positive_int
-from .common import add_data_args, run
+from .common import HelpFormatter, add_data_args, run
 
 
 def _labelled(specs: Sequence[str]) -> dict[str, str]:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("similarity", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    s = sub.add_parser("similarity", formatter_class=HelpFormatter,
                        help="temporal similarity of block input tokens (vanilla SPS vs I-SPS)",
                        description="Mean cosine similarity of each block's input tokens between "
                                    "consecutive timesteps (identical vectors, also two zero "

@@ -12,6 +12,16 @@ from .config import apply_config_file
 PACKAGES = ("stas_core", "halting", "convert", "tuning")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (an option whose default is decided later,
+    e.g. by the model or a checkpoint, says so in its own help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (it may be swapped, e.g. by tests)."""
 

@@ -7,24 +7,32 @@ import sys
 from typing import Optional, Sequence
 
 from ..models import list_models
-from .common import add_data_args, run
+from ..train import MODEL_DEFAULTS, NEURON_DEFAULTS, TrainConfig
+from halting.plugin import DEFAULT_EXECUTION
+
+from .common import HelpFormatter, add_data_args, run
 from .config import add_config_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stas-train", description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--direct", action="store_true", required=True,
                    help="direct training with surrogate gradients (the only mode so far)")
-    p.add_argument("--model", default="spikformer-2-128",
-                   help=f"<family>-<blocks>-<dim>; registered: {', '.join(list_models())}")
+    inherited = "; with --init-from: the stage-1 checkpoint's"
+    p.add_argument("--model", default=None,
+                   help=f"<family>-<blocks>-<dim> (default: {MODEL_DEFAULTS['model']}"
+                        f"{inherited}); registered: {', '.join(list_models())}")
     add_data_args(p)
-    p.add_argument("--timesteps", "-T", type=int, default=4)
-    p.add_argument("--sps", choices=["integrated", "vanilla"], default="integrated",
-                   help="I-SPS (one patch-splitting pass) or per-timestep SPS")
-    p.add_argument("--integrate", choices=["max", "mean"], default="max",
-                   help="how I-SPS merges a time-varying input's frames")
+    p.add_argument("--timesteps", "-T", type=int, default=None,
+                   help=f"timesteps (default: {MODEL_DEFAULTS['timesteps']}{inherited})")
+    p.add_argument("--sps", choices=["integrated", "vanilla"], default=None,
+                   help=f"I-SPS (one patch-splitting pass) or per-timestep SPS (default: "
+                        f"{MODEL_DEFAULTS['sps']}{inherited})")
+    p.add_argument("--integrate", choices=["max", "mean"], default=None,
+                   help=f"how I-SPS merges a time-varying input's frames (default: "
+                        f"{MODEL_DEFAULTS['integrate']}{inherited})")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -33,23 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crop/flip during training")
-    p.add_argument("--tau", type=float, default=2.0, help="LIF time constant")
-    p.add_argument("--surrogate", choices=["sigmoid", "atan"], default="sigmoid")
-    p.add_argument("--backend", choices=["fused", "sinabs"], default="fused",
-                   help="neuron implementation")
+    p.add_argument("--tau", type=float, default=None,
+                   help=f"LIF time constant (default: {NEURON_DEFAULTS['tau']}{inherited})")
+    p.add_argument("--surrogate", choices=["sigmoid", "atan"], default=None,
+                   help=f"surrogate gradient (default: {NEURON_DEFAULTS['surrogate']}{inherited})")
+    p.add_argument("--backend", choices=["fused", "sinabs"], default=None,
+                   help=f"neuron implementation (default: {NEURON_DEFAULTS['backend']}"
+                        f"{inherited})")
+    p.add_argument("--bn-images", type=int, default=TrainConfig.bn_images, metavar="N",
+                   help="training images (not augmented) that recompute the BatchNorm "
+                        "statistics after every epoch, so the evaluated and saved model "
+                        "matches its final weights (0: keep the running averages)")
+    p.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
+                   help="mixed precision (default: on CUDA only; bfloat16 on the CPU)")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False,
+                   help="full float32 precision on CUDA too")
     h = p.add_argument_group("token halting (STAS stage 2)")
     h.add_argument("--halting", action="store_true",
                    help="train with 2-D token halting (mean-field task loss + ponder loss)")
     h.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="start from a stage-1 (I-SPS, no halting) checkpoint")
+                   help="start from a stage-1 (I-SPS, no halting) checkpoint; its model, "
+                        "timesteps, SPS, integration and neuron settings are used")
     h.add_argument("--alpha", type=float, default=1.0, help="halting score slope")
     h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
     h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
     h.add_argument("--delta-p", type=float, default=5e-4, help="ponder loss weight")
     h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
-    h.add_argument("--halting-output", choices=["mean_field", "last"], default="mean_field",
-                   help="train on the mean-field readout (STAS) or the last block's")
-    h.add_argument("--execution", choices=["gather", "mask"], default="gather",
+    h.add_argument("--halting-output", choices=["mean_field", "last"], default=None,
+                   help="train on the mean-field readout (STAS) or the last block's "
+                        "(default: the model's, mean_field)")
+    h.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--out", default="runs/direct", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
@@ -65,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, train
-
-    cfg = TrainConfig(
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` parsed options describe (unset model settings stay None:
+    defaults or the --init-from checkpoint's, see :meth:`TrainConfig.resolved`)."""
+    neuron = {k: getattr(args, k) for k in NEURON_DEFAULTS if getattr(args, k) is not None}
+    return TrainConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir,
         timesteps=args.timesteps, sps=args.sps, integrate=args.integrate, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -76,11 +98,16 @@ def _main(args: argparse.Namespace) -> int:
         train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment,
         out=args.out, resume=args.resume, seed=args.seed, device=args.device,
         workers=args.workers, energy_images=args.energy_images, progress=args.progress,
-        neuron={"tau": args.tau, "backend": args.backend, "surrogate": args.surrogate},
+        neuron=neuron, bn_images=args.bn_images, amp=args.amp,
         halting=args.halting, init_from=args.init_from, alpha=args.alpha, beta=args.beta,
         eps=args.eps, delta_p=args.delta_p, accumulate=args.accumulate, execution=args.execution,
         halting_output=args.halting_output)
-    summary = train(cfg)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    summary = train(config_from_args(args))
     if summary is not None:
         keys = ("checkpoint", "top1", "timesteps", "energy_mj", "sops", "macs", "wall_s",
                 "images_per_s", "token_ratio")

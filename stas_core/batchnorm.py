@@ -1,0 +1,78 @@
+"""BatchNorm running statistics that belong to the final weights ("precise BN").
+
+During training the running statistics are an exponential average over batches seen
+while the weights were still moving. In a spiking network the lag is amplified (a shifted
+pre-activation puts neurons on the wrong side of their threshold), so a short run can
+evaluate at chance although its weights are good. :func:`recalibrate_batchnorm` recomputes
+the statistics for the current weights: it resets them and runs some training batches
+forward in train mode without gradients, with cumulative averaging (``momentum=None``).
+Under DDP the synchronised BatchNorm layers (:mod:`stas_core.distributed`) all-reduce
+every batch's statistics, so every rank ends with the same running statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model`` that tracks running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def batches_for(images: int, global_batch: int) -> int:
+    """Batches per process that together cover ``images`` training images (0: off)."""
+    if images <= 0:
+        return 0
+    return max(1, math.ceil(images / global_batch))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, loader: Iterable, device: torch.device, *,
+                          batches: int, amp: bool = False,
+                          amp_dtype: torch.dtype = torch.float16) -> int:
+    """Recompute the running statistics of every BatchNorm in ``net`` from the first
+    ``batches`` batches of ``loader``; returns the number of batches used.
+
+    ``net`` is called as in training (it may be a :class:`halting.Halted` wrapper, so
+    halted tokens stay out of the statistics as they do in training). Every process must
+    call this with the same ``batches`` (synchronised BatchNorm is a collective). The
+    layers' momentum and the module's train/eval mode are restored afterwards.
+    """
+    layers = batchnorm_layers(net)
+    if not layers or batches <= 0:
+        return 0
+    momenta = [bn.momentum for bn in layers]
+    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in layers]
+    was_training = net.training
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the recalibration batches
+    net.train()
+    used = 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
+    try:
+        with autocast:
+            for images, _ in itertools.islice(loader, batches):
+                net(images.to(device, non_blocking=True))
+                used += 1
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        net.train(was_training)
+    if used == 0:  # an empty loader: keep the statistics training left
+        for bn, (mean, var, tracked) in zip(layers, saved):
+            bn.running_mean.copy_(mean), bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(tracked)
+        logger.warning("BatchNorm recalibration saw no batch: the loader is empty")
+    return used
