@@ -54,11 +54,8 @@ def bench_one(path: str, args, out: Path, label: str) -> dict:
     steps = args.timesteps if (args.timesteps and loaded.kind == "converted") else loaded.timesteps
     halting = None
     if args.halting:
-        converted = loaded.kind == "converted"
-        halting = loaded.halting or HaltingConfig(
-            alpha=args.alpha, beta=args.beta, eps=args.eps,
-            score="mean" if converted else "current",
-            output="last" if converted else "mean_field")  # stas-convert's defaults
+        # score and readout left open: the model's own defaults
+        halting = loaded.halting or HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps)
     _, val_ds, _ = build_datasets(loaded.dataset or "fashion-mnist",
                                   val_subset=args.batch_size * args.batches, augment=False)
     batches = [x for x, _ in DataLoader(val_ds, batch_size=args.batch_size, shuffle=False)]

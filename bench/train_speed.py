@@ -28,6 +28,7 @@ from torch import nn
 from stas_core.cli.common import run
 from stas_core.errors import ConfigError, check_positive_int
 from stas_core.models import create_model
+from stas_core.timing import synchronize
 from stas_core.train import resolve_device
 
 MODES = ("vanilla", "integrated")
@@ -50,11 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16 autocast (auto: on for CUDA, as stas-train does)")
     p.add_argument("--seed", type=int, default=0)
     return p
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -88,7 +84,7 @@ def _bench(args: argparse.Namespace) -> int:
     def train_step(mode: str) -> float:
         model, opt, scaler = setups[mode]
         model.train()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, enabled=amp):
             loss = criterion(model(x), y)
@@ -96,17 +92,17 @@ def _bench(args: argparse.Namespace) -> int:
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     def infer_step(mode: str) -> float:
         model = setups[mode][0]
         model.eval()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
             model(x)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     times: dict[str, dict[str, list]] = {m: {"train": [], "infer": []} for m in MODES}

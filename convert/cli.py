@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="timm's pretrained loading from a local file (adapts in_chans/classes)")
     src.add_argument("--checkpoint", default=None, metavar="FILE",
                      help="state dict of the ViT (.safetensors, or a weights-only torch file)")
+    src.add_argument("--random-init", action="store_true",
+                     help="convert randomly initialised weights (experiments; without any "
+                          "weight source the conversion is refused)")
     p.add_argument("--train-epochs", type=int, default=0,
                    help="train / fine-tune the ANN on the dataset first (offline path)")
     p.add_argument("--train-lr", type=float, default=1e-3)
@@ -77,7 +80,7 @@ def _main(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, data_dir=args.data_dir,
         model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained,
         pretrained_file=args.pretrained_file, checkpoint=args.checkpoint,
-        train_epochs=args.train_epochs, train_lr=args.train_lr,
+        train_epochs=args.train_epochs, train_lr=args.train_lr, random_init=args.random_init,
         train_subset=args.train_subset, val_subset=args.val_subset, timesteps=args.timesteps,
         levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,

@@ -34,7 +34,8 @@ from .calibrate import METHODS, calibrate
 from .ops import compile_kernels
 from .errors import CheckpointError, ConfigError
 from .spiking_vit import HALTED_KV, SpikingViT
-from .timm_models import canonical_name, check_convertible, create_vit
+from .timm_models import (canonical_name, check_convertible, check_patch_grid, create_vit,
+                          name_patch_size)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ConvertConfig:
     pretrained_file: Optional[str] = None
     checkpoint: Optional[str] = None
     train_epochs: int = 0
+    random_init: bool = False  # convert randomly initialised weights (experiments only)
     train_lr: float = 1e-3
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
@@ -93,7 +95,17 @@ class ConvertConfig:
             raise ConfigError(f"train_epochs must be >= 0; got {self.train_epochs}")
         if sum(bool(v) for v in (self.pretrained or self.pretrained_file, self.checkpoint)) > 1:
             raise ConfigError("give only one of --pretrained and --checkpoint")
-        get_dataset_info(self.dataset)
+        if not (self.pretrained or self.pretrained_file or self.checkpoint
+                or self.train_epochs > 0 or self.random_init):
+            raise ConfigError(
+                f"no weights for {self.model}: converting a randomly initialised ViT reports "
+                f"the accuracy of noise. Give --pretrained (timm's hub, needs network), "
+                f"--pretrained-file FILE, --checkpoint FILE, or --train-epochs N (train the "
+                f"ANN here first, offline); --random-init converts random weights on purpose")
+        info = get_dataset_info(self.dataset)
+        patch = self.model_kwargs.get("patch_size", name_patch_size(self.model))
+        if isinstance(patch, int):  # refused before any download or training
+            check_patch_grid(int(self.model_kwargs.get("img_size", info.img_size)), patch)
         halting = self.halting_config()
         if halting is not None:
             try:

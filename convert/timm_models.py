@@ -119,6 +119,27 @@ def create_vit(name: str, *, img_size: int, in_chans: int, num_classes: int,
     return model.eval()
 
 
+def check_patch_grid(img_size: int, patch_size: int) -> None:
+    """A patch grid smaller than 2x2 is a ConversionError with the patch size that fits."""
+    grid = img_size // patch_size
+    if grid >= 2:
+        return
+    fits = max([p for p in range(1, img_size + 1) if img_size % p == 0 and img_size // p >= 7]
+               or [1])
+    raise ConversionError(
+        f"a {img_size}x{img_size} image with patch_size {patch_size} leaves a {grid}x{grid} "
+        f"patch grid: nothing for attention or token halting to work on; fix: --model-kwargs "
+        f"patch_size={fits} ({img_size // fits}x{img_size // fits} patches)")
+
+
+def name_patch_size(name: str) -> Optional[int]:
+    """The patch size a timm ViT name states (``vit_small_patch16_224`` -> 16), if any."""
+    import re
+
+    match = re.search(r"patch(\d+)", canonical_name(name))
+    return int(match.group(1)) if match else None
+
+
 def check_convertible(vit: nn.Module) -> None:
     """Raise ConversionError naming the first feature the converter does not handle."""
     from timm.models.vision_transformer import VisionTransformer
@@ -126,6 +147,7 @@ def check_convertible(vit: nn.Module) -> None:
     if not isinstance(vit, VisionTransformer):
         raise ConversionError(f"{type(vit).__name__} is not a timm VisionTransformer; "
                               f"supported: {'; '.join(supported_models())}")
+    check_patch_grid(int(vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0]))
     problems = []
     if getattr(vit, "reg_token", None) is not None:
         problems.append("register tokens")

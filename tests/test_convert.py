@@ -167,7 +167,8 @@ def test_converted_model_is_haltable_and_freezes_halted_tokens():
 
 def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path):
     cfg = ConvertConfig(model="vit_tiny", model_kwargs=parse_model_kwargs(
-        "patch_size=7,depth=2,embed_dim=48,num_heads=3"), timesteps=3, calib_images=16,
+        "patch_size=7,depth=2,embed_dim=48,num_heads=3"), random_init=True, timesteps=3,
+        calib_images=16,
         train_subset=16, val_subset=16, batch_size=16, energy_images=8,
         out=str(tmp_path / "c"), progress=False)
     try:
@@ -232,10 +233,15 @@ def test_empty_calibration_set():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["resnet50"], ["not supported", "vit_tiny"]),
+    (["vit_small"], ["no weights", "--pretrained", "--pretrained-file", "--checkpoint",
+                     "--train-epochs", "--random-init"]),
+    (["vit_small", "--random-init"], ["28x28", "patch_size 16", "1x1 patch grid",
+                                      "--model-kwargs patch_size=4"]),
+    (["resnet50", "--random-init"], ["not supported", "vit_tiny"]),
     (["vit_tiny", "-T", "0"], ["timesteps", ">= 1"]),
     (["vit_tiny", "--calib-images", "0"], ["calib_images", "empty"]),
-    (["vit_tiny", "--checkpoint", "/nonexistent/w.safetensors"], ["checkpoint not found"]),
+    (["vit_tiny", "--model-kwargs", "patch_size=4", "--checkpoint", "/nonexistent/w.safetensors"],
+     ["checkpoint not found"]),
     (["vit_tiny", "--model-kwargs", "depth"], ["key=value"]),
 ])
 def test_cli_bad_input_one_clear_error(tmp_path, capsys, args, words):

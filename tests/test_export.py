@@ -139,7 +139,7 @@ def test_export_cli_float64_converted_model_reproduces_pytorch(tmp_path, capsys)
     report = convert(ConvertConfig(
         model="vit_tiny", model_kwargs=parse_model_kwargs("patch_size=7,depth=2,embed_dim=48,"
                                                           "num_heads=3"),
-        timesteps=2, calib_images=16, train_subset=16, val_subset=16, batch_size=16,
+        random_init=True, timesteps=2, calib_images=16, train_subset=16, val_subset=16, batch_size=16,
         energy_images=8, out=str(tmp_path / "c"), progress=False))
     capsys.readouterr()
     onnx_path = tmp_path / "m.onnx"

@@ -61,6 +61,7 @@ def converted_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
     report = convert(ConvertConfig(
         model="vit_tiny", model_kwargs=parse_model_kwargs("patch_size=7,depth=2,embed_dim=48,num_heads=3"),
+        random_init=True,
         timesteps=2, calib_images=16, train_subset=16, val_subset=16, batch_size=16,
         energy_images=8, out=str(out), progress=False))
     return Path(report["model_path"])
