@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from halting.plugin import DEFAULT_EXECUTION
-from stas_core.cli.common import HelpFormatter, add_data_args, run
+from stas_core.cli.common import HelpFormatter, add_data_args, add_output_args, run
 from stas_core.cli.config import add_config_arg
 
 from .timm_models import parse_model_kwargs, supported_models
@@ -33,29 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
                           "weight source the conversion is refused)")
     p.add_argument("--train-epochs", type=int, default=0,
                    help="train / fine-tune the ANN on the dataset first (offline path)")
-    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--train-lr", type=float, default=1e-3,
+                   help="peak learning rate of --train-epochs")
     p.add_argument("--timesteps", "-T", type=int, default=16,
                    help="evaluate every t = 1..T in one pass")
     p.add_argument("--levels", type=int, default=8, help="thresholds per neuron (theta 2^-i)")
-    p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--calib-method", choices=["mse", "percentile"], default="mse")
-    p.add_argument("--calib-percentile", type=float, default=99.99)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--calib-images", type=int, default=256,
+                   help="training images that calibrate the neuron thresholds")
+    p.add_argument("--calib-method", choices=["mse", "percentile"], default="mse",
+                   help="threshold per site: least quantisation error, or a percentile")
+    p.add_argument("--calib-percentile", type=float, default=99.99,
+                   help="percentile of |activation| for --calib-method percentile")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per batch (calibration, evaluation, ANN training)")
     p.add_argument("--energy-images", type=int, default=256,
                    help="validation images used to count ops and energy")
-    p.add_argument("--out", default="runs/convert")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/convert",
+                   help="output directory (model.safetensors, report.json, report.png)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of subsets and ANN training")
     p.add_argument("--compile", action="store_true",
                    help="fuse the element-wise work of neurons and compensated ops with "
                         "torch.compile (needs a C++ compiler; compiles for 10-60 s first)")
     h = p.add_argument_group("token halting at inference")
     h.add_argument("--halting", action="store_true",
                    help="also evaluate with 2-D token halting (token_ratio, halted_top1 per t)")
-    h.add_argument("--alpha", type=float, default=1.0)
-    h.add_argument("--beta", type=float, default=-2.0)
-    h.add_argument("--eps", type=float, default=0.01)
-    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
+    h.add_argument("--alpha", type=float, default=1.0, help="halting score slope")
+    h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
+    h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both",
+                   help="scores accumulate over blocks and timesteps, per timestep, or "
+                        "once per timestep")
     h.add_argument("--halting-score", choices=["mean", "current"], default=None,
                    help="score from the running mean of the signal, or the current step "
                         "(default: the model's, mean)")
@@ -66,10 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a halted token's key/value: kept (running mean) or dropped")
     h.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
                    help="compute active tokens only, or all tokens with a mask (same result)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   default=None)
     add_config_arg(p)
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_output_args(p)
     return p
 
 

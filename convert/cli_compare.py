@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stas_core.cli.common import run
+from stas_core.cli.common import add_output_args, run
 
 from .compare import (DEFAULT_TOLERANCE_PTS, compare, default_label, load_run, render_png,
                       to_markdown)
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_PTS, metavar="PTS",
                    help="report the smallest t within PTS percentage points of each run's "
                         "final top-1 (default: %(default)s)")
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_output_args(p, progress=False)
     return p
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from stas_core.cli.common import run
+from stas_core.cli.common import add_output_args, run
 from stas_core.errors import DataError, check_positive_int
 from stas_core.train import halting_config_of
 
@@ -32,12 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--timesteps", type=int, default=None,
                    help="timesteps unrolled in the graph (default: the checkpoint's)")
     h = p.add_argument_group("token halting (default: on for a model trained with halting)")
-    h.add_argument("--halting", dest="halting", action="store_true", default=None)
-    h.add_argument("--no-halting", dest="halting", action="store_false")
+    h.add_argument("--halting", dest="halting", action="store_true", default=None,
+                   help="halting inside the graph (default: on for a model trained with it)")
+    h.add_argument("--no-halting", dest="halting", action="store_false",
+                   help="no halting, also for a model trained with it")
     h.add_argument("--alpha", type=float, default=None, help="default: trained value or 1.0")
     h.add_argument("--beta", type=float, default=None, help="default: trained value or -2.0")
     h.add_argument("--eps", type=float, default=None, help="default: trained value or 0.01")
-    h.add_argument("--accumulate", choices=["both", "block", "time"], default=None)
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default=None,
+                   help="default: trained value or both")
     h.add_argument("--halting-score", choices=["current", "mean"], default=None,
                    help="default: 'mean' for converted models, 'current' for direct ones")
     h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
@@ -52,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true",
                    help="compare PyTorch and onnxruntime on the sample batch; fail unless "
                         "logits agree within --atol and every top-1 is identical")
-    c.add_argument("--atol", type=float, default=1e-4)
+    c.add_argument("--atol", type=float, default=1e-4,
+                   help="--check: largest logit difference accepted")
     c.add_argument("--sample-images", type=int, default=16,
                    help="validation images used to trace and check")
     c.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
-    c.add_argument("--data-dir", default=None)
-    p.add_argument("--verbose", "-v", action="store_true")
+    c.add_argument("--data-dir", default=None, help="dataset root of the --check images")
+    add_output_args(p, progress=False)
     return p
 
 

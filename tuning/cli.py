@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs only the missing ones)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="start no new trial after S seconds")
-    p.add_argument("--study-name", default="stas-tune")
+    p.add_argument("--study-name", default="stas-tune",
+                   help="Optuna study name (workers with the same name and storage share it)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna RDB URL, e.g. postgresql://user:pw@host/db for several workers; "
                         "None: sqlite:///OUT/study.db")
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-top1", type=float, default=None, metavar="F",
                    help="top-1 floor (fraction); --objective pareto: best.json is the cheapest "
                         "Pareto point above it (default: within 0.01 of the best top-1)")
-    s.add_argument("--sampler", choices=["tpe", "nsgaii", "random"], default="tpe")
+    s.add_argument("--sampler", choices=["tpe", "nsgaii", "random"], default="tpe",
+                   help="Optuna sampler (seeded with --seed)")
     w = p.add_argument_group("workers")
     w.add_argument("--heartbeat-interval", type=int, default=60, metavar="S",
                    help="a running trial beats every S seconds")
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 2 x heartbeat interval)")
     w.add_argument("--max-retry", type=int, default=3,
                    help="re-queue a dead worker's trial at most this often")
-    p.add_argument("--verbose", "-v", action="store_true", help="also Optuna's own log")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="debug-level log lines, and Optuna's own log")
     return p
 
 

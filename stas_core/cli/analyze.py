@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ConfigError, check_positive_int
-from .common import HelpFormatter, add_data_args, run
+from .common import HelpFormatter, add_data_args, add_output_args, run
 
 
 def _labelled(specs: Sequence[str]) -> dict[str, str]:
@@ -62,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images to average over")
     s.add_argument("--timesteps", "-T", type=int, default=None,
                    help="override the checkpoint's timesteps (default: as trained)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--out", default="runs/analysis", help="output directory")
-    s.add_argument("--verbose", "-v", action="store_true")
+    add_output_args(s, progress=False)
     s.set_defaults(func=_similarity)
     return p
 

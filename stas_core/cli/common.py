@@ -47,6 +47,16 @@ def setup_logging(verbose: bool = False) -> None:
         log.propagate = False
 
 
+def add_output_args(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
+    """``--no-progress`` (where the command shows a bar) and ``--verbose``, worded alike
+    on every command."""
+    if progress:
+        p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                       default=None, help="plain log lines instead of a progress bar "
+                                          "(default: a bar when stderr is a terminal)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug-level log lines")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """``--dataset``, ``--data-dir``, ``--train-subset``, ``--val-subset``."""
     p.add_argument("--dataset", default="fashion-mnist",

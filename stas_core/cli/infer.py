@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import check_positive_int
-from .common import add_data_args, run
+from .common import add_data_args, add_output_args, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,12 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx", help="a graph written by stas-export")
     add_data_args(p)
     p.set_defaults(dataset=None)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per onnxruntime run")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--out", default=None, help="directory for report.json (default: none)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   default=None)
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_output_args(p)
     return p
 
 

@@ -10,7 +10,7 @@ from ..models import list_models
 from ..train import MODEL_DEFAULTS, NEURON_DEFAULTS, TrainConfig
 from halting.plugin import DEFAULT_EXECUTION
 
-from .common import HelpFormatter, add_data_args, run
+from .common import HelpFormatter, add_data_args, add_output_args, run
 from .config import add_config_arg
 
 
@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integrate", choices=["max", "mean"], default=None,
                    help=f"how I-SPS merges a time-varying input's frames (default: "
                         f"{MODEL_DEFAULTS['integrate']}{inherited})")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=0.2)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=0.2,
+                   help="linear warmup (epochs, fractions allowed), then cosine decay")
+    p.add_argument("--label-smoothing", type=float, default=0.1,
+                   help="label smoothing of the cross-entropy loss")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crop/flip during training")
     p.add_argument("--tau", type=float, default=None,
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
     h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
     h.add_argument("--delta-p", type=float, default=5e-4, help="ponder loss weight")
-    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both")
+    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both",
+                   help="halting scores accumulate over blocks and timesteps (STAS T+B), "
+                        "per timestep (A-ViT), or once per timestep")
     h.add_argument("--halting-output", choices=["mean_field", "last"], default=None,
                    help="train on the mean-field readout (STAS) or the last block's "
                         "(default: the model's, mean_field)")
@@ -74,15 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--out", default="runs/direct", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of weights, data order, subsets and augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--energy-images", type=int, default=256,
                    help="validation images used to count ops and energy")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   default=None, help="plain log lines instead of a progress bar")
     add_config_arg(p)
-    p.add_argument("--verbose", "-v", action="store_true")
+    add_output_args(p)
     return p
 
 

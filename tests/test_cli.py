@@ -1,0 +1,31 @@
+"""What every command shares: each option explains itself in --help."""
+import argparse
+
+import pytest
+
+from convert.cli import build_parser as convert_parser
+from convert.cli_compare import build_parser as compare_parser
+from convert.cli_export import build_parser as export_parser
+from stas_core.cli.analyze import build_parser as analyze_parser
+from stas_core.cli.infer import build_parser as infer_parser
+from stas_core.cli.train import build_parser as train_parser
+from tuning.cli import build_parser as tune_parser
+
+PARSERS = [train_parser, convert_parser, tune_parser, export_parser, infer_parser,
+           compare_parser, analyze_parser]
+
+
+def _actions(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield parser.prog, action
+
+
+@pytest.mark.parametrize("build", PARSERS, ids=lambda b: b.__module__)
+def test_every_option_has_help_text(build):
+    missing = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, a in _actions(build())
+               if not (a.help or "").strip()]
+    assert not missing, missing
