@@ -99,21 +99,16 @@ def _ablations(model, batches, cfg: HaltingConfig, energy_images: int, out: Path
     return {"accumulate": modes, "eps_sweep": sweep}
 
 
-def _pareto(points: list[dict]) -> list[dict]:
-    """Points not beaten on both top-1 (higher) and energy (lower)."""
-    return [p for p in points if not any(
-        q["top1"] >= p["top1"] and q["energy_mj"] <= p["energy_mj"] and q != p
-        and (q["top1"] > p["top1"] or q["energy_mj"] < p["energy_mj"]) for q in points)]
-
-
 def _plot_sweep(sweep: list[dict], path: Path, name: str) -> None:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tuning.export import pareto_front
 
-    front = _pareto(sweep)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    front = pareto_front([{**p, "state": "COMPLETE", "number": i} for i, p in enumerate(sweep)])
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot([p["energy_mj"] for p in sweep], [100 * p["top1"] for p in sweep], "o", color="0.6")
     front = sorted(front, key=lambda p: p["energy_mj"])
     ax.plot([p["energy_mj"] for p in front], [100 * p["top1"] for p in front], "o-", color="C0",
@@ -127,7 +122,6 @@ def _plot_sweep(sweep: list[dict], path: Path, name: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def bench_direct(args) -> dict:

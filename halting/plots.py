@@ -1,13 +1,11 @@
 """Pictures of what the halting did: per-token halting depth over the image.
 
-Needs matplotlib (imported when called); writes PNG files atomically.
+Needs matplotlib (imported when called). The figure is returned, not written: callers
+save it (``stas_core`` writes it atomically), and this package imports nothing of the project.
 """
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Optional, Sequence
 
 from torch import Tensor
@@ -23,19 +21,20 @@ def depth_grid(depth: Tensor, prefix_tokens: int = 0) -> Tensor:
     return patches.reshape(depth.shape[0], side, side)
 
 
-def plot_depth_heatmap(images: Tensor, depth: Tensor, path: str | os.PathLike, *,
-                       max_depth: int, prefix_tokens: int = 0,
-                       labels: Optional[Sequence[str]] = None, samples: int = 6) -> Path:
-    """Save a PNG: each sample's image above its halting-depth map (steps computed per
-    token, out of ``max_depth`` = blocks x timesteps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def depth_heatmap_figure(images: Tensor, depth: Tensor, *, max_depth: int,
+                         prefix_tokens: int = 0, labels: Optional[Sequence[str]] = None,
+                         samples: int = 6):
+    """A matplotlib Figure: each sample's image above its halting-depth map (steps
+    computed per token, out of ``max_depth`` = blocks x timesteps). Built without pyplot,
+    so the caller's (a notebook's) backend is left alone; save it with ``fig.savefig``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n = min(samples, images.shape[0])
     grid = depth_grid(depth[:n].detach().float().cpu(), prefix_tokens)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 0.8, 4.0), squeeze=False)
+    fig = Figure(figsize=(1.9 * n + 0.8, 4.0))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, n, squeeze=False)
     im = None
     for i in range(n):
         img = images[i].detach().float().cpu()
@@ -50,15 +49,4 @@ def plot_depth_heatmap(images: Tensor, depth: Tensor, path: str | os.PathLike, *
             ax.set_yticks([])
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="steps computed")
     fig.suptitle(f"token halting depth (of {max_depth} block-timesteps)", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return fig

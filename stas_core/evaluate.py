@@ -86,16 +86,19 @@ def save_depth_heatmap(model: nn.Module, loader: Iterable, device: torch.device,
                        samples: int = 6) -> dict:
     """Run the first batch of ``loader`` with halting and save a PNG of each token's
     halting depth over the image for ``samples`` images; returns the depth statistics."""
-    from halting.plots import plot_depth_heatmap
+    from halting.plots import depth_heatmap_figure
+
+    from .checkpoint import atomic_write
 
     images, labels = next(iter(loader))
     images = images[:samples].to(device)
     model.eval()
     res = run_halting(model, images, halting, execution=execution)
     steps = res.active_fraction.numel()
-    plot_depth_heatmap(images, res.depth, path, max_depth=steps,
-                       prefix_tokens=getattr(model, "num_prefix_tokens", 0),
-                       labels=[f"label {int(v)}" for v in labels[:samples]])
+    fig = depth_heatmap_figure(images, res.depth, max_depth=steps,
+                               prefix_tokens=getattr(model, "num_prefix_tokens", 0),
+                               labels=[f"label {int(v)}" for v in labels[:samples]])
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     depth = res.depth.float()
     return {"depth_plot": str(path), "depth_mean": float(depth.mean()),
             "depth_min": float(depth.min()), "depth_max": float(depth.max()),
