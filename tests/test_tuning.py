@@ -297,6 +297,19 @@ def test_cli_bad_input_one_clear_error(tmp_path, capsys, case):
     assert not (tmp_path / "o" / "pareto.json").exists()
 
 
+def test_path_is_detected_from_the_checkpoint(tmp_path, capsys):
+    from tuning.study import TuneConfig
+
+    direct = _fake_checkpoint(tmp_path / "last.safetensors", "stas-direct/1")
+    conv = _fake_checkpoint(tmp_path / "model.safetensors", "stas-converted/1")
+    other = _fake_checkpoint(tmp_path / "other.safetensors", "something/1")
+    assert TuneConfig(checkpoint=str(direct)).validate().path == "direct"
+    assert TuneConfig(checkpoint=str(conv)).validate().path == "converted"
+    code = tune_main(["--checkpoint", str(other), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "format 'something/1'" in err, err
+
+
 # ------------------------------------------------------------------ SQLite: kill and resume
 def _count(db: Path, state: str) -> int:
     if not db.exists():

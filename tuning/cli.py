@@ -14,9 +14,10 @@ from stas_core.cli.common import HelpFormatter, add_data_args, run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-tune", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--path", choices=["direct", "converted"], required=True,
+    p.add_argument("--path", choices=["direct", "converted"], default=None,
                    help="direct: short halting fine-tunes (STAS stage 2) from a stas-train "
-                        "stage-1 checkpoint; converted: inference on a stas-convert model")
+                        "stage-1 checkpoint; converted: inference on a stas-convert model "
+                        "(default: detected from the checkpoint)")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="stage-1 last.safetensors (--path direct) or model.safetensors "
                         "(--path converted)")

@@ -38,6 +38,16 @@ def read_header(path: str | Path) -> dict:
                                         "(--path converted)")
 
 
+def checkpoint_path_kind(path: str | Path) -> str:
+    """'direct' or 'converted': the ``--path`` a checkpoint needs, from its format."""
+    fmt = read_header(path).get("format")
+    if fmt not in _KINDS:
+        raise CheckpointError(f"{path} has format {fmt!r}; stas-tune takes a stage-1 checkpoint "
+                              f"of stas-train ({DIRECT_FORMAT!r}) or a model of stas-convert "
+                              f"({CONVERTED_FORMAT!r})")
+    return _KINDS[fmt][0]
+
+
 def check_kind(path: str | Path, want: str) -> dict:
     """The header of ``path`` if it is a checkpoint for ``--path want``; else one clear
     :class:`CheckpointError` naming what it is and which ``--path`` it needs."""

@@ -25,7 +25,7 @@ from stas_core.errors import check_positive_int
 
 from . import export
 from .errors import ConfigError, TuningError, require_optuna
-from .objectives import ConvertedTrial, DirectTrial, check_kind
+from .objectives import ConvertedTrial, DirectTrial, check_kind, checkpoint_path_kind
 from .space import PATHS, SearchSpace, build_space
 from .storage import (ReservationLock, default_storage_url, mask_url, open_storage,
                       stale_trial_callback)
@@ -43,7 +43,7 @@ PENALTY = 1000.0
 class TuneConfig:
     """Everything a tuning run depends on (the ``stas-tune`` options)."""
 
-    path: str = "converted"
+    path: Optional[str] = None           # None: detected from the checkpoint's format
     checkpoint: str = ""
     dataset: Optional[str] = None        # None: the checkpoint's (direct) / fashion-mnist
     data_dir: Optional[str] = None
@@ -70,11 +70,13 @@ class TuneConfig:
     max_retry: int = 3
 
     def validate(self) -> "TuneConfig":
-        if self.path not in PATHS:
-            raise ConfigError(f"path must be one of {', '.join(PATHS)}; got {self.path!r}")
         if not self.checkpoint:
             raise ConfigError("a checkpoint is needed: --checkpoint FILE (a stage-1 checkpoint "
                               "of stas-train, or model.safetensors of stas-convert)")
+        if self.path is None:
+            self.path = checkpoint_path_kind(self.checkpoint)
+        if self.path not in PATHS:
+            raise ConfigError(f"path must be one of {', '.join(PATHS)}; got {self.path!r}")
         check_positive_int("n_trials", self.n_trials)
         check_positive_int("trial_epochs", self.trial_epochs)
         check_positive_int("energy_images", self.energy_images)
