@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from stas_core.cli.common import add_output_args, run
+from stas_core.cli.config import add_config_arg
 from stas_core.errors import DataError, check_positive_int
 from stas_core.train import halting_config_of
 
@@ -42,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--accumulate", choices=["both", "block", "time"], default=None,
                    help="default: trained value or both")
     h.add_argument("--halting-score", choices=["current", "mean"], default=None,
-                   help="default: 'mean' for converted models, 'current' for direct ones")
+                   help="default: the trained value, else the model's ('mean' for converted "
+                        "models, 'current' for direct ones)")
     h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
-                   help="default: 'last' for converted models, 'mean_field' for direct ones")
+                   help="default: the trained value, else the model's ('last' for converted "
+                        "models, 'mean_field' for direct ones)")
     h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
                    help="converted models: a halted token's key/value kept or dropped")
     p.add_argument("--precision", choices=["float32", "float64"], default="float32",
@@ -61,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images used to trace and check")
     c.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
     c.add_argument("--data-dir", default=None, help="dataset root of the --check images")
+    c.add_argument("--device", default="auto",
+                   help="onnxruntime provider of --check: auto (CUDA when onnxruntime's CUDA "
+                        "provider is installed), cpu, cuda, cuda:N")
     add_output_args(p, progress=False)
+    add_config_arg(p)
     return p
 
 
@@ -116,6 +123,7 @@ def _main(args: argparse.Namespace) -> int:
     result = export_onnx(
         loaded.model, args.out, _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
         halting=halting, check=args.check, atol=args.atol, precision=args.precision,
+        device=args.device,
         metadata={"kind": loaded.kind, "model": loaded.name, "dataset": loaded.dataset,
                   "checkpoint": str(args.checkpoint)})
     print(json.dumps(result, indent=2))

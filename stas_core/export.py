@@ -115,8 +115,30 @@ def _quiet():
             logging.getLogger(n).setLevel(level)
 
 
-def ort_session(path: str | os.PathLike, threads: Optional[int] = None):
-    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads)."""
+def ort_providers(device: str = "auto") -> list:
+    """onnxruntime execution providers for ``device``: ``auto`` (CUDA when onnxruntime's
+    CUDA provider is installed, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import onnxruntime as ort
+
+    cpu = "CPUExecutionProvider"
+    if device == "cpu":
+        return [cpu]
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return ["CUDAExecutionProvider", cpu] if has_cuda else [cpu]
+    if device == "cuda" or device.startswith("cuda:") and device[5:].isdigit():
+        if not has_cuda:
+            raise ExportError(f"--device {device}: onnxruntime has no CUDA provider here "
+                              f"(available: {', '.join(ort.get_available_providers())}); "
+                              f"install onnxruntime-gpu or use --device cpu")
+        index = int(device[5:]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), cpu]
+    raise ExportError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def ort_session(path: str | os.PathLike, threads: Optional[int] = None, device: str = "auto"):
+    """An onnxruntime session for ``path`` on ``device`` (see :func:`ort_providers`;
+    ``threads``: intra-op threads)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -125,12 +147,12 @@ def ort_session(path: str | os.PathLike, threads: Optional[int] = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=ort_providers(device))
 
 
 def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images: Tensor,
-                    atol: float = 1e-4) -> dict:
-    """Run ``images`` through PyTorch and onnxruntime; raise ExportError unless logits agree
+                    atol: float = 1e-4, device: str = "auto") -> dict:
+    """Run ``images`` through PyTorch and onnxruntime (on ``device``); raise ExportError unless logits agree
     within ``atol`` (max abs difference) and give the same top-1 for every image."""
     with torch.no_grad():
         ref = graph(images)
@@ -138,7 +160,7 @@ def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images:
     hint = ("Converted ViTs flip spikes on last-bit differences between float32 kernels: "
             "export them with precision float64 (stas-export --precision float64). "
             if graph.precision == "float32" else "")
-    sess = ort_session(onnx_path)
+    sess = ort_session(onnx_path, device=device)
     got = sess.run(["logits"], {"images": images.cpu().numpy()})[0]
     ref_np = ref.detach().cpu().numpy()
     diff = float(np.abs(got - ref_np).max())
@@ -155,14 +177,15 @@ def compare_outputs(graph: InferenceGraph, onnx_path: str | os.PathLike, images:
 def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
                 timesteps: Optional[int] = None, halting: Optional[HaltingConfig] = None,
                 metadata: Optional[dict] = None, check: bool = True,
-                atol: float = 1e-4, precision: str = "float32") -> dict:
+                atol: float = 1e-4, precision: str = "float32", device: str = "auto") -> dict:
     """Export ``model`` (eval mode, ``timesteps`` unrolled) to ``path``, atomically.
 
     ``sample`` is a batch of input images used to trace (and, with ``check``, to compare
     PyTorch and onnxruntime). ``metadata`` is stored as JSON in the model's ``stas``
     metadata property (with the format, timesteps, halting knobs and output names).
     ``precision`` is the arithmetic inside the graph, 'float32' or 'float64' (images in and
-    outputs stay float32); the check compares against PyTorch at the same precision.
+    outputs stay float32); the check compares against PyTorch at the same precision, in
+    onnxruntime on ``device`` (:func:`ort_providers`).
     """
     import onnx
 
@@ -201,7 +224,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, sample: Tensor, *,
         result = {"path": str(path), "export_s": seconds, "bytes": os.path.getsize(tmp),
                   "nodes": len(proto.graph.node), **meta}
         if check:
-            result.update(compare_outputs(graph, tmp, sample, atol))
+            result.update(compare_outputs(graph, tmp, sample, atol, device))
         os.replace(tmp, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

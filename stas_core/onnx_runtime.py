@@ -9,18 +9,20 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .errors import DataError
-from .export import FORMAT, ort_session
+from .export import FORMAT, ort_providers, ort_session
 
 
 class OnnxModel:
     """An exported STAS model in an onnxruntime session, with its ``stas`` metadata."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: Optional[int] = None,
+                 device: str = "auto") -> None:
         if not os.path.isfile(path):
             raise DataError(f"no ONNX model at {path}; export one with stas-export CKPT --out "
                             f"{path}")
+        ort_providers(device)  # a bad device is its own error, not an unreadable file
         try:
-            self.session = ort_session(path, threads)
+            self.session = ort_session(path, threads, device)
         except Exception as exc:  # onnxruntime's errors for unreadable files
             raise DataError(f"{path} is not a readable ONNX model: "
                             f"{str(exc).strip().splitlines()[0]}") from None
@@ -30,6 +32,7 @@ class OnnxModel:
             raise DataError(f"{path} was not written by stas-export (no {FORMAT} metadata); "
                             f"export the model with stas-export")
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(None, {"images": images})))

@@ -109,6 +109,15 @@ def test_export_and_infer_clis(tmp_path, capsys):
     assert report["val_images"] == 32 and 0 <= report["top1"] <= 1
     assert report["images_per_s"] > 0 and 0 < report["token_ratio"] <= 1
     assert report["timesteps"] == 2 and report["dataset"] == "fashion-mnist"
+    assert "CPUExecutionProvider" in report["providers"]
+    import onnxruntime
+
+    no_cuda = "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    for device, words in (("tpu", "unknown device 'tpu'"),
+                          *([("cuda", "no CUDA provider")] if no_cuda else [])):
+        code = infer_main([str(onnx_path), "--device", device, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and words in err, err
 
 
 @pytest.mark.parametrize("argv, words", [

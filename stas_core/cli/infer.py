@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from ..errors import check_positive_int
 from .common import add_data_args, add_output_args, run
+from .config import add_config_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="images per onnxruntime run")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--out", default=None, help="directory for report.json (default: none)")
+    p.add_argument("--device", default="auto",
+                   help="auto (onnxruntime's CUDA provider when installed), cpu, cuda, cuda:N")
     add_output_args(p)
+    add_config_arg(p)
     return p
 
 
@@ -37,7 +41,7 @@ def _main(args: argparse.Namespace) -> int:
     from ..train import progress_bar
 
     check_positive_int("batch_size", args.batch_size)
-    model = OnnxModel(args.model, threads=args.threads)
+    model = OnnxModel(args.model, threads=args.threads, device=args.device)
     dataset = args.dataset or model.meta.get("dataset") or "fashion-mnist"
     _, val_ds, info = build_datasets(dataset, data_dir=args.data_dir,
                                      val_subset=args.val_subset, augment=False)
@@ -52,6 +56,7 @@ def _main(args: argparse.Namespace) -> int:
               "model": model.meta.get("model"), "kind": model.meta.get("kind"),
               "timesteps": model.meta.get("timesteps"), "halting": model.meta.get("halting"),
               "precision": model.meta.get("precision", "float32"),
+              "providers": model.providers,
               "batch_size": args.batch_size, **ev}
     if args.out:
         atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
