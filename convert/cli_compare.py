@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stas_core.cli.common import add_output_args, run
+from stas_core.cli.common import HelpFormatter, add_output_args, run
 
 from .compare import (DEFAULT_TOLERANCE_PTS, compare, default_label, load_run, render_png,
                       to_markdown)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="REPORT_OR_SUMMARY",
                    help="report.json of stas-convert or summary.json of stas-train --direct "
                         "(or a run directory holding one)")

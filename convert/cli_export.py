@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from stas_core.cli.common import add_output_args, run
+from stas_core.cli.common import HelpFormatter, add_output_args, run
 from stas_core.cli.config import add_config_arg
 from stas_core.errors import DataError, check_positive_int
 from stas_core.train import halting_config_of
@@ -26,7 +26,7 @@ logger = logging.getLogger("convert.export")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT",
                    help="last.safetensors of stas-train, or model.safetensors of stas-convert")
     p.add_argument("--out", required=True, help="ONNX file to write")

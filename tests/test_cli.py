@@ -29,3 +29,19 @@ def test_every_option_has_help_text(build):
     missing = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, a in _actions(build())
                if not (a.help or "").strip()]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("build", PARSERS, ids=lambda b: b.__module__)
+def test_help_shows_every_set_default(build):
+    parser = build()
+    parsers = [parser] + [sub for a in parser._actions
+                          if isinstance(a, argparse._SubParsersAction)
+                          for sub in a.choices.values()]
+    for p in parsers:
+        text = " ".join(p.format_help().split())
+        for prog, action in _actions(p):
+            if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+                continue  # None: decided later (the option's help says by what); flags
+            if prog != p.prog:
+                continue
+            assert f"(default: {action.default})" in text, (prog, action.option_strings)

@@ -36,7 +36,7 @@ def _labelled(specs: Sequence[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("similarity", formatter_class=HelpFormatter,
                        help="temporal similarity of block input tokens (vanilla SPS vs I-SPS)",

@@ -12,9 +12,11 @@ from .config import apply_config_file
 PACKAGES = ("stas_core", "halting", "convert", "tuning")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except None (an option whose default is decided later,
-    e.g. by the model or a checkpoint, says so in its own help)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: the description as written, and each option's default,
+    except None (an option whose default is decided later, e.g. by the model or a
+    checkpoint, says so in its own help)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import check_positive_int
-from .common import add_data_args, add_output_args, run
+from .common import HelpFormatter, add_data_args, add_output_args, run
 from .config import add_config_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-infer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx", help="a graph written by stas-export")
     add_data_args(p)
     p.set_defaults(dataset=None)
