@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from halting.plugin import DEFAULT_EXECUTION
-from stas_core.cli.common import HelpFormatter, add_data_args, add_output_args, run
+from stas_core.cli.common import (HelpFormatter, add_data_args, add_halting_knobs,
+                                  add_output_args, run)
 from stas_core.cli.config import add_config_arg
 
 from .timm_models import parse_model_kwargs, supported_models
@@ -58,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("token halting at inference")
     h.add_argument("--halting", action="store_true",
                    help="also evaluate with 2-D token halting (token_ratio, halted_top1 per t)")
-    h.add_argument("--alpha", type=float, default=1.0, help="halting score slope")
-    h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
-    h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
-    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both",
-                   help="scores accumulate over blocks and timesteps, per timestep, or "
-                        "once per timestep")
+    add_halting_knobs(h)
     h.add_argument("--halting-score", choices=["mean", "current"], default=None,
                    help="score from the running mean of the signal, or the current step "
                         "(default: the model's, mean)")
@@ -72,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "converted ViT's stateful readout supports only this)")
     h.add_argument("--halted-kv", choices=["frozen", "drop"], default="frozen",
                    help="a halted token's key/value: kept (running mean) or dropped")
-    h.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
-                   help="compute active tokens only, or all tokens with a mask (same result)")
     add_config_arg(p)
     add_output_args(p)
     return p

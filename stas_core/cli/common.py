@@ -59,6 +59,23 @@ def add_output_args(p: argparse.ArgumentParser, *, progress: bool = True) -> Non
     p.add_argument("--verbose", "-v", action="store_true", help="debug-level log lines")
 
 
+def add_halting_knobs(group) -> None:
+    """``--alpha``, ``--beta``, ``--eps``, ``--accumulate`` and ``--execution`` with the
+    library's defaults (:class:`halting.HaltingConfig`, :data:`halting.DEFAULT_EXECUTION`)."""
+    from halting import DEFAULT_EXECUTION, HaltingConfig
+
+    d = HaltingConfig()
+    group.add_argument("--alpha", type=float, default=d.alpha, help="halting score slope")
+    group.add_argument("--beta", type=float, default=d.beta, help="halting score offset")
+    group.add_argument("--eps", type=float, default=d.eps, help="halt once H >= 1 - eps")
+    group.add_argument("--accumulate", choices=["both", "block", "time"], default=d.accumulate,
+                       help="halting scores accumulate over blocks and timesteps (STAS T+B), "
+                            "per timestep (A-ViT), or once per timestep")
+    group.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
+                       help="compute active tokens only, or all tokens with a mask (same "
+                            "result)")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """``--dataset``, ``--data-dir``, ``--train-subset``, ``--val-subset``."""
     p.add_argument("--dataset", default="fashion-mnist",

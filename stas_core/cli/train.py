@@ -8,9 +8,7 @@ from typing import Optional, Sequence
 
 from ..models import list_models
 from ..train import MODEL_DEFAULTS, NEURON_DEFAULTS, TrainConfig
-from halting.plugin import DEFAULT_EXECUTION
-
-from .common import HelpFormatter, add_data_args, add_output_args, run
+from .common import HelpFormatter, add_data_args, add_halting_knobs, add_output_args, run
 from .config import add_config_arg
 
 
@@ -64,18 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a stage-1 (I-SPS, no halting) checkpoint; its model, "
                         "timesteps, SPS, integration and neuron settings are used")
-    h.add_argument("--alpha", type=float, default=1.0, help="halting score slope")
-    h.add_argument("--beta", type=float, default=-2.0, help="halting score offset")
-    h.add_argument("--eps", type=float, default=0.01, help="halt once H >= 1 - eps")
-    h.add_argument("--delta-p", type=float, default=5e-4, help="ponder loss weight")
-    h.add_argument("--accumulate", choices=["both", "block", "time"], default="both",
-                   help="halting scores accumulate over blocks and timesteps (STAS T+B), "
-                        "per timestep (A-ViT), or once per timestep")
+    add_halting_knobs(h)
+    h.add_argument("--delta-p", type=float, default=TrainConfig.delta_p,
+                   help="ponder loss weight")
     h.add_argument("--halting-output", choices=["mean_field", "last"], default=None,
                    help="train on the mean-field readout (STAS) or the last block's "
                         "(default: the model's, mean_field)")
-    h.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
-                   help="compute active tokens only, or all tokens with a mask (same result)")
     p.add_argument("--out", default="runs/direct", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--seed", type=int, default=0,
