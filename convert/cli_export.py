@@ -12,13 +12,14 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from stas_core.cli.common import HelpFormatter, add_output_args, run
 from stas_core.cli.config import add_config_arg
-from stas_core.errors import DataError, check_positive_int
+from stas_core.errors import ConfigError, DataError, check_positive_int
 from stas_core.train import halting_config_of
 
 logger = logging.getLogger("convert.export")
@@ -27,9 +28,13 @@ logger = logging.getLogger("convert.export")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stas-export", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT",
-                   help="last.safetensors of stas-train, or model.safetensors of stas-convert")
-    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="last.safetensors of stas-train, or model.safetensors of stas-convert "
+                        "(or give it as --checkpoint, as stas-tune and stas-analyze take it)")
+    p.add_argument("--checkpoint", dest="checkpoint_opt", metavar="CKPT", default=None,
+                   help="the same as the positional CKPT")
+    p.add_argument("--out", required=True,
+                   help="output directory (writes OUT/model.onnx), or a file name ending in .onnx")
     p.add_argument("-T", "--timesteps", type=int, default=None,
                    help="timesteps unrolled in the graph (default: the checkpoint's)")
     h = p.add_argument_group("token halting (default: on for a model trained with halting)")
@@ -108,6 +113,23 @@ def _halting(loaded, args):
     return halting_config_of(knobs, score=score, output=output)
 
 
+def _checkpoint(args: argparse.Namespace) -> str:
+    given = [c for c in (args.checkpoint, args.checkpoint_opt) if c is not None]
+    if not given:
+        raise ConfigError("no checkpoint given: pass CKPT or --checkpoint CKPT (last.safetensors "
+                          "of stas-train or model.safetensors of stas-convert)")
+    if len(given) == 2 and given[0] != given[1]:
+        raise ConfigError(f"two checkpoints given ({given[0]} and --checkpoint {given[1]}); "
+                          "pass one")
+    return given[0]
+
+
+def _onnx_path(out: str) -> Path:
+    """``--out``: a ``.onnx`` file name, or a directory that receives ``model.onnx``."""
+    path = Path(out)
+    return path if path.suffix.lower() == ".onnx" else path / "model.onnx"
+
+
 def _main(args: argparse.Namespace) -> int:
     from stas_core.export import export_onnx
 
@@ -116,16 +138,17 @@ def _main(args: argparse.Namespace) -> int:
     check_positive_int("sample_images", args.sample_images)
     if args.timesteps is not None:
         check_positive_int("timesteps", args.timesteps)
-    loaded = load_spiking_model(args.checkpoint)
+    checkpoint = _checkpoint(args)
+    loaded = load_spiking_model(checkpoint)
     halting = _halting(loaded, args)
     if loaded.kind == "converted":
         loaded.model.set_halted_kv(args.halted_kv)
     result = export_onnx(
-        loaded.model, args.out, _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
+        loaded.model, _onnx_path(args.out), _sample(loaded, args), timesteps=args.timesteps or loaded.timesteps,
         halting=halting, check=args.check, atol=args.atol, precision=args.precision,
         device=args.device,
         metadata={"kind": loaded.kind, "model": loaded.name, "dataset": loaded.dataset,
-                  "checkpoint": str(args.checkpoint)})
+                  "checkpoint": str(checkpoint)})
     print(json.dumps(result, indent=2))
     return 0
 

@@ -24,11 +24,11 @@ from halting.plugin import DEFAULT_EXECUTION, HaltingConfigError
 from halting.protocol import run_stepwise
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
-from stas_core.energy import EnergyCosts, OpCounter
+from stas_core.energy import EnergyCosts, OpCounter, ann_macs
 from stas_core.errors import check_positive_int
 from stas_core.timing import Stopwatch
 from stas_core.evaluate import evaluate_halting, save_depth_heatmap
-from stas_core.train import halting_config_of, lr_lambda, progress_bar, resolve_device
+from stas_core.train import build_scheduler, halting_config_of, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
 from .ops import compile_kernels
@@ -142,7 +142,7 @@ def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, dev
     """Train the ANN here (AdamW, wd 0.05, warmup + cosine, label smoothing 0.1)."""
     opt = torch.optim.AdamW(vit.parameters(), lr=lr, weight_decay=0.05)
     total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, len(loader) // 5)))
+    sched = build_scheduler(opt, total, max(1, len(loader) // 5))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     history = []
     for epoch in range(epochs):
@@ -150,14 +150,14 @@ def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, dev
         bar = progress_bar(progress, len(loader), f"ANN epoch {epoch + 1}/{epochs}", True)
         seen = correct = loss_sum = 0.0
         start = time.perf_counter()
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
             logits = vit(x)
             loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            sched.step_update(epoch * len(loader) + step + 1)
             seen += len(y)
             correct += float((logits.argmax(-1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
@@ -174,16 +174,10 @@ def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, dev
 
 
 def ann_energy(vit: nn.Module, x: Tensor, costs: Optional[EnergyCosts] = None) -> dict:
-    """Per-image MACs/energy of the ANN on batch ``x``: hooked Linear/Conv layers plus the
-    two attention products (``2 N^2 D`` per block), which timm runs in a fused kernel."""
-    with torch.no_grad(), OpCounter(vit, costs) as counter:
-        vit(x)
-        counter.add_images(x.shape[0])
-    s = counter.summary()
-    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
-    attn_macs = sum(2 * tokens * tokens * blk.attn.attn_dim for blk in vit.blocks)
-    macs = s["macs"] + attn_macs
-    return {"macs": macs, "energy_mj": counter.costs.energy_pj(macs, 0.0) * 1e-9}
+    """Per-image MACs/energy of the ANN on batch ``x`` (torch's FLOP counter, see
+    :func:`stas_core.energy.ann_macs`)."""
+    macs = ann_macs(vit, x)["macs"]
+    return {"macs": macs, "energy_mj": (costs or EnergyCosts()).energy_pj(macs, 0.0) * 1e-9}
 
 
 # ----------------------------------------------------------------------------- save / load

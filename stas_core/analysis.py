@@ -182,8 +182,10 @@ def similarity_report(models: Mapping[str, ModelSource], loader: Optional[Iterab
                       device: Union[str, torch.device] = "cpu", max_images: Optional[int] = 256,
                       batch_size: int = 64, dataset: Optional[str] = None,
                       data_dir: Optional[PathLike] = None, val_subset: Optional[int] = None,
-                      timesteps: Optional[int] = None, seed: int = 0) -> dict:
-    """Run :func:`temporal_similarity` for each labelled model on the same images.
+                      timesteps: Optional[int] = None, seed: int = 0,
+                      progress: Optional[bool] = False) -> dict:
+    """Run :func:`temporal_similarity` for each labelled model on the same images
+    (``progress``: a bar over the models; None: when stderr is a terminal).
 
     ``models`` maps a label to a model (already built), a ``stas-train`` checkpoint path, or
     ``(path, overrides)`` where ``overrides`` are :class:`~stas_core.train.TrainConfig`
@@ -214,10 +216,15 @@ def similarity_report(models: Mapping[str, ModelSource], loader: Optional[Iterab
                     f"inputs but dataset {info.name} is {info.in_chans}x{info.img_size}x"
                     f"{info.img_size}; pass the dataset the checkpoint was trained on")
         dataset = info.name
+    from .train import progress_bar
+
     runs: dict[str, dict] = {}
+    bar = progress_bar(progress, len(resolved), "similarity", True)
     for label, (model, meta, _) in resolved.items():
         logger.info("temporal similarity of %s (sps=%s)", label, meta["sps"])
         res = temporal_similarity(model, loader, device, max_images=max_images)
+        if bar is not None:
+            bar.update(1)
         runs[str(label)] = {**meta, "timesteps": res["timesteps"], "images": res["images"],
                             "per_block": res["per_block"], "output": res["output"],
                             "mean_per_block": sum(res["per_block"]) / len(res["per_block"]),
@@ -228,6 +235,8 @@ def similarity_report(models: Mapping[str, ModelSource], loader: Optional[Iterab
                            "similarities (zero vs zero counts as 1) say nothing; the model "
                            "barely fires in eval mode (undertrained, or BN statistics not "
                            "settled)", label)
+    if bar is not None:
+        bar.close()
     images = {r["images"] for r in runs.values()}
     return {"dataset": dataset, "images": min(images), "runs": runs}
 

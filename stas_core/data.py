@@ -4,8 +4,9 @@
   torchvision layout ``data_dir/FashionMNIST/raw``), then in ``$STAS_FASHION_MNIST_DIR`` or
   the Debian package dir :data:`SYSTEM_FASHION_MNIST_DIR` (``apt-get install
   dataset-fashion-mnist``); torchvision download is the last resort. Kept in memory as
-  uint8 ``[N, 1, 28, 28]``; augmentation runs on tensors.
-* ``cifar10`` / ``cifar100``: torchvision's pickled batches under ``data_dir``.
+  uint8 ``[N, 1, 28, 28]``; augmentation (torchvision transforms v2) runs on tensors.
+* ``cifar10`` / ``cifar100``: the python-pickle release under ``data_dir`` (torchvision
+  downloads it when allowed), read through an allow-list unpickler into uint8 tensors.
 * ``imagenet``: ``ImageFolder`` on ``data_dir/train`` and ``data_dir/val``.
 
 Every user mistake or unusable environment raises :class:`DataError` or :class:`ConfigError`.
@@ -25,7 +26,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import ConfigError, DataError, check_positive_int
@@ -180,88 +180,111 @@ def load_fashion_mnist(data_dir: Optional[PathLike] = None, download: bool = Tru
     return splits[0], splits[1]
 
 
+# --------------------------------------------------------------------------- tensors
 class TensorImageDataset(Dataset):
     """In-memory uint8 images ``[N, C, H, W]`` -> (normalised float ``[C, H, W]``, int label).
 
-    With ``augment``: random crop after zero padding by ``padding`` pixels, then a random
-    horizontal flip, both on tensors (torch's global RNG, which DataLoader seeds per worker).
+    With ``augment``: torchvision transforms v2 random crop after zero padding by
+    ``padding`` pixels, then a random horizontal flip (torch's global RNG, which DataLoader
+    seeds per worker). ``classes`` names the labels when the files carry names.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: tuple, std: tuple,
-                 augment: bool = False, padding: int = 2) -> None:
-        self.images, self.targets = images, targets
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+                 augment: bool = False, padding: int = 2,
+                 classes: Optional[list[str]] = None) -> None:
+        from torchvision.transforms import v2
+
+        self.images, self.targets, self.classes = images, targets, classes
         self.augment, self.padding = augment, padding
+        size = tuple(images.shape[-2:])
+        steps = [v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()] if augment else []
+        self.transform = v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True),
+                                             v2.Normalize(list(mean), list(std))])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index].float().div_(255.0)
-        if self.augment:
-            p, (h, w) = self.padding, x.shape[-2:]
-            if p > 0:
-                i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
-                x = F.pad(x, (p, p, p, p))[:, i:i + h, j:j + w]
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-        return (x - self.mean) / self.std, int(self.targets[index])
+        return self.transform(self.images[index]), int(self.targets[index])
 
 
-# --------------------------------------------------------------------------- torchvision sets
-def _cifar_classes():
-    from torchvision.datasets import CIFAR10, CIFAR100
+# --------------------------------------------------------------------------- CIFAR
+# torchvision's CIFAR classes md5-check the official files and unpickle them without any
+# restriction; these readers take the same python-pickle release from the user's folder
+# through an allow-list unpickler (numpy arrays, builtin containers), nothing executable.
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names",
+                 "fine_labels"),
+}
+_PICKLE_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                   ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+                   ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+                   ("__builtin__", "object"), ("builtins", "object")}
 
-    def local(base):
-        # torchvision verifies the md5 of every batch file, which only makes sense for the
-        # official download. With download=False we trust files the user put there: check
-        # that they exist and let unpickling catch real corruption.
-        class Local(base):
-            def _files(self):
-                names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-                return [Path(self.root, self.base_folder, f) for f in names]
 
-            def _check_integrity(self) -> bool:
-                return all(p.is_file() for p in self._files())
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch "
+                                         "holds only arrays, lists and strings")
+        return super().find_class(module, name)
 
-            def _load_meta(self) -> None:
-                with open(Path(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-                    self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        Local.__name__ = f"Local{base.__name__}"
-        return Local
+def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        obj = _DataUnpickler(f, encoding="latin1").load()
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a dict, found {type(obj).__name__}")
+    return obj
 
-    return {"cifar10": (CIFAR10, local(CIFAR10)), "cifar100": (CIFAR100, local(CIFAR100))}
+
+def _read_cifar_split(folder: Path, names: list[str], label_key: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for name in names:
+        batch = _read_pickle(folder / name)
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{name}: 'data' has shape {data.shape}, expected [N, 3072]")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def _build_cifar(info: DatasetInfo, data_dir: Optional[PathLike], download: bool, augment: bool):
-    from torchvision import transforms as T
-
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    stock, local = _cifar_classes()[info.name]
-    cls = stock if download else local
-    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    train_tf = T.Compose(([T.RandomCrop(info.img_size, padding=4), T.RandomHorizontalFlip()]
-                          if augment else []) + norm)
+    base, train_files, test_files, meta, names_key, label_key = _CIFAR[info.name]
+    folder = root / base
     try:
-        if download:
+        if download and not folder.is_dir():
+            from torchvision.datasets import CIFAR10, CIFAR100
+
             root.mkdir(parents=True, exist_ok=True)
-        train = cls(root=str(root), train=True, transform=train_tf, download=download)
-        val = cls(root=str(root), train=False, transform=T.Compose(norm), download=False)
+            (CIFAR10 if info.name == "cifar10" else CIFAR100)(root=str(root), download=True)
+        xt, yt = _read_cifar_split(folder, train_files, label_key)
+        xv, yv = _read_cifar_split(folder, test_files, label_key)
+        classes = list(_read_pickle(folder / meta)[names_key])
     except _LOAD_ERRORS as exc:
-        files = ", ".join(f for f, _ in stock.train_list + stock.test_list) + ", " + stock.meta["filename"]
+        files = ", ".join(train_files + test_files + [meta])
         raise DataError(
             f"cannot load {info.name} from {root} ({type(exc).__name__}: {exc}). Expected "
-            f"{root}/{stock.base_folder}/ with {files} (the python-pickle release). Fix: pass "
-            f"--data-dir pointing at the folder that contains {stock.base_folder}/, or allow "
+            f"{root}/{base}/ with {files} (the python-pickle release). Fix: pass "
+            f"--data-dir pointing at the folder that contains {base}/, or allow "
             "download with network access.") from exc
-    return train, val
+    for split, y in (("train", yt), ("test", yv)):
+        if y.numel() and (y.min() < 0 or y.max() >= info.num_classes):
+            raise DataError(f"{info.name} {split} labels must lie in 0..{info.num_classes - 1}; "
+                            f"found {int(y.min())}..{int(y.max())} in {folder}")
+    return (TensorImageDataset(xt, yt, info.mean, info.std, augment=augment, padding=4, classes=classes),
+            TensorImageDataset(xv, yv, info.mean, info.std, classes=classes))
 
 
 def _build_imagenet(info: DatasetInfo, data_dir: Optional[PathLike], augment: bool):
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision.transforms import v2 as T
 
     layout = "DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
     if data_dir is None:
@@ -271,7 +294,7 @@ def _build_imagenet(info: DatasetInfo, data_dir: Optional[PathLike], augment: bo
     if missing:
         raise DataError(f"imagenet folder(s) missing: {', '.join(missing)}; expected layout "
                         f"{layout} with DIR={root}")
-    norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(info.mean, info.std)]
     val_tf = T.Compose([T.Resize(round(info.img_size / 0.875)), T.CenterCrop(info.img_size)] + norm)
     train_tf = (T.Compose([T.RandomResizedCrop(info.img_size), T.RandomHorizontalFlip()] + norm)
                 if augment else val_tf)

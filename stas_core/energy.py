@@ -106,6 +106,31 @@ def matmul_ops(module: nn.Module, a: Tensor, b: Tensor) -> tuple[float, float]:
     return float(a.numel()) * b.shape[-1], 0.0
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+@torch.no_grad()
+def ann_macs(model: nn.Module, x: Tensor) -> dict:
+    """Per-image MACs of a real-valued network on batch ``x``, by
+    :class:`torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2). Its registry
+    covers matmuls, convolutions and the CUDA attention kernels; the CPU flash-attention
+    kernel is added here with torch's own SDPA formula. Returns ``{"macs", "per_op"}``."""
+    import torch.utils.flop_counter as fc
+
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa not in fc.flop_registry:
+        extra[cpu_sdpa] = _cpu_sdpa_flops
+    with fc.FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        model(x)
+    n = max(int(x.shape[0]), 1)
+    per_op = {str(op): flops / 2 / n for op, flops in counter.get_flop_counts()["Global"].items()}
+    return {"macs": counter.get_total_flops() / 2 / n, "per_op": per_op}
+
+
 class OpCounter:
     """Count MACs/ACs per layer and timestep, and firing rates per neuron layer.
 

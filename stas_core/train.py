@@ -1,6 +1,6 @@
 """Direct training of spiking transformers with surrogate gradients (``stas-train --direct``).
 
-AdamW, linear warmup then cosine decay (per step), label smoothing, AMP on CUDA, DDP under
+AdamW, timm's warmup + cosine schedule (per step), label smoothing, AMP on CUDA, DDP under
 ``torchrun`` (gloo on CPU, NCCL on GPU). After every epoch the BatchNorm statistics are
 recomputed for the epoch's final weights (:mod:`stas_core.batchnorm`), then the process of
 rank 0 appends a line to ``metrics.jsonl`` and atomically rewrites ``last.safetensors``;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -251,14 +250,19 @@ def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device).eval(), cfg
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warmup to 1, then cosine decay to 0, by optimizer step."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return f
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """timm's :class:`~timm.scheduler.CosineLRScheduler` by optimizer step: linear warmup
+    from ``lr / warmup_steps`` over ``warmup_steps`` steps, then cosine decay to 0 over the
+    rest. Call ``scheduler.step_update(global_step)`` after every optimizer step; the lr of
+    any step is a function of the step alone, so a resumed run sets it from the step count.
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    warmup_steps = max(1, int(warmup_steps))
+    base_lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps),
+                             warmup_t=warmup_steps, warmup_lr_init=base_lr / warmup_steps,
+                             warmup_prefix=True, lr_min=0.0, t_in_epochs=False)
 
 
 def progress_bar(enabled: Optional[bool], total: int, desc: str, main: bool):
@@ -351,7 +355,7 @@ def train(cfg: TrainConfig, *,
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    scheduler = build_scheduler(optimizer, total_steps, warmup)
     amp = device.type == "cuda" if cfg.amp is None else bool(cfg.amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp)  # its state is checkpointed
@@ -371,11 +375,11 @@ def train(cfg: TrainConfig, *,
                                   f"same value or another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start_epoch = int(state["epoch"])
+        scheduler.step_update(start_epoch * steps_per_epoch)  # lr is a function of the step
         torch.set_rng_state(state["rng"][d.rank].cpu() if d.rank < len(state["rng"])
                             else state["rng"][0].cpu())
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
@@ -404,7 +408,7 @@ def train(cfg: TrainConfig, *,
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
             loss_sum += float(loss.detach()) * labels.numel()
             correct += float((logits.argmax(-1) == labels).sum())
             seen += labels.numel()
@@ -425,7 +429,7 @@ def train(cfg: TrainConfig, *,
         ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
         v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                  "val_top1": v_correct / max(v_total, 1), "lr": scheduler.get_last_lr()[0],
+                  "val_top1": v_correct / max(v_total, 1), "lr": optimizer.param_groups[0]["lr"],
                   "epoch_s": train_s, "train_images_per_s": seen / train_s,
                   "elapsed_s": time.perf_counter() - start_wall}
         history.append(record)
@@ -438,7 +442,7 @@ def train(cfg: TrainConfig, *,
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "history": history, "rng": rng})
         if on_epoch is not None:
             on_epoch(epoch, record)

@@ -45,3 +45,42 @@ def test_help_shows_every_set_default(build):
             if prog != p.prog:
                 continue
             assert f"(default: {action.default})" in text, (prog, action.option_strings)
+
+
+MODEL_COMMANDS = [train_parser, convert_parser, tune_parser, export_parser, infer_parser,
+                  analyze_parser]
+
+
+def _options(parser):
+    return {opt for _, a in _actions(parser) for opt in a.option_strings}
+
+
+@pytest.mark.parametrize("build", MODEL_COMMANDS, ids=lambda b: b.__module__)
+def test_one_vocabulary_on_every_command_that_runs_a_model(build):
+    """--config, --device, --out, --verbose everywhere a model runs; --no-progress where
+    the command works long enough for a bar (export traces one batch)."""
+    opts = _options(build())
+    wanted = {"--config", "--device", "--out", "--verbose"}
+    if build is not export_parser:
+        wanted.add("--no-progress")
+    assert wanted <= opts, sorted(wanted - opts)
+
+
+@pytest.mark.parametrize("build", [tune_parser, export_parser, analyze_parser],
+                         ids=lambda b: b.__module__)
+def test_a_stas_checkpoint_is_always_given_as_checkpoint(build):
+    assert "--checkpoint" in _options(build())
+
+
+def test_config_file_reaches_a_subcommand(tmp_path):
+    """stas-analyze similarity --config: the file's keys are the sub-command's options."""
+    from stas_core.cli.common import _command_parser
+    from stas_core.cli.config import apply_config_file
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"images": 7, "no_progress": true}')
+    parser = analyze_parser()
+    argv = ["similarity", "--checkpoint", "x", "--config", str(cfg)]
+    apply_config_file(_command_parser(parser, argv), argv)
+    args = parser.parse_args(argv)
+    assert args.images == 7 and args.progress is False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -304,3 +305,44 @@ def test_build_loaders_errors(tmp_path):
         D.build_loaders(ds, ds, batch_size=1, workers=-1)
     with pytest.raises(ConfigError, match="torch.distributed"):
         D.build_loaders(ds, ds, batch_size=1, distributed=True)
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    """A batch file that would import a callable is refused, not executed."""
+    _write_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    _pickle(tmp_path / "cifar-10-batches-py" / "data_batch_2", {"data": Evil()})
+    with pytest.raises(DataError, match="refusing to load .*system"):
+        D.build_datasets("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_cifar_labels_out_of_range(tmp_path):
+    _write_cifar10(tmp_path)
+    batch = _cifar_batch(4, "labels", 10, np.random.default_rng(0))
+    batch["labels"][0] = 10
+    _pickle(tmp_path / "cifar-10-batches-py" / "test_batch", batch)
+    with pytest.raises(DataError, match=r"labels must lie in 0\.\.9; found .*10"):
+        D.build_datasets("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_augmentation_is_a_padded_crop_and_flip():
+    """Every augmented sample is one of the (2p+1)^2 padded shifts of the image, flipped or
+    not, and both flips occur."""
+    img = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
+    ds = D.TensorImageDataset(img, torch.zeros(1, dtype=torch.long), (0.0,), (1 / 255,),
+                              augment=True, padding=1)
+    padded = torch.nn.functional.pad(img[0].float(), (1, 1, 1, 1))
+    shifts = [padded[:, i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
+    candidates = {(s.flip(-1) if f else s).flatten().tolist().__repr__(): f
+                  for s in shifts for f in (False, True)}
+    torch.manual_seed(0)
+    flips = set()
+    for _ in range(100):
+        key = ds[0][0].round().flatten().tolist().__repr__()
+        assert key in candidates
+        flips.add(candidates[key])
+    assert flips == {False, True}

@@ -114,3 +114,18 @@ def test_multistep_and_stepwise_totals_agree():
     assert totals[0]["macs"] == pytest.approx(totals[1]["macs"])
     assert totals[0]["sops"] == pytest.approx(totals[1]["sops"], rel=1e-6)
     assert totals[0]["firing_rates"] == pytest.approx(totals[1]["firing_rates"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ann_macs_hand_counted_tiny_vit(fused):
+    """torch's FLOP counter on a 1-block ViT: conv 4x8x16 + qkv 5x8x24 + attention
+    2x5x5x8 + proj 5x8x8 + fc1/fc2 2x5x8x32 + head 8x3 = 4776 MACs, fused SDPA or not."""
+    import timm
+
+    from stas_core.energy import ann_macs
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                            in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2).eval()
+    vit.blocks[0].attn.fused_attn = fused
+    got = ann_macs(vit, torch.randn(2, 1, 8, 8))
+    assert got["macs"] == 512 + 960 + 400 + 320 + 2 * 1280 + 24

@@ -102,6 +102,11 @@ def test_export_and_infer_clis(tmp_path, capsys):
                         "--sample-images", "8"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["kind"] == "direct" and exported["halting"]["beta"] == 0.0
+    # the same command with the shared vocabulary: --checkpoint, and --out as a directory
+    assert export_main(["--checkpoint", ckpt, "--out", str(tmp_path / "dir"),
+                        "--sample-images", "4"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "dir" / "model.onnx").is_file()
     assert exported["top1_identical"] == 1.0
     assert infer_main([str(onnx_path), "--val-subset", "32", "--batch-size", "16",
                        "--no-progress", "--out", str(tmp_path / "inf")]) == 0
@@ -123,6 +128,9 @@ def test_export_and_infer_clis(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["nothing.safetensors", "--out", "m.onnx"], "nothing.safetensors"),
     (["--out", "m.onnx", "x"], None),
+    (["--out", "m.onnx"], "no checkpoint given: pass CKPT or --checkpoint CKPT"),
+    (["a.safetensors", "--checkpoint", "b.safetensors", "--out", "m.onnx"],
+     "two checkpoints given"),
 ])
 def test_export_cli_bad_input(tmp_path, capsys, monkeypatch, argv, words):
     from convert.cli_export import main as export_main

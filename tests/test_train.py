@@ -310,3 +310,21 @@ def test_halting_flags_are_checked(tmp_path, capsys):
     code = train_main(["--direct", "--halting", "--eps", "1.5", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "eps must be in [0, 1)" in err and "Traceback" not in err
+
+
+def test_scheduler_warmup_then_cosine_to_zero():
+    """Hand-worked lr of timm's warmup + cosine: lr/W at step 0, lr after W steps, half
+    way down the cosine at its middle, 0 at the end."""
+    from stas_core.train import build_scheduler
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = build_scheduler(opt, total_steps=14, warmup_steps=4)
+    lrs = [opt.param_groups[0]["lr"]]
+    for step in range(1, 15):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(2.5e-4)
+    assert lrs[4] == pytest.approx(1e-3) and lrs[9] == pytest.approx(5e-4)
+    assert lrs[14] == pytest.approx(0.0, abs=1e-12)
+    assert all(a <= b for a, b in zip(lrs[:4], lrs[1:5]))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))

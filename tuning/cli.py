@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from stas_core.cli.common import HelpFormatter, add_data_args, run
+from stas_core.cli.common import HelpFormatter, add_data_args, add_output_args, run
+from stas_core.cli.config import add_config_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 2 x heartbeat interval)")
     w.add_argument("--max-retry", type=int, default=3,
                    help="re-queue a dead worker's trial at most this often")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="debug-level log lines, and Optuna's own log")
+    add_output_args(p)
+    add_config_arg(p)
     return p
 
 
@@ -90,7 +91,7 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device, objective=args.objective, min_top1=args.min_top1,
         sampler=args.sampler, ranges=tuple(args.ranges), space_file=args.space_file,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        max_retry=args.max_retry)
+        max_retry=args.max_retry, progress=args.progress)
     summary = run_study(cfg)
     print(json.dumps(summary, indent=2))
     return 0

@@ -68,6 +68,7 @@ class TuneConfig:
     heartbeat_interval: int = 60
     grace_period: Optional[int] = None   # None: 2 x heartbeat_interval
     max_retry: int = 3
+    progress: Optional[bool] = None      # a bar over finished trials (None: on a terminal)
 
     def validate(self) -> "TuneConfig":
         if not self.checkpoint:
@@ -265,12 +266,20 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
         values = objective_values(result, cfg.objective, cfg.min_top1)
         return values if len(values) > 1 else values[0]
 
+    from stas_core.train import progress_bar
+
+    bar = progress_bar(cfg.progress, cfg.n_trials, "trials", True)
+
     def after_trial(study, frozen) -> None:
         records = [trial_record(t) for t in study.get_trials(deepcopy=False)
                    if t.state.is_finished()]
         export.write_jsonl(out / "trials.jsonl", records)
         done = sum(1 for r in records if r["state"] in ("COMPLETE", "PRUNED"))
         ua = frozen.user_attrs
+        if bar is not None:
+            bar.update(min(done, cfg.n_trials) - bar.n)
+            if frozen.state.name == "COMPLETE":
+                bar.set_postfix(top1=f"{ua['top1']:.4f}", mJ=f"{ua['energy_mj']:.4g}")
         knobs = " ".join(f"{k}={v:.4g}" for k, v in frozen.params.items())
         if frozen.state.name == "COMPLETE":
             logger.info("trial %d: top1 %.4f energy %.4g mJ tokens %.3f (%s) [%d/%d finished]",
@@ -318,6 +327,8 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
                             "their heartbeat to go stale); waiting", running)
                 waiting_logged = True
             time.sleep(poll)
+    if bar is not None:
+        bar.close()
     return export_study(cfg, study, space, runner, ran=ran, wall_s=time.monotonic() - start)
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError, check_positive_int
 from .common import HelpFormatter, add_data_args, add_output_args, run
+from .config import add_config_arg
 
 
 def _labelled(specs: Sequence[str]) -> dict[str, str]:
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--out", default="runs/analysis", help="output directory")
-    add_output_args(s, progress=False)
+    add_output_args(s)
+    add_config_arg(s)
     s.set_defaults(func=_similarity)
     return p
 
@@ -87,7 +89,7 @@ def _similarity(args: argparse.Namespace) -> int:
     report = similarity_report(
         models, device=resolve_device(args.device), max_images=args.images,
         batch_size=args.batch_size, dataset=args.dataset, data_dir=args.data_dir,
-        val_subset=args.val_subset, timesteps=args.timesteps)
+        val_subset=args.val_subset, timesteps=args.timesteps, progress=args.progress)
     out = Path(args.out)
     report["json"], report["png"] = str(out / "similarity.json"), str(out / "similarity.png")
     text = json.dumps(report, indent=2)

@@ -87,12 +87,24 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate on a fixed seeded subset of N images")
 
 
+def _command_parser(parser: argparse.ArgumentParser,
+                    argv: Optional[Sequence[str]]) -> argparse.ArgumentParser:
+    """The sub-command's parser when ``argv`` names one (``stas-analyze similarity``)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for word in words:
+                if word in action.choices:
+                    return action.choices[word]
+    return parser
+
+
 def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
         argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (with ``--config FILE`` defaults when the parser offers that option),
     run ``main``; a user error prints one line and exits non-zero."""
     try:
-        apply_config_file(parser, argv)
+        apply_config_file(_command_parser(parser, argv), argv)
     except StasError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
