@@ -1,0 +1,355 @@
+"""The paper's mechanism claims, retrained per variant with several seeds (issue 14).
+
+    python bench/ablations.py [--seeds 0 1 2] [--model spikformer-4-64] [-T 4]
+        [--train-subset 12000] [--val-subset 2000] [--out runs/ablations] [--report-only]
+
+Per seed, on the same seeded Fashion-MNIST subset and budget:
+
+* ``<sps>/stage1``: stage 1 (no halting), ``--stage1-epochs`` epochs, for I-SPS and vanilla SPS;
+* ``<sps>/backbone``: stage 1 trained ``--stage2-epochs`` more epochs *without* halting, at
+  the stage-2 learning rate: the backbone with as many epochs as STAS (the fair baseline);
+* ``<sps>/both``: STAS stage 2 from the same stage 1, with the knobs ``stas-tune`` found for
+  that patch splitting (``--tune-trials`` trials each, on seed 0's stage 1: an equal trial
+  budget); ``<sps>/hand``: the same with one shared hand-set choice (alpha 1, beta -1,
+  eps 0.05, delta_p 1e-2, the knobs of the earlier one-seed ablation);
+* ``integrated/block`` and ``integrated/time``: stage 2 retrained with each accumulation mode.
+
+Then, at inference: an eps sweep of ``integrated/both`` per seed, and the temporal similarity
+of block inputs (paper Fig. 2e) of both stage-1 models. Last, the fair converted-vs-direct
+comparison: a timm ViT of about the same parameter count, trained here on the same subset
+for as many epochs as stage 1 + stage 2, converted, and set against ``integrated/backbone``
+through ``stas-compare`` (accuracy and energy against timesteps).
+
+Resumable: every run keeps its ``summary.json``; a rerun skips finished runs and resumes an
+interrupted one from its ``last.safetensors``. Writes ``ablations.json``, ``ablations.md``
+and ``ablations.png`` to ``--out`` and prints the JSON. Run by hand, never in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from halting import HaltingConfig
+from stas_core.checkpoint import atomic_write, atomic_write_text
+from stas_core.data import build_datasets
+from stas_core.evaluate import evaluate_halting
+from stas_core.train import TrainConfig, load_trained_model, progress_bar, train
+
+logger = logging.getLogger("bench.ablations")
+
+HAND = dict(alpha=1.0, beta=-1.0, eps=0.05, delta_p=1e-2)
+EPS_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+STAGE1_LR, STAGE2_LR = 3e-3, 5e-4
+
+
+def _read(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Runs:
+    """Train-or-reuse: a run whose ``summary.json`` exists is read back, not retrained."""
+
+    def __init__(self, args) -> None:
+        self.args, self.root = args, Path(args.out)
+        self.common = dict(model=args.model, timesteps=args.timesteps, batch_size=128,
+                           train_subset=args.train_subset, val_subset=args.val_subset,
+                           energy_images=args.energy_images, progress=False,
+                           warmup_epochs=0.1, bn_images=2048, resume=True)
+
+    def stage1(self, sps: str, seed: int) -> dict:
+        return self._train(f"{sps}/stage1/seed{seed}", sps=sps, seed=seed,
+                           epochs=self.args.stage1_epochs, lr=STAGE1_LR)
+
+    def stage2(self, name: str, sps: str, seed: int, *, halting: bool, **knobs) -> dict:
+        s1 = self.stage1(sps, seed)
+        return self._train(f"{sps}/{name}/seed{seed}", seed=seed, init_from=s1["checkpoint"],
+                           epochs=self.args.stage2_epochs, lr=STAGE2_LR, halting=halting,
+                           **knobs)
+
+    def _train(self, name: str, **kw) -> dict:
+        out = self.root / name
+        done = _read(out / "summary.json")
+        if done is not None:
+            return done
+        logger.info("training %s", name)
+        start = time.perf_counter()
+        summary = train(TrainConfig(**{**self.common, **kw, "out": str(out)}))
+        logger.info("%s: top-1 %.4f, %.4g mJ, %.0f s", name, summary["top1"],
+                    summary["energy_mj"], time.perf_counter() - start)
+        return summary
+
+
+def tuned_knobs(runs: Runs, sps: str) -> dict:
+    """alpha, beta, eps, delta_p that stas-tune picks on seed 0's stage 1 (best.json: the
+    cheapest Pareto point within 1 point of the most accurate trial)."""
+    from tuning.study import TuneConfig, run_study
+
+    a = runs.args
+    out = runs.root / f"tune_{sps}"
+    # run_study continues a stored study until it has tune_trials finished trials
+    run_study(TuneConfig(checkpoint=runs.stage1(sps, 0)["checkpoint"], n_trials=a.tune_trials,
+                         train_subset=a.tune_train_subset, val_subset=a.tune_val_subset,
+                         energy_images=a.energy_images, seed=0, out=str(out), progress=False))
+    chosen = json.loads((out / "best.json").read_text())
+    return {k: chosen[k] for k in ("alpha", "beta", "eps", "delta_p")}
+
+
+def _val_batches(args) -> list:
+    _, val_ds, _ = build_datasets("fashion-mnist", val_subset=args.val_subset, augment=False)
+    return list(DataLoader(val_ds, batch_size=256, shuffle=False))
+
+
+def eps_sweep(summary: dict, batches, energy_images: int) -> list[dict]:
+    model, cfg = load_trained_model(summary["checkpoint"])
+    base = cfg.halting_config()
+    rows = []
+    for eps in EPS_SWEEP:
+        c = HaltingConfig(**{**base.__dict__, "eps": eps})
+        r = evaluate_halting(model, batches, c, None, torch.device("cpu"),
+                             energy_images=energy_images, execution="gather")
+        rows.append({"eps": eps, **{k: r[k] for k in ("top1", "energy_mj", "token_ratio")}})
+    return rows
+
+
+def similarity(runs: Runs, seed: int) -> dict:
+    from stas_core.analysis import similarity_report
+
+    out = runs.root / f"similarity/seed{seed}.json"
+    done = _read(out)
+    if done is None:
+        done = similarity_report({sps: runs.stage1(sps, seed)["checkpoint"]
+                                  for sps in ("integrated", "vanilla")},
+                                 max_images=512, val_subset=runs.args.val_subset)
+        atomic_write_text(out, json.dumps(done) + "\n")
+    return {sps: done["runs"][sps]["per_block"] for sps in ("integrated", "vanilla")}
+
+
+def converted_vs_direct(runs: Runs) -> dict:
+    """A timm ViT with about spikformer-4-64's parameters, trained on the same subset for
+    stage 1 + stage 2 epochs, converted (T=8), against integrated/backbone (seed 0)."""
+    from convert.compare import compare, load_run, plot as plot_compare, to_markdown
+    from convert.pipeline import ConvertConfig, convert
+
+    a = runs.args
+    out = runs.root / "converted"
+    report = _read(out / "report.json")
+    if report is None:
+        logger.info("training and converting the ViT")
+        report = convert(ConvertConfig(
+            model="vit_tiny", model_kwargs=dict(patch_size=4, embed_dim=64, depth=5, num_heads=4),
+            train_epochs=a.stage1_epochs + a.stage2_epochs, train_lr=1e-3,
+            train_subset=a.train_subset, val_subset=a.val_subset, timesteps=8,
+            energy_images=a.energy_images, out=str(out), progress=False))
+    direct = runs.stage2("backbone", "integrated", 0, halting=False)
+    direct_path = runs.root / "integrated/backbone/seed0/summary.json"
+    pair = [load_run(out / "report.json", "converted ViT"), load_run(direct_path, "direct backbone")]
+    table = compare(pair)
+    plot_compare(pair, runs.root / "converted_vs_direct.png")
+    atomic_write_text(runs.root / "converted_vs_direct.md", to_markdown(table))
+    return {"converted": {k: report.get(k) for k in ("ann_top1", "snn_top1", "energy_mj",
+                                                     "ann_energy_mj", "val_images")},
+            "direct": {k: direct.get(k) for k in ("top1", "top1_per_t", "energy_per_timestep",
+                                                  "energy_mj", "val_images")},
+            "compare": table}
+
+
+# ----------------------------------------------------------------------------- report
+def _ms(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1
+            else 0.0, "n": len(values), "values": values}
+
+
+def _paired(a: list[float], b: list[float]) -> dict:
+    d = [x - y for x, y in zip(a, b)]
+    return {**_ms(d), "all_positive": all(x > 0 for x in d), "all_negative": all(x < 0 for x in d)}
+
+
+def aggregate(results: dict) -> dict:
+    """Mean +- std over seeds per variant, and per-seed paired differences."""
+    variants: dict[str, dict] = {}
+    for name, per_seed in results["runs"].items():
+        rows = list(per_seed.values())
+        variants[name] = {k: _ms([r[k] for r in rows]) for k in ("top1", "energy_mj", "token_ratio")
+                          if all(r.get(k) is not None for r in rows)}
+    pairs = {}
+
+    def pair(label, a, b, key):
+        if a in results["runs"] and b in results["runs"]:
+            seeds = sorted(set(results["runs"][a]) & set(results["runs"][b]))
+            pairs[f"{label}: {key}"] = _paired([results["runs"][a][s][key] for s in seeds],
+                                               [results["runs"][b][s][key] for s in seeds])
+
+    for key in ("top1", "energy_mj"):
+        pair("STAS - backbone (I-SPS)", "integrated/both", "integrated/backbone", key)
+        pair("I-SPS - vanilla (tuned, halting)", "integrated/both", "vanilla/both", key)
+        pair("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand", key)
+        pair("I-SPS - vanilla (backbones)", "integrated/backbone", "vanilla/backbone", key)
+        pair("both - block", "integrated/both", "integrated/block", key)
+        pair("both - time", "integrated/both", "integrated/time", key)
+    for key in ("token_ratio",):
+        pair("I-SPS - vanilla (tuned, halting)", "integrated/both", "vanilla/both", key)
+        pair("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand", key)
+        pair("both - block", "integrated/both", "integrated/block", key)
+        pair("both - time", "integrated/both", "integrated/time", key)
+    return {"variants": variants, "paired": pairs}
+
+
+def _fmt(ms: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    agg, s = results["aggregate"], results["settings"]
+    lines = [f"# Ablations ({s['model']}, T={s['timesteps']}, seeds {s['seeds']}, "
+             f"{s['train_subset']} train / {s['val_subset']} test images)", "",
+             "| variant | top-1 % | energy (mJ) | token ratio |", "|---|---|---|---|"]
+    for name, v in agg["variants"].items():
+        lines.append(f"| {name} | {_fmt(v['top1'], 100)} | {_fmt(v['energy_mj'], 1, 4)} | "
+                     + (_fmt(v["token_ratio"], 1, 3) if "token_ratio" in v else "1") + " |")
+    lines += ["", "| paired difference (per seed) | mean ± std | per seed |", "|---|---|---|"]
+    for name, p in agg["paired"].items():
+        scale = 100 if name.endswith("top1") else 1
+        lines.append(f"| {name} | {_fmt(p, scale, 3)} | "
+                     + ", ".join(f"{v * scale:+.3f}" for v in p["values"]) + " |")
+    if results.get("knobs"):
+        lines += ["", "Knobs: " + "; ".join(f"{k}: {v}" for k, v in results["knobs"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.8))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    for name, v in results["aggregate"]["variants"].items():
+        ax1.errorbar(v["energy_mj"]["mean"], 100 * v["top1"]["mean"], xerr=v["energy_mj"]["std"],
+                     yerr=100 * v["top1"]["std"], fmt="o", capsize=3, label=name)
+    base = results["runs"].get("integrated/backbone", {})
+    if base:  # the trivial baseline: the backbone stopped after t = 1..T
+        t_curves = [r for r in base.values() if r.get("top1_per_t")]
+        if t_curves:
+            ts = sorted(t_curves[0]["top1_per_t"], key=int)
+            acc = [statistics.fmean(r["top1_per_t"][t] for r in t_curves) * 100 for t in ts]
+            en = [statistics.fmean(r["energy_cum_mj"][t] for r in t_curves) for t in ts]
+            ax1.plot(en, acc, "k--", lw=1, label="backbone, fewer timesteps")
+    ax1.set_xlabel("energy per image (mJ)")
+    ax1.set_ylabel("top-1 (%)")
+    ax1.legend(fontsize=6)
+    sweep = results.get("eps_sweep") or {}
+    if sweep:
+        rows = list(sweep.values())
+        for i, eps in enumerate(EPS_SWEEP):
+            acc = [100 * r[i]["top1"] for r in rows]
+            en = [r[i]["energy_mj"] for r in rows]
+            ax2.errorbar(statistics.fmean(en), statistics.fmean(acc), yerr=_ms(acc)["std"],
+                         xerr=_ms(en)["std"], fmt="o-", capsize=3)
+            ax2.annotate(f"eps {eps}", (statistics.fmean(en), statistics.fmean(acc)), fontsize=7)
+    ax2.set_title("eps sweep (I-SPS, both), mean ± std over seeds", fontsize=8)
+    ax2.set_xlabel("energy per image (mJ)")
+    sim = results.get("similarity") or {}
+    for sps in ("integrated", "vanilla"):
+        rows = [v[sps] for v in sim.values()]
+        if rows:
+            blocks = range(len(rows[0]))
+            ax3.errorbar(list(blocks), [statistics.fmean(r[b] for r in rows) for b in blocks],
+                         yerr=[_ms([r[b] for r in rows])["std"] for b in blocks], capsize=3,
+                         marker="o", label=sps)
+    ax3.set_title("temporal similarity of block inputs (Fig. 2e)", fontsize=8)
+    ax3.set_xlabel("block")
+    ax3.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def _record(summary: dict) -> dict:
+    cum, running = {}, 0.0
+    for e in summary.get("energy_per_timestep", []):
+        if e.get("t") is not None:
+            running += e["energy_mj"]
+            cum[str(e["t"] + 1)] = running
+    return {"top1": summary["top1"], "energy_mj": summary["energy_mj"],
+            "token_ratio": summary.get("token_ratio"), "top1_per_t": summary.get("top1_per_t"),
+            "energy_cum_mj": cum, "val_images": summary.get("val_images"),
+            "checkpoint": summary["checkpoint"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="spikformer-4-64")
+    p.add_argument("-T", "--timesteps", type=int, default=4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-subset", type=int, default=12000)
+    p.add_argument("--val-subset", type=int, default=2000)
+    p.add_argument("--stage1-epochs", type=int, default=2)
+    p.add_argument("--stage2-epochs", type=int, default=1)
+    p.add_argument("--tune-trials", type=int, default=12)
+    p.add_argument("--tune-train-subset", type=int, default=2000)
+    p.add_argument("--tune-val-subset", type=int, default=1000)
+    p.add_argument("--energy-images", type=int, default=256)
+    p.add_argument("--skip", nargs="*", default=[], choices=["converted", "similarity", "sweep"])
+    p.add_argument("--out", default="runs/ablations")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    runs = Runs(args)
+    knobs = {sps: tuned_knobs(runs, sps) for sps in ("integrated", "vanilla")}
+    plan = []
+    for seed in args.seeds:
+        plan += [("integrated/backbone", "integrated", seed, dict(halting=False)),
+                 ("vanilla/backbone", "vanilla", seed, dict(halting=False)),
+                 ("integrated/both", "integrated", seed, dict(halting=True, **knobs["integrated"])),
+                 ("vanilla/both", "vanilla", seed, dict(halting=True, **knobs["vanilla"])),
+                 ("integrated/hand", "integrated", seed, dict(halting=True, **HAND)),
+                 ("vanilla/hand", "vanilla", seed, dict(halting=True, **HAND)),
+                 ("integrated/block", "integrated", seed,
+                  dict(halting=True, accumulate="block", **knobs["integrated"])),
+                 ("integrated/time", "integrated", seed,
+                  dict(halting=True, accumulate="time", **knobs["integrated"]))]
+    results = {"bench": "ablations", "settings": {**vars(args), "stage1_lr": STAGE1_LR,
+                                                  "stage2_lr": STAGE2_LR, "hand_knobs": HAND},
+               "knobs": {**knobs, "hand": HAND}, "runs": {}}
+    bar = progress_bar(None, len(plan), "ablation runs", True)
+    for name, sps, seed, kw in plan:
+        variant = name.split("/", 1)[1]
+        s = runs.stage2(variant, sps, seed, **kw)
+        results["runs"].setdefault(name, {})[str(seed)] = _record(s)
+        for s1_sps in ("integrated", "vanilla"):
+            results["runs"].setdefault(f"{s1_sps}/stage1", {})[str(seed)] = \
+                _record(runs.stage1(s1_sps, seed))
+        if bar is not None:
+            bar.update(1)
+    if "sweep" not in args.skip:
+        batches = _val_batches(args)
+        results["eps_sweep"] = {str(seed): eps_sweep(runs.stage2(
+            "both", "integrated", seed, halting=True, **knobs["integrated"]), batches,
+            args.energy_images) for seed in args.seeds}
+    if "similarity" not in args.skip:
+        results["similarity"] = {str(seed): similarity(runs, seed) for seed in args.seeds}
+    if "converted" not in args.skip:
+        results["converted_vs_direct"] = converted_vs_direct(runs)
+    results["aggregate"] = aggregate(results)
+    results.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "machine": platform.machine()})
+    root = Path(args.out)
+    atomic_write_text(root / "ablations.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(root / "ablations.md", markdown(results))
+    plot(results, root / "ablations.png")
+    print(json.dumps(results["aggregate"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
