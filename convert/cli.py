@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from stas_core.cli.common import (HelpFormatter, add_data_args, add_halting_knobs,
+from stas_core.cli.common import (HelpFormatter, add_data_args, add_energy_args, add_halting_knobs,
                                   add_output_args, run)
 from stas_core.cli.config import add_config_arg
 
@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="percentile of |activation| for --calib-method percentile")
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per batch (calibration, evaluation, ANN training)")
-    p.add_argument("--energy-images", type=int, default=256,
-                   help="validation images used to count ops and energy")
+    add_energy_args(p)
     p.add_argument("--out", default="runs/convert",
                    help="output directory (model.safetensors, report.json, report.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -83,7 +82,7 @@ def _main(args: argparse.Namespace) -> int:
         train_subset=args.train_subset, val_subset=args.val_subset, timesteps=args.timesteps,
         levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,
-        energy_images=args.energy_images, out=args.out, device=args.device, seed=args.seed,
+        energy_images=args.energy_images, energy_costs=args.energy_costs, out=args.out, device=args.device, seed=args.seed,
         compile=args.compile, halting=args.halting, alpha=args.alpha, beta=args.beta,
         eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score, execution=args.execution,
         halting_output=args.halting_output, halted_kv=args.halted_kv,

@@ -66,6 +66,10 @@ class Run:
     reference_images_per_s: Optional[float] = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the full ledger (stas_core.energy), per timestep when the input carries it
+    full_energy_mj: list[Optional[float]] = field(default_factory=list)
+    qann_full_energy_mj: list[Optional[float]] = field(default_factory=list)
+    reference_full_energy_mj: Optional[float] = None
 
     def energy_at(self, t: int) -> Optional[float]:
         return self.energy_mj[self.timesteps.index(t)]
@@ -172,6 +176,24 @@ def _cumulative_steps(p: Path, steps: Any) -> dict[int, float]:
     return out
 
 
+def _full_ledger(p: Path, data: dict, ts: list[int]) -> dict:
+    """The full-ledger fields of a report with an ``energy`` block (else none)."""
+    block = data.get("energy")
+    if not isinstance(block, dict) or not isinstance(block.get("per_t"), list):
+        return {}
+    per_t = {}
+    for entry in block["per_t"]:
+        if isinstance(entry, dict) and "t" in entry:
+            per_t[_t_key(p, "energy.per_t", entry["t"])] = entry
+    full = [_number(p, "energy.per_t.full_mj", per_t[t].get("full_mj"), optional=True)
+            if t in per_t else None for t in ts]
+    qann = [_number(p, "energy.per_t.qann_full_mj", per_t[t].get("qann_full_mj"), optional=True)
+            if t in per_t else None for t in ts]
+    return dict(full_energy_mj=full, qann_full_energy_mj=qann,
+                reference_full_energy_mj=_number(p, "energy.ann_full_mj",
+                                                 block.get("ann_full_mj"), optional=True))
+
+
 def _load_converted(p: Path, data: dict) -> dict:
     top1 = _per_t(p, "snn_top1", data["snn_top1"], unit_interval=True)
     energy: dict[int, float] = {}
@@ -195,7 +217,7 @@ def _load_converted(p: Path, data: dict) -> dict:
                              optional=True),
         reference_images_per_s=_number(p, "ann_images_per_s", data.get("ann_images_per_s"),
                                        optional=True),
-        notes=notes)
+        notes=notes, **_full_ledger(p, data, ts))
 
 
 def _load_direct(p: Path, data: dict) -> dict:
@@ -226,7 +248,7 @@ def _load_direct(p: Path, data: dict) -> dict:
                 energy_mj=[energy.get(t) for t in ts],
                 images_per_s=_number(p, "images_per_s", data.get("images_per_s"),
                                      optional=True),
-                notes=notes)
+                notes=notes, **_full_ledger(p, data, ts))
 
 
 def detect_kind(data: Mapping) -> Optional[str]:
@@ -271,7 +293,10 @@ def load_run(path: PathLike, label: Optional[str] = None) -> Run:
 
 # ----------------------------------------------------------------------------- table
 def _point(run: Run, i: int) -> dict:
-    return {"t": run.timesteps[i], "top1": run.top1[i], "energy_mj": run.energy_mj[i]}
+    full = run.full_energy_mj[i] if i < len(run.full_energy_mj) else None
+    qann = run.qann_full_energy_mj[i] if i < len(run.qann_full_energy_mj) else None
+    return {"t": run.timesteps[i], "top1": run.top1[i], "energy_mj": run.energy_mj[i],
+            "full_energy_mj": full, "qann_full_energy_mj": qann}
 
 
 def summarise_run(run: Run, tolerance_pts: float = DEFAULT_TOLERANCE_PTS) -> dict:
@@ -281,9 +306,15 @@ def summarise_run(run: Run, tolerance_pts: float = DEFAULT_TOLERANCE_PTS) -> dic
     if not (len(run.timesteps) == len(run.top1) == len(run.energy_mj)):
         raise ConfigError(f"run {run.label!r}: timesteps, top1 and energy_mj differ in length")
     order = sorted(range(len(run.timesteps)), key=lambda i: run.timesteps[i])
+
+    def pick(values: list) -> list:
+        return [values[i] for i in order] if len(values) == len(order) else []
+
     run = dataclasses.replace(run, timesteps=[run.timesteps[i] for i in order],
                               top1=[run.top1[i] for i in order],
-                              energy_mj=[run.energy_mj[i] for i in order])
+                              energy_mj=[run.energy_mj[i] for i in order],
+                              full_energy_mj=pick(run.full_energy_mj),
+                              qann_full_energy_mj=pick(run.qann_full_energy_mj))
     last = len(run.timesteps) - 1
     final = run.top1[last]
     best = max(range(last + 1), key=lambda i: (run.top1[i], -i))  # ties: the smallest t
@@ -292,6 +323,7 @@ def summarise_run(run: Run, tolerance_pts: float = DEFAULT_TOLERANCE_PTS) -> dic
     ref = None
     if run.reference_top1 is not None or run.reference_energy_mj is not None:
         ref = {"top1": run.reference_top1, "energy_mj": run.reference_energy_mj,
+               "full_energy_mj": run.reference_full_energy_mj,
                "images_per_s": run.reference_images_per_s}
     return {
         "label": run.label, "kind": run.kind, "dataset": run.dataset, "model": run.model,
@@ -351,15 +383,17 @@ def to_markdown(table: Mapping) -> str:
     """Markdown: one row per run and ``t`` (plus an ``ANN`` row for a converted run's
     reference), then a per-run summary (best top-1, smallest ``t`` within tolerance)."""
     tol = table.get("tolerance_pts", DEFAULT_TOLERANCE_PTS)
-    lines = ["| run | t | top-1 % | energy mJ/image |", "|---|---:|---:|---:|"]
+    lines = ["| run | t | top-1 % | energy mJ/image (conventional) | full ledger mJ | "
+             "equal-information QANN, full mJ |", "|---|---:|---:|---:|---:|---:|"]
     for r in table["runs"]:
         for pt in r["points"]:
             lines.append(f"| {_cell(r['label'])} | {pt['t']} | {_pct(pt['top1'])} | "
-                         f"{_mj(pt['energy_mj'])} |")
+                         f"{_mj(pt['energy_mj'])} | {_mj(pt.get('full_energy_mj'))} | "
+                         f"{_mj(pt.get('qann_full_energy_mj'))} |")
         ref = r.get("reference")
         if ref:
             lines.append(f"| {_cell(r['label'])} | ANN | {_pct(ref.get('top1'))} | "
-                         f"{_mj(ref.get('energy_mj'))} |")
+                         f"{_mj(ref.get('energy_mj'))} | {_mj(ref.get('full_energy_mj'))} | |")
     lines += ["", f"| run | kind | model | dataset | best top-1 % (t) | final top-1 % (t) | "
                   f"t within {tol:g} pt of final | top-1 % there | energy mJ/image there |",
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
@@ -377,17 +411,19 @@ def to_markdown(table: Mapping) -> str:
 
 # ----------------------------------------------------------------------------- plot
 def render_png(runs: Sequence[Run], *, title: Optional[str] = None) -> bytes:
-    """The two-panel figure (top-1 vs t | energy per image vs t, log y) as PNG bytes."""
+    """The three-panel figure (top-1 vs t | conventional energy per image vs t | full
+    ledger vs t, with the ANN dashed and the equal-information QANN dotted; log y) as PNG
+    bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     if not runs:
         raise ConfigError("nothing to plot: no runs given")
-    fig = Figure(figsize=(11.0, 4.4), dpi=110)
+    fig = Figure(figsize=(15.0, 4.4), dpi=110)
     FigureCanvasAgg(fig)
-    ax_acc, ax_e = fig.subplots(1, 2)
-    any_energy = False
+    ax_acc, ax_e, ax_f = fig.subplots(1, 3)
+    any_energy = any_full = False
     for i, r in enumerate(runs):
         color = f"C{i % 10}"
         name = f"{r.label} ({r.kind})"
@@ -405,7 +441,27 @@ def render_png(runs: Sequence[Run], *, title: Optional[str] = None) -> bytes:
             any_energy = True
             ax_e.axhline(r.reference_energy_mj, linestyle="--", color=color, alpha=0.8,
                          label=f"{r.label} ANN")
-    for ax in (ax_acc, ax_e):
+        full = [(t, e) for t, e in zip(r.timesteps, r.full_energy_mj) if e]
+        if full:
+            any_full = True
+            ax_f.plot([t for t, _ in full], [e for _, e in full], marker="o", color=color,
+                      label=name)
+            qann = [(t, e) for t, e in zip(r.timesteps, r.qann_full_energy_mj) if e]
+            if qann:
+                ax_f.plot([t for t, _ in qann], [e for _, e in qann], ls=":", color=color,
+                          label=f"{r.label} QANN, equal information")
+            if r.reference_full_energy_mj:
+                ax_f.axhline(r.reference_full_energy_mj, linestyle="--", color=color,
+                             alpha=0.8, label=f"{r.label} ANN")
+    ax_f.set_title("Full ledger (memory, neurons, nonlinear ops)", fontsize=10)
+    ax_f.set_ylabel("energy per image (mJ)")
+    if any_full:
+        ax_f.set_yscale("log")
+        ax_f.legend(loc="best", fontsize=7)
+    else:
+        ax_f.text(0.5, 0.5, "no full-ledger figures in the inputs", ha="center",
+                  va="center", transform=ax_f.transAxes)
+    for ax in (ax_acc, ax_e, ax_f):
         ax.set_xlabel("timesteps T")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)

@@ -193,11 +193,17 @@ def _device_count(previous: Optional[tuple[Tensor, int]], count: int,
 
 
 class Compensated(nn.Module):
-    """Expectation compensation of ``fn``: outputs sum to ``t * fn(mean of inputs)``."""
+    """Expectation compensation of ``fn``: outputs sum to ``t * fn(mean of inputs)``.
 
-    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+    ``kind`` names ``fn`` for the energy ledger ('layernorm', 'softmax', 'gelu'; a
+    LayerNorm module is recognised)."""
+
+    stas_ledger = "compensated"
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], kind: Optional[str] = None) -> None:
         super().__init__()
         self.fn = fn
+        self.kind = kind or ("layernorm" if isinstance(fn, nn.LayerNorm) else "other")
         self.reset()
 
     def reset(self) -> None:
@@ -236,6 +242,8 @@ class CompensatedMatMul(nn.Module):
     under halting, else the step number); with every token active it is ``t``, so the
     outputs sum to ``t * mean(A) @ mean(B)``.
     """
+
+    stas_ledger = "compensated_product"
 
     def __init__(self) -> None:
         super().__init__()

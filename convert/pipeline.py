@@ -24,10 +24,10 @@ from halting.plugin import DEFAULT_EXECUTION, HaltingConfigError
 from halting.protocol import run_stepwise
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
-from stas_core.energy import EnergyCosts, OpCounter, ann_macs
+from stas_core.energy import EnergyCosts, ann_macs
 from stas_core.errors import check_positive_int
 from stas_core.timing import Stopwatch
-from stas_core.evaluate import evaluate_halting, save_depth_heatmap
+from stas_core.evaluate import energy_report, evaluate_halting, save_depth_heatmap
 from stas_core.train import build_scheduler, halting_config_of, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
@@ -65,6 +65,7 @@ class ConvertConfig:
     calib_percentile: float = 99.99
     batch_size: int = 128
     energy_images: int = 256
+    energy_costs: Optional[str] = None  # JSON file of EnergyCosts fields (None: 45 nm)
     out: str = "runs/convert"
     device: str = "auto"
     seed: int = 0
@@ -102,6 +103,7 @@ class ConvertConfig:
                 f"the accuracy of noise. Give --pretrained (timm's hub, needs network), "
                 f"--pretrained-file FILE, --checkpoint FILE, or --train-epochs N (train the "
                 f"ANN here first, offline); --random-init converts random weights on purpose")
+        EnergyCosts.load(self.energy_costs)  # a bad file fails before any work
         info = get_dataset_info(self.dataset)
         patch = self.model_kwargs.get("patch_size", name_patch_size(self.model))
         if isinstance(patch, int):  # refused before any download or training
@@ -256,42 +258,36 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
 
 @torch.no_grad()
 def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device, cfg,
-                    max_energy_images: int, execution: str = DEFAULT_EXECUTION) -> dict:
-    """Top-1, token ratio, energy per image and images/s of the halted SNN after
-    t = 1, 2, 4, ... (each t is its own run: the halting window ends at the last timestep).
-    Throughput is timed on the batches run without the op counter."""
+                    max_energy_images: int, execution: str = DEFAULT_EXECUTION,
+                    costs: Optional[EnergyCosts] = None) -> dict:
+    """Top-1, token ratio, energy per image (conventional and full ledger) and images/s of
+    the halted SNN after t = 1, 2, 4, ... (each t is its own run: the halting window ends
+    at the last timestep). Throughput is timed on the batches run without the op counter."""
     marks = sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= timesteps} | {timesteps})
-    top1, ratio, energy, speed = {}, {}, {}, {}
+    top1, ratio, energy, full, speed = {}, {}, {}, {}, {}
     for t in marks:
         ev = evaluate_halting(snn, loader, cfg, t, device, energy_images=max_energy_images,
-                              execution=execution)
+                              execution=execution, costs=costs)
         top1[str(t)], ratio[str(t)], energy[str(t)] = ev["top1"], ev["token_ratio"], ev["energy_mj"]
+        full[str(t)] = ev["full_energy_mj"]
         if "images_per_s" in ev:
             speed[str(t)] = ev["images_per_s"]
     return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy,
+            "halted_full_energy_mj": full,
             **({"halted_images_per_s": speed} if speed else {})}
 
 
 @torch.no_grad()
 def snn_energy(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
-               max_images: int) -> dict:
-    """Cumulative energy per image after every t, and firing rates, on ``max_images``."""
-    counter = OpCounter(snn)
-    with counter:
-        for x, _ in loader:
-            if counter.images >= max_images:
-                break
-            x = x[: max_images - counter.images].to(device)
-            run_stepwise(snn, x, timesteps, on_timestep=counter.set_timestep)
-            counter.add_images(len(x))
-    s = counter.summary()
-    running, cumulative = 0.0, {}
-    for entry in s["per_timestep"]:
-        running += entry["energy_mj"]
-        cumulative[str(entry["t"] + 1)] = running
+               max_images: int, costs: Optional[EnergyCosts] = None) -> dict:
+    """Cumulative energy per image after every t (conventional), the full ledger with the
+    ANN and quantized-ANN baselines (``energy``), and firing rates, on ``max_images``."""
+    s = energy_report(snn, loader, device, max_images=max_images, costs=costs,
+                      timesteps=timesteps)
+    cumulative = {str(e["t"]): e["conventional_mj"] for e in s["energy"]["per_t"]}
     return {"energy_mj": cumulative, "sops_at_T": s["sops"], "macs_at_T": s["macs"],
             "per_timestep": s["per_timestep"], "energy_images": s["images"],
-            "firing_rates": s["firing_rates"]}
+            "firing_rates": s["firing_rates"], "energy": s["energy"]}
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -353,15 +349,16 @@ def convert(cfg: ConvertConfig) -> dict:
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
     ev = evaluate_side_by_side(vit, snn, val_loader, cfg.timesteps, device,
                                progress=cfg.progress)
-    energy = snn_energy(snn, val_loader, cfg.timesteps, device, cfg.energy_images)
+    costs = EnergyCosts.load(cfg.energy_costs)
+    energy = snn_energy(snn, val_loader, cfg.timesteps, device, cfg.energy_images, costs)
     first = next(iter(val_loader))[0][: min(cfg.energy_images, cfg.batch_size)].to(device)
-    ann_e = ann_energy(vit, first)
+    ann_e = ann_energy(vit, first, costs)
     halting_cfg = cfg.halting_config()
     halted = {}
     if halting_cfg is not None:
         snn.set_halted_kv(cfg.halted_kv)
         halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
-                                 cfg.energy_images, cfg.execution)
+                                 cfg.energy_images, cfg.execution, costs)
         halted["halting"] = {**dataclasses.asdict(halting_cfg.for_model(snn)),
                              "execution": cfg.execution,
                              "halted_kv": cfg.halted_kv}
@@ -376,6 +373,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "energy_mj": energy["energy_mj"], "ann_energy_mj": ann_e["energy_mj"],
         "ann_macs": ann_e["macs"], "sops": energy["sops_at_T"], "macs": energy["macs_at_T"],
         "energy_images": energy["energy_images"],
+        "energy": energy["energy"],
         "firing_rates": energy["firing_rates"],
         "calibration": {"method": cfg.calib_method, "images": cfg.calib_images,
                         "thresholds": thresholds},

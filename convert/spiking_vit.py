@@ -66,7 +66,7 @@ class ConvertedBlock(nn.Module):
         self.qkv = _events(copy.deepcopy(attn.qkv), self.in_qkv)
         self.n_q, self.n_k, self.n_v = (MultiThresholdNeuron(levels) for _ in range(3))
         self.qk = CompensatedMatMul()
-        self.softmax = Compensated(softmax_fn(self.scale))
+        self.softmax = Compensated(softmax_fn(self.scale), "softmax")
         self.n_attn = MultiThresholdNeuron(levels)
         self.av = CompensatedMatMul()
         self.in_proj = MultiThresholdNeuron(levels)
@@ -75,7 +75,7 @@ class ConvertedBlock(nn.Module):
         self.in_fc1 = MultiThresholdNeuron(levels)
         self.fc1 = _events(copy.deepcopy(mlp.fc1), self.in_fc1)
         approx = getattr(mlp.act, "approximate", "none")
-        self.gelu = Compensated(gelu_fn(approx))
+        self.gelu = Compensated(gelu_fn(approx), "gelu")
         self.in_fc2 = MultiThresholdNeuron(levels)
         self.fc2 = _events(_linear_with_scale(mlp.fc2, blk.ls2), self.in_fc2)
         self.reset()
@@ -121,7 +121,8 @@ class ConvertedBlock(nn.Module):
             else (lambda f, h: f(h))
         tok = None if active is None else active.unsqueeze(-1)            # [B, N, 1]
         row = None if active is None else active[:, None, :, None]        # [B, 1, N, 1]
-        h = self.in_qkv.step(self.norm1.step(x, tok), tok)
+        # compensated ops are called as modules, so the op counter's hooks see them
+        h = self.in_qkv.step(self.norm1(x, tok), tok)
         q, k, v = self._qkv(lin(self.qkv, h))
         q, k, v = self.n_q.step(q, row), self.n_k.step(k, row), self.n_v.step(v, row)
         if active is not None:
@@ -131,14 +132,14 @@ class ConvertedBlock(nn.Module):
             self.key_count = self.key_count + 1
         kc = None if self.key_count is None else self.key_count[:, None, None, :]
         vc = None if self.key_count is None else self.key_count[:, None, :, None]
-        scores = self.qk.step(q, k.transpose(-2, -1), kc)
+        scores = self.qk(q, k.transpose(-2, -1), kc)
         if self.halted_kv == "drop" and active is not None:  # halted keys leave the softmax
             scores = scores.masked_fill(~active[:, None, None, :], DROPPED_SCORE)
-        a = self.n_attn.step(self.softmax.step(scores, row), row)
-        o = self.av.step(a, v, vc).transpose(-3, -2).flatten(-2)
+        a = self.n_attn.step(self.softmax(scores, row), row)
+        o = self.av(a, v, vc).transpose(-3, -2).flatten(-2)
         y = x + lin(self.proj, self.in_proj.step(o, tok))
-        h = self.in_fc1.step(self.norm2.step(y, tok), tok)
-        h = self.in_fc2.step(self.gelu.step(lin(self.fc1, h), tok), tok)
+        h = self.in_fc1.step(self.norm2(y, tok), tok)
+        h = self.in_fc2.step(self.gelu(lin(self.fc1, h), tok), tok)
         y = y + lin(self.fc2, h)
         return y if active is None else torch.where(tok, y, x)
 
@@ -241,11 +242,11 @@ class SpikingViT(nn.Module):
     def readout(self, per_token_out: Tensor) -> Tensor:
         """Logits of one timestep (stateful: call once per timestep, in order); their mean
         over timesteps is the SNN's answer."""
-        h = self.norm.step(per_token_out)
+        h = self.norm(per_token_out)
         outs = []
         for tok, neuron, head in zip(self._pool_tokens(h), self.head_neurons, self.heads):
             if self.fc_norm is not None:
-                tok = self.fc_norm.step(tok)
+                tok = self.fc_norm(tok)
             outs.append(head(neuron.step(tok)))
         return sum(outs) / len(outs)
 

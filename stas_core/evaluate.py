@@ -1,6 +1,7 @@
 """Evaluation of spiking models: top-1, throughput, and energy with the shared op counter."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Optional
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 
-from .energy import EnergyCosts, OpCounter
+from .energy import TERMS, EnergyCosts, OpCounter, equal_information_bits
 from .timing import Stopwatch
 
 
@@ -48,14 +49,16 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *,
 @torch.no_grad()
 def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
                      timesteps: Optional[int], device: torch.device, *,
-                     energy_images: int = 256, execution: str = DEFAULT_EXECUTION) -> dict:
-    """Top-1, token ratio, energy per image (ops counted on the first ``energy_images``
+                     energy_images: int = 256, execution: str = DEFAULT_EXECUTION,
+                     costs: Optional[EnergyCosts] = None) -> dict:
+    """Top-1, token ratio, energy per image (conventional ``energy_mj`` and full ledger
+    ``full_energy_mj``) (ops counted on the first ``energy_images``
     images) and images/s (timed on the other batches) of ``model`` run for ``timesteps``
     steps with halting ``cfg``. An empty loader is a ConfigError."""
     from .errors import ConfigError
 
     model.eval()
-    counter = OpCounter(model)
+    counter = OpCounter(model, costs)
     correct = total = timed = 0
     ratio_sum = 0.0
     watch = Stopwatch(device)
@@ -75,7 +78,9 @@ def evaluate_halting(model: nn.Module, loader: Iterable, cfg: HaltingConfig,
         total += len(y)
     if not total:
         raise ConfigError("the validation set is empty; check --val-subset")
-    return {"top1": correct / total, "energy_mj": float(counter.summary()["energy_mj"]),
+    energy = counter.summary()
+    return {"top1": correct / total, "energy_mj": float(energy["energy_mj"]),
+            "full_energy_mj": float(energy["ledger"]["full_mj"]),
             "token_ratio": ratio_sum / total, "images": total,
             **({"images_per_s": timed / watch.seconds} if timed else {})}
 
@@ -125,14 +130,19 @@ def accuracy_per_timestep(model: nn.Module, loader: Iterable, device: torch.devi
 def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
                    max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None,
                    halting: Optional[HaltingConfig] = None,
-                   execution: str = DEFAULT_EXECUTION) -> dict:
-    """Per-image ops and energy, counted per timestep on the per-timestep path.
+                   execution: str = DEFAULT_EXECUTION, timesteps: Optional[int] = None,
+                   mode: str = "snn", activation_bits: Optional[int] = None,
+                   int_macs: bool = False) -> dict:
+    """Per-image ops and energy (:meth:`OpCounter.summary`, with the full ledger), counted
+    per timestep on the per-timestep path.
 
     The per-timestep path computes exactly what the multi-step path does (tested), and
     lets the counter book every op to its timestep and see I-SPS run its stack once.
+    ``mode``, ``activation_bits``, ``int_macs``: see :class:`OpCounter` (the ANN).
     """
     model.eval()
-    counter = OpCounter(model, costs)
+    counter = OpCounter(model, costs, mode=mode, activation_bits=activation_bits,
+                        int_macs=int_macs)
     with counter:
         for images, _ in loader:
             if max_images is not None and counter.images >= max_images:
@@ -140,9 +150,77 @@ def measure_energy(model: nn.Module, loader: Iterable, device: torch.device, *,
             if max_images is not None:
                 images = images[: max_images - counter.images]
             if halting is None:
-                run_stepwise(model, images.to(device), on_timestep=counter.set_timestep)
+                run_stepwise(model, images.to(device), timesteps,
+                             on_timestep=counter.set_timestep)
             else:  # halted tokens send no spikes, so they cost nothing
-                run_halting(model, images.to(device), halting, execution=execution,
-                            on_timestep=counter.set_timestep)
+                run_halting(model, images.to(device), halting, timesteps=timesteps,
+                            execution=execution, on_timestep=counter.set_timestep)
             counter.add_images(images.shape[0])
     return counter.summary()
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
+
+
+@torch.no_grad()
+def energy_report(model: nn.Module, loader: Iterable, device: torch.device, *,
+                  max_images: Optional[int] = 256, costs: Optional[EnergyCosts] = None,
+                  halting: Optional[HaltingConfig] = None, execution: str = DEFAULT_EXECUTION,
+                  timesteps: Optional[int] = None) -> dict:
+    """Both ledgers of ``model`` (halted with ``halting``), and of the ANN and the
+    equal-information quantized ANN it is compared with, on the same images.
+
+    Returns the SNN's :func:`measure_energy` summary with an ``energy`` block:
+    ``conventional_mj``, ``full_mj``, ``terms_mj``; ``ann_*`` and ``qann_*`` (full ledger;
+    the QANN at ``qann_bits`` for all T steps); ``snn_vs_ann`` and ``snn_vs_qann`` (full
+    ledger ratios); and ``per_t``: the same, cumulative, for the model stopped after t
+    steps (the QANN's bit width follows t).
+    """
+    costs = costs or EnergyCosts()
+    steps = int(timesteps or model.timesteps)
+    snn = measure_energy(model, loader, device, max_images=max_images, costs=costs,
+                         halting=halting, execution=execution, timesteps=timesteps)
+    ann_run = measure_energy(model, loader, device, max_images=max_images, costs=costs,
+                             timesteps=1, mode="ann")
+    ann = ann_run["ledger"]
+    levels = getattr(model, "levels", None)
+    qann: dict[int, dict] = {}
+    for t in range(1, steps + 1):
+        bits = equal_information_bits(t, levels)
+        if bits not in qann:
+            qann[bits] = measure_energy(model, loader, device, max_images=max_images,
+                                        costs=costs, timesteps=1, mode="ann",
+                                        activation_bits=bits, int_macs=True)["ledger"]
+    full = snn["ledger"]
+    conv_t = {e["t"]: e["energy_mj"] for e in snn["per_timestep"]}
+    per_t, conv_cum, full_cum = [], 0.0, 0.0
+    terms_cum = dict.fromkeys(TERMS, 0.0)
+    for entry in full["per_timestep"]:
+        if entry["t"] is None:
+            continue
+        conv_cum += conv_t.get(entry["t"], 0.0)
+        full_cum += entry["full_mj"]
+        for k in TERMS:
+            terms_cum[k] += entry["terms_mj"][k]
+        t = entry["t"] + 1
+        q = qann[equal_information_bits(t, levels)]
+        per_t.append({"t": t, "conventional_mj": conv_cum, "full_mj": full_cum,
+                      "terms_mj": dict(terms_cum), "qann_bits": equal_information_bits(t, levels),
+                      "qann_full_mj": q["full_mj"], "snn_vs_ann": _ratio(full_cum, ann["full_mj"]),
+                      "snn_vs_qann": _ratio(full_cum, q["full_mj"])})
+    bits_T = equal_information_bits(steps, levels)
+    q_T = qann[bits_T]
+    snn["energy"] = {
+        "conventional_mj": snn["energy_mj"], "full_mj": full["full_mj"],
+        "terms_mj": full["terms_mj"],
+        "ann_conventional_mj": ann_run["energy_mj"], "ann_macs": ann_run["macs"],
+        "ann_full_mj": ann["full_mj"], "ann_terms_mj": ann["terms_mj"],
+        "qann_bits": bits_T, "qann_full_mj": q_T["full_mj"], "qann_terms_mj": q_T["terms_mj"],
+        "snn_vs_ann": _ratio(full["full_mj"], ann["full_mj"]),
+        "snn_vs_qann": _ratio(full["full_mj"], q_T["full_mj"]),
+        "conventional_snn_vs_ann": _ratio(snn["energy_mj"], ann_run["energy_mj"]),
+        "per_t": per_t, "images": snn["images"], "weight_bytes": full["weight_bytes"],
+        "weights_on_chip": full["weights_on_chip"], "costs": dataclasses.asdict(costs),
+    }
+    return snn

@@ -33,7 +33,7 @@ from .batchnorm import batches_for, recalibrate_batchnorm
 from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
 from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import accuracy_per_timestep, evaluate, measure_energy, save_depth_heatmap
+from .evaluate import accuracy_per_timestep, energy_report, evaluate, save_depth_heatmap
 from .models import create_model
 from .models.base import SpikingTransformer
 from .timing import Stopwatch
@@ -80,6 +80,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     energy_images: int = 256
+    energy_costs: Optional[str] = None  # JSON file of EnergyCosts fields (None: 45 nm)
     neuron: dict = field(default_factory=dict)  # LIF settings; unset: defaults or init_from's
     bn_images: int = 2048          # training images that recompute BatchNorm statistics
     #                                after every epoch (0: keep the running averages)
@@ -113,7 +114,14 @@ class TrainConfig:
         if self.delta_p < 0:
             raise ConfigError(f"delta_p must be >= 0; got {self.delta_p}")
         self.halting_config()  # validates alpha/beta/eps/accumulate/execution
+        self.costs()  # a bad --energy-costs file fails before any training
         return self
+
+    def costs(self):
+        """The :class:`~stas_core.energy.EnergyCosts` of ``energy_costs`` (or the defaults)."""
+        from .energy import EnergyCosts
+
+        return EnergyCosts.load(self.energy_costs)
 
     def halting_config(self):
         """The :class:`halting.HaltingConfig` of this run (None without --halting)."""
@@ -467,8 +475,8 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
     halting_cfg = cfg.halting_config()
     ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
     per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
-    energy = measure_energy(model, val_loader, device, max_images=cfg.energy_images,
-                            halting=halting_cfg, execution=cfg.execution)
+    energy = energy_report(model, val_loader, device, max_images=cfg.energy_images,
+                           costs=cfg.costs(), halting=halting_cfg, execution=cfg.execution)
     depth = {} if halting_cfg is None else save_depth_heatmap(
         model, val_loader, device, halting_cfg, Path(cfg.out) / "halting_depth.png",
         execution=cfg.execution)
@@ -480,6 +488,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         "val_images": ev["images"],
         "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
         "energy_per_timestep": energy["per_timestep"],
+        "energy": energy["energy"],
         "energy_images": energy["images"],
         "firing_rates": energy["firing_rates"],
         "wall_s": time.perf_counter() - start_wall,

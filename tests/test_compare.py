@@ -27,7 +27,10 @@ SUMMARY = {
                             {"t": 2, "macs": 0, "sops": 3e7, "energy_mj": 0.03},
                             {"t": 3, "macs": 0, "sops": 4e7, "energy_mj": 0.04}],
     "energy_mj": 0.10, "images_per_s": 500.0, "checkpoint": "runs/direct/last.safetensors",
+    "energy": {"ann_full_mj": 2.0, "per_t": [
+        {"t": t, "full_mj": 0.5 * t, "qann_full_mj": 1.0 + 0.1 * t} for t in (1, 2, 3, 4)]},
 }
+NONE = {"full_energy_mj": None, "qann_full_energy_mj": None}
 
 
 def _write(path, obj):
@@ -106,15 +109,18 @@ def test_compare_table(files):
     assert table["dataset"] == "fashion-mnist"
     conv, direct = table["runs"]
     assert [p["t"] for p in conv["points"]] == [1, 2, 4, 8]
-    assert conv["points"][1] == {"t": 2, "top1": 0.70, "energy_mj": 0.1}
+    assert conv["points"][1] == {"t": 2, "top1": 0.70, "energy_mj": 0.1, **NONE}
     assert conv["best"]["top1"] == 0.79 and conv["best"]["t"] == 8
     assert conv["final"]["t"] == 8
     # 0.785 is within 0.5 points of 0.79; 0.70 is not
-    assert conv["within_tolerance"] == {"t": 4, "top1": 0.785, "energy_mj": 0.2}
+    assert conv["within_tolerance"] == {"t": 4, "top1": 0.785, "energy_mj": 0.2, **NONE}
     assert conv["reference"]["top1"] == 0.788 and conv["reference"]["energy_mj"] == 0.6
     assert direct["within_tolerance"]["t"] == 3
     assert direct["within_tolerance"]["energy_mj"] == pytest.approx(0.06)
     assert direct["reference"] is None
+    # the full ledger per t, and the equal-information QANN, where the summary has them
+    assert direct["points"][2]["full_energy_mj"] == 1.5
+    assert direct["points"][2]["qann_full_energy_mj"] == pytest.approx(1.3)
     json.dumps(table, allow_nan=False)  # JSON-able
 
 
@@ -133,7 +139,7 @@ def test_compare_best_not_final_and_dataset_warning(tmp_path):
     assert any("different datasets" in r.getMessage() for r in records)
     assert table["dataset"] is None and table["datasets"] == ["cifar10", "fashion-mnist"]
     ra = table["runs"][0]
-    assert ra["best"] == {"t": 2, "top1": 0.9, "energy_mj": 2.0}
+    assert ra["best"] == {"t": 2, "top1": 0.9, "energy_mj": 2.0, **NONE}
     assert ra["within_tolerance"]["t"] == 2  # 0.9 >= final 0.8 - 0.005
     assert ra["final"]["energy_mj"] is None
     with pytest.raises(ConfigError, match="unique"):
@@ -144,10 +150,11 @@ def test_compare_best_not_final_and_dataset_warning(tmp_path):
 
 def test_markdown(files):
     md = to_markdown(compare([load_run(files["report"]), load_run(files["summary"])]))
-    assert md.splitlines()[0] == "| run | t | top-1 % | energy mJ/image |"
-    assert "| conv | 2 | 70.00 | 0.1 |" in md
-    assert "| conv | ANN | 78.80 | 0.6 |" in md
-    assert "| direct | 3 | 87.70 | 0.06 |" in md
+    assert md.splitlines()[0] == ("| run | t | top-1 % | energy mJ/image (conventional) | "
+                                  "full ledger mJ | equal-information QANN, full mJ |")
+    assert "| conv | 2 | 70.00 | 0.1 | n/a | n/a |" in md
+    assert "| conv | ANN | 78.80 | 0.6 | n/a | |" in md
+    assert "| direct | 3 | 87.70 | 0.06 | 1.5 | 1.3 |" in md
     assert "ANN" not in "".join(line for line in md.splitlines() if line.startswith("| direct"))
 
 
@@ -171,7 +178,7 @@ def test_cli_writes_three_files(files, tmp_path, capsys):
     png = (out / "compare.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 0
     stdout = capsys.readouterr().out
-    assert "| A | ANN | 78.80 | 0.6 |" in stdout
+    assert "| A | ANN | 78.80 | 0.6 | n/a | |" in stdout
     assert stdout == (out / "compare.md").read_text()
 
 

@@ -187,6 +187,10 @@ def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path):
     assert sorted(report["snn_top1"], key=int) == ["1", "2", "3"]
     e = report["energy_mj"]
     assert 0 < e["1"] < e["2"] < e["3"] and report["ann_energy_mj"] > 0
+    ledger = report["energy"]  # 8 graded levels over 3 steps: 3 * 2^8 + 1 sums, 10 bits
+    assert ledger["qann_bits"] == 10 and ledger["terms_mj"]["nonlinear"] > 0
+    assert [p["conventional_mj"] for p in ledger["per_t"]] == [e[str(t)] for t in (1, 2, 3)]
+    assert ledger["ann_macs"] == report["ann_macs"]  # own hooks == torch's FLOP counter
     assert (tmp_path / "c" / "report.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(CheckpointError, match="not a converted model"):
         from stas_core.checkpoint import save_checkpoint

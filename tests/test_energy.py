@@ -129,3 +129,182 @@ def test_ann_macs_hand_counted_tiny_vit(fused):
     vit.blocks[0].attn.fused_attn = fused
     got = ann_macs(vit, torch.randn(2, 1, 8, 8))
     assert got["macs"] == 512 + 960 + 400 + 320 + 2 * 1280 + 24
+
+
+# --------------------------------------------------------------------------- full ledger
+def _ledger_t0(counter):
+    return counter.ledger()["per_timestep"][0]["terms_mj"]
+
+
+def test_full_ledger_linear_on_known_spikes():
+    """A Linear(4->3, bias) on 2 rows with 4 spikes, one image: every term by hand."""
+    from stas_core.energy import EnergyCosts
+
+    costs = EnergyCosts()
+    fc = nn.Linear(4, 3)
+    x = torch.tensor([[[1., 0., 1., 1.], [0., 0., 0., 1.]]])  # [1 image, 2 rows, 4]
+    with OpCounter(fc, costs) as counter:
+        counter.set_timestep(0)
+        fc(x)
+        counter.add_images(1)
+    terms = _ledger_t0(counter)
+    weight_bytes = 12 * 4  # 12 weights of 32 bits: on chip, an SRAM buffer of 48 bytes
+    assert counter.weight_bytes == weight_bytes
+    # synaptic: 4 spikes x 3 synapses = 12 adds, plus 6 bias adds (2 rows x 3 outputs)
+    assert terms["synaptic"] * 1e9 == pytest.approx((12 + 6) * 0.9)
+    # one weight fetch: 12 weights x 32 bits at the per-bit price of a 48-byte buffer
+    per_bit = 10.0 * weight_bytes / 8192 / 64
+    assert terms["memory_weights"] * 1e9 == pytest.approx(12 * 32 * per_bit)
+    # the 6 partial sums (32 bits) written and read, in a 24-byte buffer
+    assert terms["memory_activations"] * 1e9 == pytest.approx(2 * 6 * 32 * 10.0 * 24 / 8192 / 64)
+    assert terms["neuron"] == terms["nonlinear"] == terms["memory_state"] == 0
+
+
+def test_full_ledger_weights_from_dram_when_they_do_not_fit():
+    from stas_core.energy import EnergyCosts
+
+    fc = nn.Linear(4, 3, bias=False)
+    with OpCounter(fc, EnergyCosts(on_chip_bytes=16)) as counter:  # 48 bytes > 16
+        counter.set_timestep(0)
+        fc(torch.ones(2, 4))  # two images (rows): each reads the weights once
+        counter.add_images(2)
+    assert _ledger_t0(counter)["memory_weights"] * 1e9 == pytest.approx(12 * 32 * 1950.0 / 64)
+
+
+def test_full_ledger_one_neuron_update():
+    """LIF tau 2 on 6 sites: 3 adds and a shift each; membrane read and written; spikes
+    (1 bit) written and read."""
+    lif = LIF(v_threshold=0.5)
+    with OpCounter(lif) as counter:
+        counter.set_timestep(0)
+        lif.single_step(torch.ones(1, 6))
+        counter.add_images(1)
+    terms = _ledger_t0(counter)
+    assert terms["neuron"] * 1e9 == pytest.approx(6 * (3 * 0.9 + 0.1))
+    assert terms["memory_state"] * 1e9 == pytest.approx(2 * 6 * 32 * 10.0 * 24 / 8192 / 64)
+    assert terms["memory_activations"] * 1e9 == pytest.approx(2 * 6 * 1 * 10.0 * 0.75 / 8192 / 64)
+
+
+def test_full_ledger_one_compensated_layernorm_step():
+    """Compensated LayerNorm on [1, 2, 4] with one token halted: 4 active elements, each
+    4 adds + 3 multiplies (LayerNorm), 2 adds + 2 multiplies (compensation), total and
+    emitted read and written (4 x 32 bits), the output written and read."""
+    from convert.ops import Compensated
+
+    norm = Compensated(nn.LayerNorm(4))
+    active = torch.tensor([[[True], [False]]])
+    with OpCounter(norm) as counter:
+        counter.set_timestep(0)
+        norm(torch.randn(1, 2, 4), active)
+        counter.add_images(1)
+    terms = _ledger_t0(counter)
+    assert terms["nonlinear"] * 1e9 == pytest.approx(4 * (4 * 0.9 + 3 * 3.7))
+    assert terms["compensation"] * 1e9 == pytest.approx(4 * 2 * (0.9 + 3.7))
+    buffer = 8 * 4  # the state of one image: 8 elements of 32 bits
+    assert terms["memory_state"] * 1e9 == pytest.approx(4 * 4 * 32 * 10.0 * buffer / 8192 / 64)
+    assert terms["memory_activations"] * 1e9 == pytest.approx(2 * 4 * 32 * 10.0 * buffer / 8192 / 64)
+
+
+@pytest.mark.parametrize("execution", ["gather", "mask"])
+def test_halted_tokens_cost_nothing_in_any_term(execution):
+    """Every token halts in block 0 at t = 0 (beta 10): at t = 1 no block runs, so no
+    neuron, state or block-weight term; only the readout head (its weights, bias adds and
+    logits) is left. Without halting the same timestep costs in every term. (The mask
+    execution computes halted rows as zeros; its activation traffic is booked densely.)"""
+    from halting import HaltingConfig
+    from halting.plugin import run_halting
+    from stas_core.energy import EnergyCosts
+
+    torch.manual_seed(0)
+    model = create_model("spikformer-2-32", timesteps=2, in_chans=1, img_size=28,
+                         num_classes=10).eval()
+    x = torch.randn(2, 1, 28, 28) * 3
+    terms = {}
+    for beta in (10.0, -10.0):
+        with torch.no_grad(), OpCounter(model) as counter:
+            run_halting(model, x, HaltingConfig(alpha=0.0, beta=beta, eps=0.01),
+                        execution=execution, on_timestep=counter.set_timestep)
+            counter.add_images(2)
+        terms[beta] = counter.ledger()["per_timestep"][1]["terms_mj"]
+    halted, running = terms[10.0], terms[-10.0]
+    assert halted["neuron"] == halted["memory_state"] == 0
+    head = model.head
+    per_bit = EnergyCosts().weight_pj_per_bit(counter.weight_bytes)
+    assert halted["memory_weights"] * 1e9 == pytest.approx(head.weight.numel() * 32 * per_bit)
+    assert halted["synaptic"] * 1e9 == pytest.approx(head.out_features * 0.9)  # bias adds
+    assert running["memory_weights"] > 10 * halted["memory_weights"]
+    if execution == "gather":
+        assert running["memory_activations"] > 10 * halted["memory_activations"]
+    assert running["neuron"] > 0 and running["memory_state"] > 0
+
+
+def test_ann_mode_counts_what_torch_counts_for_the_timm_vit():
+    """The ANN a converted ViT stands for, booked through the SNN's own hooks (mode='ann',
+    one step), has exactly the MACs torch's FLOP counter finds in the timm ViT."""
+    import timm
+
+    from convert.spiking_vit import SpikingViT
+    from stas_core.energy import ann_macs
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                            in_chans=1, num_classes=3, embed_dim=8, depth=2, num_heads=2).eval()
+    snn = SpikingViT(vit, levels=4, timesteps=2)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad(), OpCounter(snn, mode="ann") as counter:
+        run_stepwise(snn, x, 1, on_timestep=counter.set_timestep)
+        counter.add_images(3)
+    s = counter.summary()
+    assert s["macs"] == ann_macs(vit, x)["macs"] and s["sops"] == 0
+    terms = s["ledger"]["terms_mj"]
+    assert terms["neuron"] == terms["compensation"] == terms["memory_state"] == 0
+    assert terms["nonlinear"] > 0
+
+
+def test_converted_products_are_counted():
+    """Q K^T and attn V of a converted block reach the conventional counter too."""
+    import timm
+
+    from convert.spiking_vit import SpikingViT
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                            in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2).eval()
+    snn = SpikingViT(vit, levels=4, timesteps=2)
+    with torch.no_grad(), OpCounter(snn) as counter:
+        run_stepwise(snn, torch.randn(2, 1, 8, 8), on_timestep=counter.set_timestep)
+        counter.add_images(2)
+    layers = counter.summary()["per_layer"]
+    assert layers["blocks.0.qk"]["sops"] > 0 and layers["blocks.0.av"]["sops"] > 0
+
+
+@pytest.mark.parametrize("t, levels, bits", [(1, None, 1), (4, None, 3), (7, None, 3),
+                                             (8, None, 4), (8, 8, 12), (1, 4, 5)])
+def test_equal_information_bits(t, levels, bits):
+    from stas_core.energy import equal_information_bits
+
+    assert equal_information_bits(t, levels) == bits
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"dram_pj": -1}', "'dram_pj' must be a finite number >= 0, got -1"),
+    ('{"dram": 1}', "unknown cost 'dram'"),
+    ('{"weight_bits": 7.5}', "'weight_bits' must be a positive integer"),
+    ('[1]', "expected a JSON object"),
+    ('{', "cannot read a JSON object"),
+])
+def test_energy_costs_file_errors(tmp_path, text, words):
+    from stas_core.energy import EnergyCosts
+    from stas_core.errors import ConfigError
+
+    path = tmp_path / "costs.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        EnergyCosts.from_file(path)
+
+
+def test_energy_costs_file_overrides(tmp_path):
+    from stas_core.energy import EnergyCosts
+
+    path = tmp_path / "costs.json"
+    path.write_text('{"dram_pj": 1300, "weight_bits": 8}')
+    c = EnergyCosts.from_file(path)
+    assert (c.dram_pj, c.weight_bits, c.mac_pj) == (1300.0, 8, 4.6)

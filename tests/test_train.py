@@ -46,6 +46,14 @@ def test_short_training_learns_and_reports(tmp_path, monkeypatch):
         assert key in on_disk
     assert on_disk["energy_mj"] > 0 and on_disk["sops"] > 0 and on_disk["macs"] > 0
     assert all(0 <= r <= 1 for r in on_disk["firing_rates"].values())
+    # both ledgers, with the ANN and equal-information QANN baselines, per t too
+    e = on_disk["energy"]
+    assert e["conventional_mj"] == on_disk["energy_mj"]
+    assert e["full_mj"] == pytest.approx(sum(e["terms_mj"].values()))
+    assert e["full_mj"] > e["conventional_mj"] and e["ann_full_mj"] > 0 and e["qann_full_mj"] > 0
+    assert e["qann_bits"] == 2 and [p["t"] for p in e["per_t"]] == [1, 2]  # T = 2
+    assert e["per_t"][-1]["full_mj"] == pytest.approx(e["full_mj"])
+    assert e["snn_vs_ann"] == pytest.approx(e["full_mj"] / e["ann_full_mj"])
     # accuracy after every t, and at t = T the same answer as the multi-step path
     assert sorted(on_disk["top1_per_t"], key=int) == ["1", "2"]
     assert on_disk["top1_per_t"]["2"] == pytest.approx(on_disk["top1"], abs=1 / 500)
@@ -194,6 +202,7 @@ def test_two_stage_training_with_halting_lowers_the_token_ratio(tmp_path):
     print("stage 1 top-1", stage1["top1"], "stage 2 top-1", stage2["top1"],
           "token ratio", stage2["token_ratio"])
     assert stage2["energy_mj"] < stage1["energy_mj"]  # halted tokens cost nothing
+    assert stage2["energy"]["full_mj"] < stage1["energy"]["full_mj"]  # in the full ledger too
     assert stage2["halting"]["accumulate"] == "both"
     fractions = stage2["active_fraction"]  # [T][L], the first step runs every token
     assert len(fractions) == 2 and fractions[0][0] == 1.0

@@ -448,3 +448,28 @@ def test_direct_path_study_and_best_json_round_trip(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     stage2 = json.loads((tmp_path / "s2" / "summary.json").read_text())
     assert stage2["halting"]["alpha"] == best["alpha"] and stage2["halting"]["delta_p"] == best["delta_p"]
+
+
+def test_energy_model_full_minimises_the_full_ledger(tmp_path):
+    """--energy-model full: the study's energy is the trial's full ledger; both figures
+    stay in trials.jsonl; the same study under the other energy model is refused."""
+    ckpt = _fake_checkpoint(tmp_path / "m.safetensors", "stas-converted/1")
+
+    def fake(params, number, on_epoch):  # the cheapest conventionally is the dearest in full
+        return {"top1": 0.5, "energy_mj": 1.0 + params["eps"],
+                "full_energy_mj": 10.0 - params["eps"], "token_ratio": 1.0}
+
+    cfg = TuneConfig(path="converted", checkpoint=str(ckpt), out=str(tmp_path / "t"),
+                     n_trials=4, energy_model="full", ranges=("eps=0:0.5",))
+    run_study(cfg, evaluate=fake)
+    records = [json.loads(x) for x in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["energy_mj"] == r["full_energy_mj"] == pytest.approx(10.0 - r["params"]["eps"])
+        assert r["conventional_energy_mj"] == pytest.approx(1.0 + r["params"]["eps"])
+    best = json.loads((tmp_path / "t" / "best.json").read_text())
+    assert best["eps"] == max(r["params"]["eps"] for r in records)
+    cfg.energy_model = "conventional"
+    with pytest.raises(Exception, match="created with --energy-model full"):
+        run_study(cfg, evaluate=fake)
+    with pytest.raises(ConfigError, match="energy_model must be one of conventional, full"):
+        TuneConfig(path="converted", checkpoint=str(ckpt), energy_model="joules").validate()

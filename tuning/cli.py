@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from stas_core.cli.common import HelpFormatter, add_data_args, add_output_args, run
+from stas_core.cli.common import (HelpFormatter, add_data_args, add_energy_args, add_output_args,
+                                  run)
 from stas_core.cli.config import add_config_arg
 
 
@@ -42,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timesteps; None: the checkpoint's / converted model's T")
     p.add_argument("--batch-size", type=int, default=None,
                    help="None: the checkpoint's (direct), 128 (converted)")
-    p.add_argument("--energy-images", type=int, default=256,
-                   help="validation images used to count ops and energy")
+    add_energy_args(p, objective=True)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s = p.add_argument_group("search space and objectives")
     s.add_argument("--range", dest="ranges", action="append", default=[],
@@ -88,6 +88,7 @@ def _main(args: argparse.Namespace) -> int:
         n_trials=args.n_trials, timeout=args.timeout, study_name=args.study_name,
         storage=args.storage, out=args.out, seed=args.seed, trial_epochs=args.trial_epochs,
         timesteps=args.timesteps, batch_size=args.batch_size, energy_images=args.energy_images,
+        energy_costs=args.energy_costs, energy_model=args.energy_model,
         device=args.device, objective=args.objective, min_top1=args.min_top1,
         sampler=args.sampler, ranges=tuple(args.ranges), space_file=args.space_file,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,

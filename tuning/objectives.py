@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from stas_core import checkpoint
 from stas_core.data import build_datasets, get_dataset_info
+from stas_core.energy import EnergyCosts
 from stas_core.evaluate import evaluate_halting
 
 from .errors import CheckpointError, ConfigError
@@ -79,8 +80,8 @@ class DirectTrial:
                  dataset: Optional[str] = None, data_dir: Optional[str] = None,
                  train_subset: Optional[int] = None, val_subset: Optional[int] = None,
                  batch_size: Optional[int] = None, timesteps: Optional[int] = None,
-                 energy_images: int = 256, seed: int = 0, device: str = "auto",
-                 header: Optional[dict] = None) -> None:
+                 energy_images: int = 256, energy_costs: Optional[str] = None, seed: int = 0,
+                 device: str = "auto", header: Optional[dict] = None) -> None:
         from stas_core.train import TrainConfig
 
         header = header or check_kind(checkpoint, "direct")
@@ -92,7 +93,8 @@ class DirectTrial:
             progress=False, dataset=dataset or saved.dataset, data_dir=data_dir,
             train_subset=train_subset, val_subset=val_subset,
             batch_size=batch_size or saved.batch_size, timesteps=timesteps or saved.timesteps,
-            energy_images=energy_images, seed=seed, device=device, workers=0,
+            energy_images=energy_images, energy_costs=energy_costs, seed=seed, device=device,
+            workers=0,
             out=str(self.out / "trials" / "0")).validate().resolved()
         # fail here (before any trial exists) on missing data, not inside a trial
         build_datasets(self.base.dataset, data_dir=data_dir, train_subset=train_subset,
@@ -103,7 +105,7 @@ class DirectTrial:
     OPTIONS = ("init_from", "model", "dataset", "data_dir", "timesteps", "sps", "integrate",
                "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "train_subset", "val_subset", "augment", "seed",
-               "energy_images", "bn_images", "amp", "accumulate", "execution",
+               "energy_images", "energy_costs", "bn_images", "amp", "accumulate", "execution",
                "halting_output", "alpha", "beta", "eps", "delta_p")
     NEURON_OPTIONS = ("tau", "surrogate", "backend")
 
@@ -124,6 +126,7 @@ class DirectTrial:
         cfg = dataclasses.replace(self.base, **params, out=str(self.out / "trials" / str(number)))
         summary = train(cfg, on_epoch=on_epoch)
         return {"top1": float(summary["top1"]), "energy_mj": float(summary["energy_mj"]),
+                "full_energy_mj": float(summary["energy"]["full_mj"]),
                 "token_ratio": float(summary.get("token_ratio", 1.0)), "trial_dir": cfg.out}
 
 
@@ -137,8 +140,9 @@ class ConvertedTrial:
     def __init__(self, checkpoint: str | Path, *, dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, val_subset: Optional[int] = None,
                  batch_size: Optional[int] = None, timesteps: Optional[int] = None,
-                 energy_images: int = 256, seed: int = 0, device: str = "auto",
-                 accumulate: str = "both", header: Optional[dict] = None) -> None:
+                 energy_images: int = 256, energy_costs: Optional[str] = None, seed: int = 0,
+                 device: str = "auto", accumulate: str = "both",
+                 header: Optional[dict] = None) -> None:
         from torch.utils.data import DataLoader
 
         from convert.pipeline import ConvertConfig, load_converted
@@ -163,6 +167,7 @@ class ConvertedTrial:
         self.accumulate = accumulate
         self.execution = self.inference.execution
         self.energy_images = energy_images
+        self.costs = EnergyCosts.load(energy_costs)
         _, val_ds, _ = build_datasets(info.name, data_dir=data_dir, val_subset=val_subset,
                                       seed=seed, augment=False)
         self.loader = DataLoader(val_ds, batch_size=batch_size or 128, shuffle=False)
@@ -184,4 +189,5 @@ class ConvertedTrial:
                                 beta=params["beta"], eps=params["eps"])
         cfg = halting_config_of(knobs)  # score and readout: the model's defaults
         return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
-                                energy_images=self.energy_images, execution=self.execution)
+                                energy_images=self.energy_images, execution=self.execution,
+                                costs=self.costs)

@@ -33,6 +33,7 @@ from .storage import (ReservationLock, default_storage_url, mask_url, open_stora
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("pareto", "energy")
+ENERGY_MODELS = ("conventional", "full")
 SAMPLERS = ("tpe", "nsgaii", "random")
 #: Single objective: a trial below the top-1 floor scores ``PENALTY * (1 + shortfall) +
 #: energy``, so every trial meeting the floor ranks above every trial that misses it.
@@ -59,6 +60,8 @@ class TuneConfig:
     timesteps: Optional[int] = None
     batch_size: Optional[int] = None
     energy_images: int = 256
+    energy_costs: Optional[str] = None   # JSON file of EnergyCosts fields (None: 45 nm)
+    energy_model: str = "conventional"   # the energy a study minimises: or 'full' (ledger)
     device: str = "auto"
     objective: str = "pareto"            # 'pareto': max top1, min energy; 'energy': see PENALTY
     min_top1: Optional[float] = None
@@ -86,6 +89,12 @@ class TuneConfig:
                 check_positive_int(name, getattr(self, name))
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds; got {self.timeout}")
+        if self.energy_model not in ENERGY_MODELS:
+            raise ConfigError(f"energy_model must be one of {', '.join(ENERGY_MODELS)}; "
+                              f"got {self.energy_model!r}")
+        from stas_core.energy import EnergyCosts
+
+        EnergyCosts.load(self.energy_costs)  # a bad file fails before the study starts
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; "
                               f"got {self.objective!r}")
@@ -147,6 +156,8 @@ def trial_record(t) -> dict:
     return {"number": t.number, "state": t.state.name, "params": dict(t.params),
             "values": list(t.values) if t.values is not None else None,
             "top1": ua.get("top1"), "energy_mj": ua.get("energy_mj"),
+            "conventional_energy_mj": ua.get("conventional_energy_mj"),
+            "full_energy_mj": ua.get("full_energy_mj"),
             "token_ratio": ua.get("token_ratio"), "worker": ua.get("worker"),
             **({"trial_dir": ua["trial_dir"]} if "trial_dir" in ua else {}),
             "retry_of": t.system_attrs.get("failed_trial"),
@@ -173,12 +184,13 @@ def open_study(cfg: TuneConfig, storage):
     except ValueError as exc:
         raise TuningError(f"cannot open study {cfg.study_name!r}: {exc}") from None
     want = {"stas_path": cfg.path, "stas_objective": cfg.objective, "stas_min_top1":
-            cfg.min_top1 if cfg.objective == "energy" else None}
+            cfg.min_top1 if cfg.objective == "energy" else None,
+            "stas_energy_model": cfg.energy_model}
     have = study.user_attrs
     for key, value in want.items():
         if key in have and have[key] != value:
             flag = {"stas_path": "--path", "stas_objective": "--objective",
-                    "stas_min_top1": "--min-top1"}[key]
+                    "stas_min_top1": "--min-top1", "stas_energy_model": "--energy-model"}[key]
             raise TuningError(f"study {cfg.study_name!r} in {mask_url(cfg.storage_url)} was "
                               f"created with {flag} {have[key]}, not {value}; use those "
                               f"settings or another --study-name")
@@ -214,7 +226,8 @@ def build_trial(cfg: TuneConfig, header: dict):
     """The trial evaluator of ``cfg.path`` (loads the model / checks the data once)."""
     common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, val_subset=cfg.val_subset,
                   batch_size=cfg.batch_size, timesteps=cfg.timesteps, seed=cfg.seed,
-                  energy_images=cfg.energy_images, device=cfg.device, header=header)
+                  energy_images=cfg.energy_images, energy_costs=cfg.energy_costs,
+                  device=cfg.device, header=header)
     if cfg.path == "direct":
         return DirectTrial(cfg.checkpoint, cfg.out, trial_epochs=cfg.trial_epochs,
                            train_subset=cfg.train_subset, **common)
@@ -259,8 +272,13 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
                     raise optuna.TrialPruned(f"val top-1 {record['val_top1']:.4f} after "
                                              f"epoch {epoch + 1}")
         result = evaluate(params, trial.number, on_epoch)
-        for key in ("top1", "energy_mj", "token_ratio"):
-            trial.set_user_attr(key, float(result[key]))
+        result = {**result, "conventional_energy_mj": result["energy_mj"]}
+        if cfg.energy_model == "full":  # what the study minimises is called energy_mj
+            result["energy_mj"] = result["full_energy_mj"]
+        for key in ("top1", "energy_mj", "token_ratio", "conventional_energy_mj",
+                    "full_energy_mj"):
+            if result.get(key) is not None:
+                trial.set_user_attr(key, float(result[key]))
         if "trial_dir" in result:
             trial.set_user_attr("trial_dir", result["trial_dir"])
         values = objective_values(result, cfg.objective, cfg.min_top1)

@@ -59,6 +59,22 @@ def add_output_args(p: argparse.ArgumentParser, *, progress: bool = True) -> Non
     p.add_argument("--verbose", "-v", action="store_true", help="debug-level log lines")
 
 
+def add_energy_args(p, *, objective: bool = False) -> None:
+    """``--energy-images`` and ``--energy-costs`` (``objective``: also ``--energy-model``,
+    the figure a study minimises), worded alike on every command."""
+    p.add_argument("--energy-images", type=int, default=256,
+                   help="validation images used to count ops and energy")
+    p.add_argument("--energy-costs", default=None, metavar="FILE",
+                   help="JSON object of energy costs (pJ per op and per 64-bit access, bit "
+                        "widths, on-chip bytes) replacing the 45 nm defaults of "
+                        "stas_core.energy.EnergyCosts; unset keys keep them")
+    if objective:
+        p.add_argument("--energy-model", choices=["conventional", "full"],
+                       default="conventional",
+                       help="energy the study minimises: the conventional AC/MAC figure, or "
+                            "the full ledger (memory, neuron updates, nonlinear ops)")
+
+
 def add_halting_knobs(group) -> None:
     """``--alpha``, ``--beta``, ``--eps``, ``--accumulate`` and ``--execution`` with the
     library's defaults (:class:`halting.HaltingConfig`, :data:`halting.DEFAULT_EXECUTION`)."""

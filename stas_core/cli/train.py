@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 from ..models import list_models
 from ..train import MODEL_DEFAULTS, NEURON_DEFAULTS, TrainConfig
-from .common import HelpFormatter, add_data_args, add_halting_knobs, add_output_args, run
+from .common import (HelpFormatter, add_data_args, add_energy_args, add_halting_knobs,
+                     add_output_args, run)
 from .config import add_config_arg
 
 
@@ -74,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of weights, data order, subsets and augmentation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--energy-images", type=int, default=256,
-                   help="validation images used to count ops and energy")
+    add_energy_args(p)
     add_config_arg(p)
     add_output_args(p)
     return p
@@ -92,7 +92,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment,
         out=args.out, resume=args.resume, seed=args.seed, device=args.device,
-        workers=args.workers, energy_images=args.energy_images, progress=args.progress,
+        workers=args.workers, energy_images=args.energy_images, energy_costs=args.energy_costs,
+        progress=args.progress,
         neuron=neuron, bn_images=args.bn_images, amp=args.amp,
         halting=args.halting, init_from=args.init_from, alpha=args.alpha, beta=args.beta,
         eps=args.eps, delta_p=args.delta_p, accumulate=args.accumulate, execution=args.execution,
