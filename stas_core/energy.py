@@ -324,6 +324,8 @@ class OpCounter:
         self.macs: dict[str, dict[Optional[int], float]] = defaultdict(lambda: defaultdict(float))
         self.acs: dict[str, dict[Optional[int], float]] = defaultdict(lambda: defaultdict(float))
         self.terms: dict[Optional[int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.traffic_bits: dict[str, float] = defaultdict(float)  # per memory term
+        self.updates = 0.0  # neuron updates (active sites x steps)
         self.spikes: dict[str, float] = defaultdict(float)
         self.sites: dict[str, float] = defaultdict(float)
         self._handles: list = []
@@ -354,6 +356,7 @@ class OpCounter:
         if elements:
             per_bit = self.costs.sram_pj_per_bit(buffer_elements * bits / 8)
             self._term(term, elements * bits * per_bit)
+            self.traffic_bits[term] += elements * bits
 
     def _images(self, x: Tensor) -> int:
         """Images a call serves: the block's images with an active token, else the batch."""
@@ -377,8 +380,9 @@ class OpCounter:
             pj += out.numel() * c.fp_add_pj
         self._term("synaptic", pj)
         images = self._images(x)
-        self._term("memory_weights", images * module.weight.numel() * c.weight_bits
-                   * c.weight_pj_per_bit(self.weight_bytes))
+        bits = images * module.weight.numel() * c.weight_bits
+        self._term("memory_weights", bits * c.weight_pj_per_bit(self.weight_bytes))
+        self.traffic_bits["memory_weights"] += bits
         self._produced(out, c.state_bits if self.mode == "snn" else self.activation_bits, images)
 
     def _layer_hook(self, name: str, ops_fn):
@@ -487,6 +491,7 @@ class OpCounter:
         if self.mode == "ann":  # the ANN's activation: its output is an activation tensor
             self._produced(spikes, self.activation_bits, images, sites)
             return
+        self.updates += sites
         adds, mults, shifts = neuron_ops(neuron)
         self._term("neuron", sites * (adds * c.fp_add_pj + mults * c.fp_mult_pj
                                       + shifts * c.shift_pj))
@@ -518,7 +523,9 @@ class OpCounter:
             for k, v in terms.items():
                 totals[k] += v
             per_t.append({"t": t, "full_mj": sum(terms.values()), "terms_mj": terms})
+        traffic = {k: self._per_image(v) / 8 for k, v in self.traffic_bits.items()}
         return {"full_mj": sum(totals.values()), "terms_mj": totals, "per_timestep": per_t,
+                "traffic_bytes": traffic, "neuron_updates": self._per_image(self.updates),
                 "weight_bytes": self.weight_bytes,
                 "weights_on_chip": self.weight_bytes <= self.costs.on_chip_bytes,
                 "activation_bits": self.activation_bits, "mode": self.mode}
