@@ -27,7 +27,8 @@ from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, ann_macs
 from stas_core.errors import check_positive_int
 from stas_core.timing import Stopwatch
-from stas_core.evaluate import energy_report, evaluate_halting, save_depth_heatmap
+from stas_core.evaluate import (against_baseline, energy_report, evaluate_halting,
+                                save_depth_heatmap)
 from stas_core.train import build_scheduler, halting_config_of, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
@@ -296,9 +297,11 @@ def plot_report(report: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     ts = [int(t) for t in report["snn_top1"]]
-    fig = Figure(figsize=(10, 4))
+    halted = "halted_top1" in report
+    fig = Figure(figsize=(15 if halted else 10, 4))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if halted else 2)
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot(ts, [100 * report["snn_top1"][str(t)] for t in ts], "o-", label="SNN")
     ax1.axhline(100 * report["ann_top1"], ls="--", color="k", label="ANN")
     ax1.set(xlabel="timesteps t", ylabel="top-1 (%)", title=f"{report['model']}: accuracy")
@@ -308,6 +311,18 @@ def plot_report(report: dict, path: Path) -> None:
     ax2.axhline(report["ann_energy_mj"], ls="--", color="k", label="ANN")
     ax2.set(xlabel="timesteps t", ylabel="energy per image (mJ)", title="energy")
     ax2.legend()
+    if halted:  # halted runs (each t its own halting window) against fewer timesteps
+        from halting.plots import draw_baseline
+
+        ax3 = axes[2]
+        draw_baseline(ax3, report["baseline"]["without_halting"])
+        marks = sorted(report["halted_top1"], key=int)
+        ax3.plot([report["halted_energy_mj"][t] for t in marks],
+                 [100 * report["halted_top1"][t] for t in marks], "*-", color="tab:red",
+                 ms=9, label="halted, T = " + ",".join(marks))
+        ax3.set(xlabel="energy per image (mJ)", ylabel="top-1 (%)",
+                title="halting against fewer timesteps")
+        ax3.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
@@ -364,6 +379,18 @@ def convert(cfg: ConvertConfig) -> dict:
                              "halted_kv": cfg.halted_kv}
         halted.update(save_depth_heatmap(snn, val_loader, device, halting_cfg,
                                          out / "halting_depth.png", execution=cfg.execution))
+        ts = list(range(1, cfg.timesteps + 1))  # the same SNN without halting, after t
+        curve = {"t": ts, "top1": [ev["snn_top1"][str(t)] for t in ts],
+                 "energy_mj": [energy["energy_mj"][str(t)] for t in ts],
+                 "full_energy_mj": [p["full_mj"] for p in energy["energy"]["per_t"]],
+                 "images": ev["val_images"]}
+        halted["baseline"] = {"without_halting": curve, "vs_halted": {
+            t: {"conventional": against_baseline(halted["halted_top1"][t],
+                                                 halted["halted_energy_mj"][t], curve),
+                "full": against_baseline(halted["halted_top1"][t],
+                                         halted["halted_full_energy_mj"][t], curve,
+                                         energy_key="full_energy_mj")}
+            for t in halted["halted_top1"]}}
     report = {
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),

@@ -50,3 +50,37 @@ def depth_heatmap_figure(images: Tensor, depth: Tensor, *, max_depth: int,
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="steps computed")
     fig.suptitle(f"token halting depth (of {max_depth} block-timesteps)", fontsize=9)
     return fig
+
+
+def draw_baseline(ax, baseline: dict, *, energy_key: str = "energy_mj",
+                  label: str = "no halting, stopped after t") -> None:
+    """Draw the trivial baseline of a halting figure on ``ax`` (energy on x, top-1 % on
+    y): the same model without halting after t = 1..T, each point marked with its t. A
+    halted point counts as a gain only above this line."""
+    energy = baseline[energy_key]
+    top1 = [100 * a for a in baseline["top1"]]
+    ax.plot(energy, top1, "s--", color="k", lw=1, ms=4, label=label, zorder=2)
+    for t, e, a in zip(baseline["t"], energy, top1):
+        ax.annotate(f"t={t}", (e, a), textcoords="offset points", xytext=(3, -9), fontsize=6)
+
+
+def baseline_figure(baseline: dict, points: Sequence[dict], *, title: str = "",
+                    energy_key: str = "energy_mj"):
+    """A Figure: the halted ``points`` (``{"label", "top1", energy_key}``) against the
+    no-halting curve (:func:`draw_baseline`). Built without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    draw_baseline(ax, baseline, energy_key=energy_key)
+    for i, p in enumerate(points):
+        ax.scatter([p[energy_key]], [100 * p["top1"]], marker="*", s=140, color=f"C{i}",
+                   zorder=3, label=p.get("label", "halted"))
+    ax.set(xlabel="energy per image (mJ)", ylabel="top-1 (%)",
+           title=title or "halting against fewer timesteps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

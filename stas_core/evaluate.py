@@ -224,3 +224,85 @@ def energy_report(model: nn.Module, loader: Iterable, device: torch.device, *,
         "weights_on_chip": full["weights_on_chip"], "costs": dataclasses.asdict(costs),
     }
     return snn
+
+
+# --------------------------------------------------------------------------- the baseline
+@torch.no_grad()
+def timestep_baseline(model: nn.Module, loader: Iterable, device: torch.device, *,
+                      timesteps: Optional[int] = None, energy_images: int = 256,
+                      costs: Optional[EnergyCosts] = None) -> dict:
+    """The trivial baseline of every halting figure: the same model *without* halting,
+    stopped after t = 1..T timesteps. Returns ``{"t", "top1", "energy_mj",
+    "full_energy_mj", "images"}`` (lists over t; energy per image, cumulative, on the first
+    ``energy_images`` images; top-1 on the whole loader)."""
+    model.eval()
+    steps = int(timesteps or model.timesteps)
+    correct, total = None, 0
+    for images, labels in loader:
+        cum = run_stepwise(model, images.to(device), steps, cumulative=True)
+        hits = (cum.argmax(-1) == labels.to(device)).sum(-1).double().cpu()
+        correct = hits if correct is None else correct + hits
+        total += labels.numel()
+    if correct is None:
+        from .errors import ConfigError
+
+        raise ConfigError("the validation set is empty; check --val-subset")
+    e = energy_report(model, loader, device, max_images=energy_images, costs=costs,
+                      timesteps=steps)["energy"]["per_t"]
+    return {"t": list(range(1, steps + 1)), "top1": [float(c) / total for c in correct],
+            "energy_mj": [p["conventional_mj"] for p in e],
+            "full_energy_mj": [p["full_mj"] for p in e], "images": total}
+
+
+def against_baseline(top1: float, energy_mj: float, baseline: dict, *,
+                     energy_key: str = "energy_mj") -> dict:
+    """Where a halted point ``(top1, energy_mj)`` lies against the no-halting curve:
+
+    * ``top1_gain_at_equal_energy``: its top-1 minus the best top-1 the baseline reaches
+      at no more energy (``None`` when even t = 1 costs more: nothing to compare with);
+    * ``energy_saving_at_equal_top1``: 1 - its energy / the energy of the cheapest t whose
+      top-1 is at least its own (``None`` when no t reaches it: the halted point is more
+      accurate than the model at any t);
+    * ``beats_baseline``: True above the curve (a positive gain), False on or under it
+      (no gain from halting: running fewer timesteps does as well), None for a point
+      cheaper than t = 1, where the curve says nothing.
+    """
+    pairs = list(zip(baseline["top1"], baseline[energy_key]))
+    cheaper = [a for a, e in pairs if e <= energy_mj]
+    gain = top1 - max(cheaper) if cheaper else None
+    reach = [e for a, e in pairs if a >= top1]
+    saving = 1 - energy_mj / min(reach) if reach else None
+    return {"top1_gain_at_equal_energy": gain, "energy_saving_at_equal_top1": saving,
+            "beats_baseline": None if gain is None else gain > 0}
+
+
+def baseline_section(baselines: dict, top1: float, energy_mj: float, full_energy_mj: float,
+                     path=None, *, title: str = "") -> dict:
+    """The ``baseline`` block of a halting summary: each named no-halting curve
+    (:func:`timestep_baseline`) with where the halted point lies against it, under both
+    ledgers; with ``path``, a PNG of the point against every curve."""
+    section = {}
+    for name, curve in baselines.items():
+        section[name] = {**curve,
+                         "vs_halted": against_baseline(top1, energy_mj, curve),
+                         "vs_halted_full": against_baseline(top1, full_energy_mj, curve,
+                                                            energy_key="full_energy_mj")}
+    if path is not None and baselines:
+        from halting.plots import baseline_figure
+
+        from .checkpoint import atomic_write
+
+        curve = next(iter(baselines.values()))
+        fig = baseline_figure(curve, [{"label": "halted", "top1": top1,
+                                       "energy_mj": energy_mj}], title=title)
+        if len(baselines) > 1:
+            from halting.plots import draw_baseline
+
+            ax = fig.axes[0]
+            for i, (name, other) in enumerate(list(baselines.items())[1:]):
+                draw_baseline(ax, other, label=f"{name}, stopped after t")
+                ax.lines[-1].set_color(f"C{i + 2}")
+            ax.legend(fontsize=7, loc="lower right")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        section["plot"] = str(path)
+    return section

@@ -33,7 +33,8 @@ from .batchnorm import batches_for, recalibrate_batchnorm
 from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
 from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import accuracy_per_timestep, energy_report, evaluate, save_depth_heatmap
+from .evaluate import (accuracy_per_timestep, baseline_section, energy_report, evaluate,
+                       save_depth_heatmap, timestep_baseline)
 from .models import create_model
 from .models.base import SpikingTransformer
 from .timing import Stopwatch
@@ -480,6 +481,19 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
     depth = {} if halting_cfg is None else save_depth_heatmap(
         model, val_loader, device, halting_cfg, Path(cfg.out) / "halting_depth.png",
         execution=cfg.execution)
+    baseline = {}
+    if halting_cfg is not None:  # what running fewer timesteps gives without halting
+        curves = {"without_halting": timestep_baseline(
+            model, val_loader, device, energy_images=cfg.energy_images, costs=cfg.costs())}
+        if cfg.init_from:
+            stage1, _ = load_trained_model(cfg.init_from, device)
+            curves["stage1"] = timestep_baseline(stage1, val_loader, device,
+                                                 energy_images=cfg.energy_images,
+                                                 costs=cfg.costs())
+        baseline = {"baseline": baseline_section(
+            curves, ev["top1"], energy["energy_mj"], energy["energy"]["full_mj"],
+            Path(cfg.out) / "halting_vs_baseline.png",
+            title=f"{cfg.model}: STAS against fewer timesteps")}
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
@@ -489,6 +503,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader
         "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
         "energy_per_timestep": energy["per_timestep"],
         "energy": energy["energy"],
+        **baseline,
         "energy_images": energy["images"],
         "firing_rates": energy["firing_rates"],
         "wall_s": time.perf_counter() - start_wall,

@@ -84,3 +84,19 @@ def test_config_file_reaches_a_subcommand(tmp_path):
     apply_config_file(_command_parser(parser, argv), argv)
     args = parser.parse_args(argv)
     assert args.images == 7 and args.progress is False
+
+
+@pytest.mark.parametrize("main_of", ["stas_core.cli.train", "convert.cli", "tuning.cli"])
+def test_a_bad_energy_costs_file_is_one_line(tmp_path, capsys, main_of):
+    import importlib
+
+    bad = tmp_path / "costs.json"
+    bad.write_text('{"dram_pj": "cheap"}')
+    argv = {"stas_core.cli.train": ["--direct"], "convert.cli": ["vit_tiny", "--random-init"],
+            "tuning.cli": ["--checkpoint", str(tmp_path / "x.safetensors")]}[main_of]
+    code = importlib.import_module(main_of).main(argv + ["--energy-costs", str(bad),
+                                                         "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "'dram_pj' must be a finite number >= 0, got 'cheap'" in err
+    assert not (tmp_path / "o").exists()

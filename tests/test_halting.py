@@ -253,3 +253,22 @@ def test_halted_keys_frozen_or_dropped_on_a_converted_vit():
     assert torch.allclose(nothing.logits, run_stepwise(snn, x), atol=1e-5)  # no-op if none halt
     with pytest.raises(ConversionError, match="halted_kv must be one of frozen, drop"):
         snn.set_halted_kv("keep")
+
+
+def test_against_baseline_hand_worked():
+    """A curve t = 1, 2, 3 at top-1 0.5 / 0.7 / 0.8 for 1 / 2 / 3 mJ."""
+    from stas_core.evaluate import against_baseline
+
+    curve = {"t": [1, 2, 3], "top1": [0.5, 0.7, 0.8], "energy_mj": [1.0, 2.0, 3.0]}
+    above = against_baseline(0.75, 2.0, curve)  # t = 2 gives 0.70 for the same energy
+    assert above["top1_gain_at_equal_energy"] == pytest.approx(0.05)
+    assert above["energy_saving_at_equal_top1"] == pytest.approx(1 - 2 / 3)  # t = 3 needed
+    assert above["beats_baseline"] is True
+    under = against_baseline(0.6, 2.5, curve)  # t = 2 is cheaper and more accurate
+    assert under["top1_gain_at_equal_energy"] == pytest.approx(-0.1)
+    assert under["energy_saving_at_equal_top1"] == pytest.approx(1 - 2.5 / 2)
+    assert under["beats_baseline"] is False
+    outside = against_baseline(0.4, 0.5, curve)  # cheaper than t = 1: nothing to compare
+    assert outside["top1_gain_at_equal_energy"] is None and outside["beats_baseline"] is None
+    best = against_baseline(0.9, 3.0, curve)  # more accurate than any t
+    assert best["energy_saving_at_equal_top1"] is None and best["beats_baseline"] is True

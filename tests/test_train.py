@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,13 @@ def test_two_stage_training_with_halting_lowers_the_token_ratio(tmp_path):
           "token ratio", stage2["token_ratio"])
     assert stage2["energy_mj"] < stage1["energy_mj"]  # halted tokens cost nothing
     assert stage2["energy"]["full_mj"] < stage1["energy"]["full_mj"]  # in the full ledger too
+    # the trivial baselines: the same weights and the stage-1 model without halting, after t
+    base = stage2["baseline"]
+    assert base["stage1"]["top1"][-1] == pytest.approx(stage1["top1"])
+    assert base["stage1"]["t"] == [1, 2] and len(base["without_halting"]["energy_mj"]) == 2
+    assert base["without_halting"]["energy_mj"][-1] > stage2["energy_mj"]
+    assert base["stage1"]["vs_halted"]["beats_baseline"] in (True, False, None)
+    assert Path(base["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert stage2["halting"]["accumulate"] == "both"
     fractions = stage2["active_fraction"]  # [T][L], the first step runs every token
     assert len(fractions) == 2 and fractions[0][0] == 1.0

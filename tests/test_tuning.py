@@ -353,6 +353,7 @@ def test_sqlite_study_resumes_after_a_kill(tmp_path, converted_model):
     assert failed[0].params.items() <= retries[0].params.items()
     summary = json.loads(stdout)
     assert summary["complete_trials"] == n
+    assert summary["baseline"]["t"] == [1, 2]  # the converted model without halting
     for name in ("pareto.json", "pareto.csv", "best.json", "trials.png", "trials.jsonl"):
         assert (out / name).exists(), name
     assert len((out / "trials.jsonl").read_text().splitlines()) == len(states)
@@ -412,6 +413,9 @@ def test_direct_path_study_and_best_json_round_trip(tmp_path, capsys):
     assert code == 0, captured.err
     summary = json.loads(captured.out)
     assert summary["complete_trials"] == 2 and summary["path"] == "direct"
+    # the stage-1 model without halting after t = 1, 2: drawn and placed against
+    assert summary["baseline"]["t"] == [1, 2] and (out / "baseline.json").is_file()
+    assert all("beats_baseline" in p["vs_baseline"] for p in summary["pareto"])
     for name in ("pareto.json", "pareto.csv", "best.json", "trials.png", "trials.jsonl"):
         assert (out / name).exists(), name
     assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"

@@ -92,8 +92,10 @@ def write_best(out: Path, best: dict, defaults: dict) -> dict:
 
 
 def plot_trials(path: Path, records: Sequence[dict], front: Sequence[dict],
-                best: Optional[dict] = None, title: str = "") -> None:
-    """Energy per image against top-1 for every complete trial, the Pareto front marked."""
+                best: Optional[dict] = None, title: str = "", *,
+                baseline: Optional[dict] = None, energy_key: str = "energy_mj") -> None:
+    """Energy per image against top-1 for every complete trial, the Pareto front marked,
+    and (``baseline``) the model without halting stopped after t = 1..T."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,6 +111,10 @@ def plot_trials(path: Path, records: Sequence[dict], front: Sequence[dict],
     if best is not None:
         ax.scatter([best["energy_mj"]], [100 * best["top1"]], marker="*", s=180,
                    color="tab:blue", zorder=3, label=f"best.json (trial {best['number']})")
+    if baseline:
+        from halting.plots import draw_baseline
+
+        draw_baseline(ax, baseline, energy_key=energy_key)
     ax.set(xlabel="energy per image (mJ)", ylabel="top-1 (%)", title=title or "stas-tune trials")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

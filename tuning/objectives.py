@@ -120,6 +120,22 @@ class DirectTrial:
         return {"halting": True, **{k: getattr(b, k) for k in self.OPTIONS},
                 **{k: b.neuron[k] for k in self.NEURON_OPTIONS if k in b.neuron}}
 
+    def baseline(self) -> dict:
+        """The stage-1 model without halting after t = 1..T, on the trials' images."""
+        from torch.utils.data import DataLoader
+
+        from stas_core.evaluate import timestep_baseline
+        from stas_core.train import load_trained_model, resolve_device
+
+        b = self.base
+        device = resolve_device(b.device)
+        model, _ = load_trained_model(b.init_from, device)
+        _, val_ds, _ = build_datasets(b.dataset, data_dir=b.data_dir, val_subset=b.val_subset,
+                                      seed=b.seed, augment=False)
+        return timestep_baseline(model, DataLoader(val_ds, batch_size=b.batch_size), device,
+                                 timesteps=b.timesteps, energy_images=b.energy_images,
+                                 costs=b.costs())
+
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import train
 
@@ -180,6 +196,13 @@ class ConvertedTrial:
         return {"halting": True, "timesteps": self.timesteps, "accumulate": self.accumulate,
                 "halting_score": readout.score, "halting_output": readout.output,
                 "halted_kv": self.inference.halted_kv, "execution": self.execution}
+
+    def baseline(self) -> dict:
+        """The converted model without halting after t = 1..T, on the trials' images."""
+        from stas_core.evaluate import timestep_baseline
+
+        return timestep_baseline(self.model, self.loader, self.device, timesteps=self.timesteps,
+                                 energy_images=self.energy_images, costs=self.costs)
 
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import halting_config_of

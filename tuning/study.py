@@ -12,6 +12,7 @@ trials, whether one worker runs them, several, or a worker restarted after a kil
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from stas_core.checkpoint import atomic_write_text
 from stas_core.errors import check_positive_int
+from stas_core.evaluate import against_baseline
 
 from . import export
 from .errors import ConfigError, TuningError, require_optuna
@@ -74,6 +77,12 @@ class TuneConfig:
     progress: Optional[bool] = None      # a bar over finished trials (None: on a terminal)
 
     def validate(self) -> "TuneConfig":
+        from stas_core.energy import EnergyCosts
+
+        if self.energy_model not in ENERGY_MODELS:
+            raise ConfigError(f"energy_model must be one of {', '.join(ENERGY_MODELS)}; "
+                              f"got {self.energy_model!r}")
+        EnergyCosts.load(self.energy_costs)  # a bad file fails before the study starts
         if not self.checkpoint:
             raise ConfigError("a checkpoint is needed: --checkpoint FILE (a stage-1 checkpoint "
                               "of stas-train, or model.safetensors of stas-convert)")
@@ -89,12 +98,6 @@ class TuneConfig:
                 check_positive_int(name, getattr(self, name))
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds; got {self.timeout}")
-        if self.energy_model not in ENERGY_MODELS:
-            raise ConfigError(f"energy_model must be one of {', '.join(ENERGY_MODELS)}; "
-                              f"got {self.energy_model!r}")
-        from stas_core.energy import EnergyCosts
-
-        EnergyCosts.load(self.energy_costs)  # a bad file fails before the study starts
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; "
                               f"got {self.objective!r}")
@@ -352,8 +355,14 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
 
 def export_study(cfg: TuneConfig, study, space: SearchSpace, runner=None, *, ran: int = 0,
                  wall_s: float = 0.0) -> dict:
-    """Write trials.jsonl, pareto.json/.csv, best.json and trials.png; return the summary."""
+    """Write trials.jsonl, pareto.json/.csv, best.json and trials.png; return the summary.
+
+    With a ``runner`` that has a ``baseline()`` (the real trials), the model without
+    halting stopped after t = 1..T is measured once (kept in ``baseline.json``), drawn on
+    trials.png, and every Pareto point is placed against it."""
     out = Path(cfg.out)
+    baseline = _baseline(cfg, runner)
+    energy_key = "full_energy_mj" if cfg.energy_model == "full" else "energy_mj"
     records = [trial_record(t) for t in study.get_trials(deepcopy=False)
                if t.state.is_finished()]
     export.write_jsonl(out / "trials.jsonl", records)
@@ -377,12 +386,36 @@ def export_study(cfg: TuneConfig, study, space: SearchSpace, runner=None, *, ran
             export.write_best(out, best, defaults)
             files["best"] = str(out / "best.json")
         export.plot_trials(out / "trials.png", records, front, best,
-                           title=f"{cfg.study_name} ({cfg.path}, {complete} trials)")
+                           title=f"{cfg.study_name} ({cfg.path}, {complete} trials)",
+                           baseline=baseline, energy_key=energy_key)
         files["plot"] = str(out / "trials.png")
     return {**{k: meta[k] for k in ("study", "storage", "path", "objective", "min_top1",
                                      "complete_trials", "best")},
             "trials_run_here": ran, "wall_s": wall_s,
+            "energy_model": cfg.energy_model,
             "pareto": [{"number": r["number"], "params": r["params"], "top1": r["top1"],
-                        "energy_mj": r["energy_mj"], "token_ratio": r["token_ratio"]}
+                        "energy_mj": r["energy_mj"], "token_ratio": r["token_ratio"],
+                        **({"vs_baseline": against_baseline(r["top1"], r["energy_mj"],
+                                                            baseline, energy_key=energy_key)}
+                           if baseline else {})}
                        for r in front],
+            **({"baseline": baseline} if baseline else {}),
             "files": files}
+
+
+def _baseline(cfg: TuneConfig, runner) -> Optional[dict]:
+    """The no-halting curve of the study's model, measured once per output directory."""
+    if runner is None or not hasattr(runner, "baseline"):
+        return None
+    path = Path(cfg.out) / "baseline.json"
+    key = {"checkpoint": str(cfg.checkpoint), "val_subset": cfg.val_subset,
+           "timesteps": cfg.timesteps, "energy_images": cfg.energy_images,
+           "energy_costs": cfg.energy_costs}
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["curve"]
+    logger.info("measuring the model without halting after t = 1..T (the baseline)")
+    curve = runner.baseline()
+    atomic_write_text(path, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
+    return curve
