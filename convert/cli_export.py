@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--eps", type=float, default=None, help="default: trained value or 0.01")
     h.add_argument("--accumulate", choices=["both", "block", "time"], default=None,
                    help="default: trained value or both")
-    h.add_argument("--halting-score", choices=["current", "mean"], default=None,
+    h.add_argument("--halting-score", choices=["current", "mean", "convergence"], default=None,
                    help="default: the trained value, else the model's ('mean' for converted "
                         "models, 'current' for direct ones)")
     h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,

@@ -34,7 +34,7 @@ from .protocol import HaltableModel, HaltingDefaults
 MODES = ("both", "block", "time")
 EXECUTIONS = ("mask", "gather")
 OUTPUTS = ("mean_field", "last")
-SCORES = ("current", "mean")
+SCORES = ("current", "mean", "convergence")
 #: The execution of the Python API and the CLIs alike (``'mask'``: the ONNX form).
 DEFAULT_EXECUTION = "gather"
 
@@ -51,7 +51,11 @@ class HaltingConfig:
     reads out the last block's tokens every timestep (halted tokens carry the value they
     stopped with) and averages over timesteps, as a converted SNN's readout expects.
     ``score='current'`` scores the step's own output, ``'mean'`` its running mean over
-    timesteps. ``output`` and ``score`` left as None take the model's
+    timesteps, ``'convergence'`` how settled that running mean is: the signal is
+    ``-log(|m_t - m_(t-1)| / |m_t|)`` for the running mean ``m_t`` of the token's whole
+    block output (0 at t = 0), so with ``alpha > 0`` a token whose rate-coded value has
+    stopped moving scores high (a converted SNN's form of STAS's temporal stability).
+    ``output`` and ``score`` left as None take the model's
     :class:`~halting.protocol.HaltingDefaults` (see :meth:`for_model`).
     """
 
@@ -68,7 +72,8 @@ class HaltingConfig:
             raise HaltingConfigError(f"output must be one of {', '.join(OUTPUTS)}; "
                                      f"got {self.output!r}")
         if self.score is not None and self.score not in SCORES:
-            raise HaltingConfigError(f"score must be 'current' or 'mean'; got {self.score!r}")
+            raise HaltingConfigError(f"score must be one of {', '.join(SCORES)}; "
+                                     f"got {self.score!r}")
         if not 0.0 <= self.eps < 1.0:
             raise HaltingConfigError(f"eps must be in [0, 1); got {self.eps}")
         if self.accumulate not in MODES:
@@ -123,6 +128,19 @@ def _window(cfg: HaltingConfig, t: int, l: int, steps: int, depth: int) -> tuple
     if cfg.accumulate == "block":
         return True, last_block
     return True, last_block and t == steps - 1
+
+
+def _settled(h: Tensor, total: Optional[Tensor], t: int) -> tuple[Tensor, Tensor]:
+    """(settledness ``-log(|m_t - m_(t-1)| / |m_t|)`` per token, new running sum) for the
+    running mean ``m`` of block outputs ``h[B, N, D]`` over timesteps; 0 at t = 0."""
+    new_total = h if total is None else total + h
+    if total is None:
+        return torch.zeros_like(h[..., 0]), new_total
+    mean_now, mean_before = new_total / (t + 1), total / t
+    change = (mean_now - mean_before).norm(dim=-1)
+    scale = mean_now.norm(dim=-1)
+    tiny = torch.finfo(h.dtype).tiny
+    return -torch.log((change + tiny) / (scale + tiny)), new_total
 
 
 def check_execution(execution: str) -> str:
@@ -189,6 +207,8 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             if cfg.score == "mean":  # per-step values of a converted SNN fluctuate
                 signal_sums[l] = signal if signal_sums[l] is None else signal_sums[l] + signal
                 signal = signal_sums[l] / (t + 1)
+            elif cfg.score == "convergence":
+                signal, signal_sums[l] = _settled(h, signal_sums[l], t)
             score = torch.sigmoid(exact(cfg.alpha, signal) * signal + exact(cfg.beta, signal))
             if prefix:  # kept tokens score 0, so their whole weight comes at the end
                 score = score * free.to(score.dtype)

@@ -272,3 +272,48 @@ def test_against_baseline_hand_worked():
     assert outside["top1_gain_at_equal_energy"] is None and outside["beats_baseline"] is None
     best = against_baseline(0.9, 3.0, curve)  # more accurate than any t
     assert best["energy_saving_at_equal_top1"] is None and best["beats_baseline"] is True
+
+
+def test_convergence_signal_hand_worked():
+    """Running means m_0 = h_0 = [1, 0], m_1 = (h_0 + h_1) / 2 = [2, 0] for h_1 = [3, 0]:
+    change |m_1 - m_0| = 1 against |m_1| = 2, signal -log(1/2) = log 2; 0 at t = 0."""
+    from halting.plugin import _settled
+
+    h0, h1 = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[3.0, 0.0]]])
+    s0, total = _settled(h0, None, 0)
+    assert s0.item() == 0.0
+    s1, total = _settled(h1, total, 1)
+    assert s1.item() == pytest.approx(math.log(2.0))
+    s2, _ = _settled(torch.tensor([[[2.0, 0.0]]]), total, 2)  # the mean stays at [2, 0]
+    assert s2.item() > 50  # settled: the score saturates, the token halts
+
+
+def test_convergence_score_halts_settled_tokens_first():
+    """A model whose token 0 repeats the same output every step and token 1 alternates:
+    with the convergence score token 0 halts after t = 1, token 1 runs longer."""
+    class Block(nn.Module):
+        def step(self, x, active=None, *, gather=False):
+            return x
+
+    class Model(nn.Module):
+        timesteps, num_prefix_tokens = 4, 0
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+
+        def reset(self):
+            pass
+
+        def tokens(self, x, t):
+            out = x.clone()
+            out[:, 1] *= (-1.0) ** t + 2.0  # token 1: 3, 1, 3, 1, ... its mean keeps moving
+            return out
+
+        def readout(self, h):
+            return h.mean(1)
+
+    x = torch.ones(1, 2, 3)
+    res = run_halting(Model(), x, HaltingConfig(alpha=1.0, beta=-4.0, eps=0.01,
+                                                score="convergence", output="mean_field"))
+    assert res.depth[0, 0] < res.depth[0, 1], res.depth

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-top1", type=float, default=None, metavar="F",
                    help="top-1 floor (fraction); --objective pareto: best.json is the cheapest "
                         "Pareto point above it (default: within 0.01 of the best top-1)")
+    s.add_argument("--halting-score", choices=["mean", "current", "convergence"], default=None,
+                   help="converted path: the halting score the knobs act on (default: the "
+                        "model's, mean; convergence: how settled each token's running mean is)")
     s.add_argument("--sampler", choices=["tpe", "nsgaii", "random"], default="tpe",
                    help="Optuna sampler (seeded with --seed)")
     w = p.add_argument_group("workers")
@@ -92,7 +95,7 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device, objective=args.objective, min_top1=args.min_top1,
         sampler=args.sampler, ranges=tuple(args.ranges), space_file=args.space_file,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        max_retry=args.max_retry, progress=args.progress)
+        max_retry=args.max_retry, progress=args.progress, halting_score=args.halting_score)
     summary = run_study(cfg)
     print(json.dumps(summary, indent=2))
     return 0

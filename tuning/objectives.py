@@ -158,7 +158,7 @@ class ConvertedTrial:
                  batch_size: Optional[int] = None, timesteps: Optional[int] = None,
                  energy_images: int = 256, energy_costs: Optional[str] = None, seed: int = 0,
                  device: str = "auto", accumulate: str = "both",
-                 header: Optional[dict] = None) -> None:
+                 halting_score: Optional[str] = None, header: Optional[dict] = None) -> None:
         from torch.utils.data import DataLoader
 
         from convert.pipeline import ConvertConfig, load_converted
@@ -181,6 +181,7 @@ class ConvertedTrial:
             self.inference.halted_kv)
         self.timesteps = int(timesteps or self.model.timesteps)
         self.accumulate = accumulate
+        self.halting_score = halting_score  # None: the model's default
         self.execution = self.inference.execution
         self.energy_images = energy_images
         self.costs = EnergyCosts.load(energy_costs)
@@ -192,7 +193,7 @@ class ConvertedTrial:
         """The ``stas-convert`` options that reproduce this evaluation (for best.json)."""
         from halting import HaltingConfig
 
-        readout = HaltingConfig().for_model(self.model)  # the model's score and readout
+        readout = HaltingConfig(score=self.halting_score).for_model(self.model)
         return {"halting": True, "timesteps": self.timesteps, "accumulate": self.accumulate,
                 "halting_score": readout.score, "halting_output": readout.output,
                 "halted_kv": self.inference.halted_kv, "execution": self.execution}
@@ -210,7 +211,7 @@ class ConvertedTrial:
         knobs = SimpleNamespace(halting=True, accumulate=self.accumulate,
                                 execution=self.execution, alpha=params["alpha"],
                                 beta=params["beta"], eps=params["eps"])
-        cfg = halting_config_of(knobs)  # score and readout: the model's defaults
+        cfg = halting_config_of(knobs, score=self.halting_score)  # readout: the model's
         return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
                                 energy_images=self.energy_images, execution=self.execution,
                                 costs=self.costs)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from halting.plugin import SCORES
 from stas_core.checkpoint import atomic_write_text
 from stas_core.errors import check_positive_int
 from stas_core.evaluate import against_baseline
@@ -65,6 +66,8 @@ class TuneConfig:
     energy_images: int = 256
     energy_costs: Optional[str] = None   # JSON file of EnergyCosts fields (None: 45 nm)
     energy_model: str = "conventional"   # the energy a study minimises: or 'full' (ledger)
+    halting_score: Optional[str] = None  # converted path: None (the model's, 'mean'),
+    #                                      'current' or 'convergence' 
     device: str = "auto"
     objective: str = "pareto"            # 'pareto': max top1, min energy; 'energy': see PENALTY
     min_top1: Optional[float] = None
@@ -83,6 +86,9 @@ class TuneConfig:
             raise ConfigError(f"energy_model must be one of {', '.join(ENERGY_MODELS)}; "
                               f"got {self.energy_model!r}")
         EnergyCosts.load(self.energy_costs)  # a bad file fails before the study starts
+        if self.halting_score is not None and self.halting_score not in SCORES:
+            raise ConfigError(f"halting_score must be one of {', '.join(SCORES)}; "
+                              f"got {self.halting_score!r}")
         if not self.checkpoint:
             raise ConfigError("a checkpoint is needed: --checkpoint FILE (a stage-1 checkpoint "
                               "of stas-train, or model.safetensors of stas-convert)")
@@ -90,6 +96,10 @@ class TuneConfig:
             self.path = checkpoint_path_kind(self.checkpoint)
         if self.path not in PATHS:
             raise ConfigError(f"path must be one of {', '.join(PATHS)}; got {self.path!r}")
+        if self.halting_score is not None and self.path != "converted":
+            raise ConfigError(f"--halting-score applies to the converted path (a direct "
+                              f"trial trains with the model's score); got it with --path "
+                              f"{self.path}")
         check_positive_int("n_trials", self.n_trials)
         check_positive_int("trial_epochs", self.trial_epochs)
         check_positive_int("energy_images", self.energy_images)
@@ -188,12 +198,13 @@ def open_study(cfg: TuneConfig, storage):
         raise TuningError(f"cannot open study {cfg.study_name!r}: {exc}") from None
     want = {"stas_path": cfg.path, "stas_objective": cfg.objective, "stas_min_top1":
             cfg.min_top1 if cfg.objective == "energy" else None,
-            "stas_energy_model": cfg.energy_model}
+            "stas_energy_model": cfg.energy_model, "stas_halting_score": cfg.halting_score}
     have = study.user_attrs
     for key, value in want.items():
         if key in have and have[key] != value:
             flag = {"stas_path": "--path", "stas_objective": "--objective",
-                    "stas_min_top1": "--min-top1", "stas_energy_model": "--energy-model"}[key]
+                    "stas_min_top1": "--min-top1", "stas_energy_model": "--energy-model",
+                    "stas_halting_score": "--halting-score"}[key]
             raise TuningError(f"study {cfg.study_name!r} in {mask_url(cfg.storage_url)} was "
                               f"created with {flag} {have[key]}, not {value}; use those "
                               f"settings or another --study-name")
@@ -234,7 +245,7 @@ def build_trial(cfg: TuneConfig, header: dict):
     if cfg.path == "direct":
         return DirectTrial(cfg.checkpoint, cfg.out, trial_epochs=cfg.trial_epochs,
                            train_subset=cfg.train_subset, **common)
-    return ConvertedTrial(cfg.checkpoint, **common)
+    return ConvertedTrial(cfg.checkpoint, halting_score=cfg.halting_score, **common)
 
 
 # ----------------------------------------------------------------------------- the study
