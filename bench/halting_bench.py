@@ -15,7 +15,9 @@ Prints one JSON object and writes ``<out>/<path>.json``, ``<out>/<path>_eps_pare
 ``<out>/<path>_depth.png``. Timings: every configuration runs the same in-memory batches
 (one warm-up batch first) in one process, interleaved round by round, median of rounds.
 Ablations (accumulation mode, eps sweep) re-use the trained weights at inference: they show
-how the halting knobs act on one model, not what retraining per setting would give.
+how the halting knobs act on one model, not what retraining per setting would give. Every
+halted point is placed against the trivial baseline (``fewer_timesteps``: the model without
+halting stopped after t = 1..T), which the eps Pareto plot draws too.
 Run by hand; not part of the test suite.
 """
 from __future__ import annotations
@@ -35,7 +37,9 @@ from torch.utils.data import DataLoader
 from halting import Halted, HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 from stas_core.data import build_datasets
-from stas_core.evaluate import measure_energy, save_depth_heatmap
+from halting.plots import draw_baseline
+from stas_core.evaluate import (against_baseline, measure_energy, save_depth_heatmap,
+                                timestep_baseline)
 
 EPS_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -81,7 +85,7 @@ def _energy(model, batches, images: int, halting=None) -> float:
 
 
 def _ablations(model, batches, cfg: HaltingConfig, energy_images: int, out: Path,
-               name: str) -> dict:
+               name: str, baseline: dict) -> dict:
     """Accumulation modes at the model's eps, and an eps sweep with its Pareto plot."""
     modes = {}
     for mode in ("block", "time", "both"):
@@ -93,13 +97,14 @@ def _ablations(model, batches, cfg: HaltingConfig, energy_images: int, out: Path
     for eps in EPS_SWEEP:
         c = HaltingConfig(**{**cfg.__dict__, "eps": eps})
         top1, ratio = _top1(lambda x: run_halting(model, x, c, execution="gather"), batches)
-        sweep.append({"eps": eps, "top1": top1, "token_ratio": ratio,
-                      "energy_mj": _energy(model, batches, energy_images, c)})
-    _plot_sweep(sweep, out / f"{name}_eps_pareto.png", name)
+        energy = _energy(model, batches, energy_images, c)
+        sweep.append({"eps": eps, "top1": top1, "token_ratio": ratio, "energy_mj": energy,
+                      "vs_baseline": against_baseline(top1, energy, baseline)})
+    _plot_sweep(sweep, out / f"{name}_eps_pareto.png", name, baseline)
     return {"accumulate": modes, "eps_sweep": sweep}
 
 
-def _plot_sweep(sweep: list[dict], path: Path, name: str) -> None:
+def _plot_sweep(sweep: list[dict], path: Path, name: str, baseline: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -116,6 +121,7 @@ def _plot_sweep(sweep: list[dict], path: Path, name: str) -> None:
     for p in sweep:
         ax.annotate(f"eps {p['eps']}", (p["energy_mj"], 100 * p["top1"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
+    draw_baseline(ax, baseline)
     ax.set_xlabel("energy per image (mJ)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{name}: eps sweep", fontsize=9)
@@ -138,6 +144,9 @@ def bench_direct(args) -> dict:
     halted_top1, ratio = _top1(lambda x: run_halting(stas, x, cfg, execution="gather"), batches)
     base_e = _energy(base, batches, args.energy_images)
     stas_e = _energy(stas, batches, args.energy_images, cfg)
+    # the trivial baselines: stage 1, and the STAS weights, without halting, after t
+    curve = timestep_baseline(base, batches, torch.device("cpu"), energy_images=args.energy_images)
+    own = timestep_baseline(stas, batches, torch.device("cpu"), energy_images=args.energy_images)
     timed = batches[: args.timed_batches]
     speed = _throughput({
         "baseline_multistep": base,
@@ -165,7 +174,10 @@ def bench_direct(args) -> dict:
         "gather_speedup_vs_mask": speed["stas_gather"] / speed["stas_mask"],
         "timed_images": sum(len(y) for _, y in timed), "batch_size": args.batch_size,
         "depth": depth,
-        "ablations": _ablations(stas, batches, cfg, args.energy_images, out, "direct"),
+        "fewer_timesteps": {"stage1": curve, "stas_without_halting": own,
+                            "vs_stage1": against_baseline(halted_top1, stas_e, curve),
+                            "vs_stas_without_halting": against_baseline(halted_top1, stas_e, own)},
+        "ablations": _ablations(stas, batches, cfg, args.energy_images, out, "direct", curve),
     }
 
 
@@ -188,6 +200,7 @@ def bench_converted(args) -> dict:
     halted_top1, ratio = _top1(lambda x: run_halting(snn, x, cfg, execution="gather"), batches)
     base_e = _energy(snn, batches, args.energy_images)
     stas_e = _energy(snn, batches, args.energy_images, cfg)
+    curve = timestep_baseline(snn, batches, torch.device("cpu"), energy_images=args.energy_images)
     timed = batches[: args.timed_batches]
     speed = _throughput({
         "snn": lambda x: run_stepwise(snn, x, steps),
@@ -209,7 +222,8 @@ def bench_converted(args) -> dict:
         "gather_speedup_vs_snn": speed["halted_gather"] / speed["snn"],
         "timed_images": sum(len(y) for _, y in timed), "batch_size": args.batch_size,
         "depth": depth,
-        "ablations": _ablations(snn, batches, cfg, args.energy_images, out, "converted"),
+        "fewer_timesteps": {"snn": curve, "vs_snn": against_baseline(halted_top1, stas_e, curve)},
+        "ablations": _ablations(snn, batches, cfg, args.energy_images, out, "converted", curve),
     }
 
 
