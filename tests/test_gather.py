@@ -115,3 +115,24 @@ def test_training_survives_when_at_most_one_token_is_left(execution):
     one[0, 3] = True
     model.reset()
     model.blocks[0].step(model.tokens(x, 0), one, gather=execution == "gather")
+
+
+def test_gather_skips_blocks_with_no_active_token():
+    """Every token halts early (beta 4): later blocks have no active token, so gather does
+    not call them at all; results and op counts equal the mask execution's."""
+    model, x = _model("spikformer-2-32", seed=2)
+    cfg = HaltingConfig(alpha=0.0, beta=4.0, eps=0.1)
+    with torch.no_grad():
+        (rm, cm), (rg, cg) = _both(model, x, cfg)
+    assert (rm.active_fraction == 0).any()  # the case is exercised
+    assert torch.allclose(rm.logits, rg.logits, atol=1e-5) and torch.equal(rm.depth, rg.depth)
+    assert cg.summary()["sops"] == pytest.approx(cm.summary()["sops"], rel=1e-6)
+    calls = []
+    blk = model.blocks[1]
+    handle = blk.attn.register_forward_hook(lambda *a: calls.append(1)) \
+        if hasattr(blk, "attn") else None
+    with torch.no_grad():
+        run_halting(model, x, cfg, execution="gather")
+    if handle is not None:
+        handle.remove()
+        assert len(calls) < 3  # block 1 runs at fewer than all T = 3 timesteps

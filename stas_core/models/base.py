@@ -70,6 +70,8 @@ class TransformerBlock(nn.Module):
         if not gather or active is None:
             return self.run(x, active, False)
         rows = TokenRows.from_mask(active)
+        if rows.index.numel() == 0:  # no active token in the batch: nothing to compute
+            return x
         return rows.scatter(self.run(rows.gather(x), rows, False), base=x)
 
 
