@@ -165,6 +165,63 @@ def converted_vs_direct(runs: Runs) -> dict:
             "compare": table}
 
 
+def full_ledger(runs: Runs, results: dict) -> dict:
+    """Both energy ledgers (stas_core.energy) of every trained run, re-measured from its
+    checkpoint on the same ``--energy-images`` validation images: per variant and seed,
+    conventional and full mJ, and the full ledger's terms."""
+    from stas_core.evaluate import energy_report
+
+    out = runs.root / "energy_full.json"
+    kept = _read(out) or {}
+    loader = DataLoader(build_datasets("fashion-mnist", val_subset=runs.args.val_subset,
+                                       augment=False)[1], batch_size=128)
+    for name, per_seed in results["runs"].items():
+        for seed, rec in per_seed.items():
+            if seed in kept.get(name, {}):
+                continue
+            model, cfg = load_trained_model(rec["checkpoint"])
+            e = energy_report(model, loader, torch.device("cpu"),
+                              max_images=runs.args.energy_images,
+                              halting=cfg.halting_config())["energy"]
+            kept.setdefault(name, {})[seed] = {k: e[k] for k in (
+                "conventional_mj", "full_mj", "terms_mj", "ann_full_mj", "qann_full_mj",
+                "qann_bits", "snn_vs_ann", "snn_vs_qann", "per_t")}
+            atomic_write_text(out, json.dumps(kept) + "\n")
+    return kept
+
+
+def converted_vs_direct_full(runs: Runs) -> dict:
+    """The converted-vs-direct pair again with the full ledger: both re-measured with the
+    current ledger (``report_full.json`` / ``summary_full.json``), through stas-compare."""
+    from convert.compare import compare, load_run, plot as plot_compare, to_markdown
+    from convert.pipeline import load_converted, snn_energy
+
+    conv_dir = runs.root / "converted"
+    report = _read(conv_dir / "report.json")
+    loader = DataLoader(build_datasets("fashion-mnist", val_subset=runs.args.val_subset,
+                                       augment=False)[1], batch_size=128)
+    snn = load_converted(report["model_path"])
+    e = snn_energy(snn, loader, report["timesteps"], torch.device("cpu"),
+                   runs.args.energy_images)
+    conv = {**report, "energy_mj": e["energy_mj"], "energy": e["energy"]}
+    atomic_write_text(conv_dir / "report_full.json", json.dumps(conv) + "\n")
+    direct_dir = runs.root / "integrated/backbone/seed0"
+    summary = _read(direct_dir / "summary.json")
+    model, _ = load_trained_model(summary["checkpoint"])
+    from stas_core.evaluate import energy_report
+
+    d = energy_report(model, loader, torch.device("cpu"), max_images=runs.args.energy_images)
+    direct = {**summary, "energy_mj": d["energy_mj"], "energy_per_timestep": d["per_timestep"],
+              "energy": d["energy"]}
+    atomic_write_text(direct_dir / "summary_full.json", json.dumps(direct) + "\n")
+    pair = [load_run(conv_dir / "report_full.json", "converted ViT"),
+            load_run(direct_dir / "summary_full.json", "direct backbone")]
+    table = compare(pair)
+    plot_compare(pair, runs.root / "converted_vs_direct.png")
+    atomic_write_text(runs.root / "converted_vs_direct.md", to_markdown(table))
+    return table
+
+
 # ----------------------------------------------------------------------------- report
 def _ms(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1
@@ -198,6 +255,17 @@ def aggregate(results: dict) -> dict:
         pair("I-SPS - vanilla (backbones)", "integrated/backbone", "vanilla/backbone", key)
         pair("both - block", "integrated/both", "integrated/block", key)
         pair("both - time", "integrated/both", "integrated/time", key)
+    full = results.get("energy_full") or {}
+    for name, per_seed in full.items():
+        if name in variants:
+            variants[name]["full_mj"] = _ms([r["full_mj"] for r in per_seed.values()])
+    for label, a, b in (("STAS - backbone (I-SPS)", "integrated/both", "integrated/backbone"),
+                        ("both - block", "integrated/both", "integrated/block"),
+                        ("both - time", "integrated/both", "integrated/time")):
+        if a in full and b in full:
+            seeds = sorted(set(full[a]) & set(full[b]))
+            pairs[f"{label}: full_mj"] = _paired([full[a][k]["full_mj"] for k in seeds],
+                                                 [full[b][k]["full_mj"] for k in seeds])
     for key in ("token_ratio",):
         pair("I-SPS - vanilla (tuned, halting)", "integrated/both", "vanilla/both", key)
         pair("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand", key)
@@ -214,9 +282,12 @@ def markdown(results: dict) -> str:
     agg, s = results["aggregate"], results["settings"]
     lines = [f"# Ablations ({s['model']}, T={s['timesteps']}, seeds {s['seeds']}, "
              f"{s['train_subset']} train / {s['val_subset']} test images)", "",
-             "| variant | top-1 % | energy (mJ) | token ratio |", "|---|---|---|---|"]
+             "| variant | top-1 % | energy (mJ, conventional) | energy (mJ, full ledger) | "
+             "token ratio |", "|---|---|---|---|---|"]
     for name, v in agg["variants"].items():
+        full = _fmt(v["full_mj"], 1, 3) if "full_mj" in v else "n/a"
         lines.append(f"| {name} | {_fmt(v['top1'], 100)} | {_fmt(v['energy_mj'], 1, 4)} | "
+                     f"{full} | "
                      + (_fmt(v["token_ratio"], 1, 3) if "token_ratio" in v else "1") + " |")
     lines += ["", "| paired difference (per seed) | mean ± std | per seed |", "|---|---|---|"]
     for name, p in agg["paired"].items():
@@ -298,7 +369,7 @@ def main() -> int:
     p.add_argument("--tune-train-subset", type=int, default=2000)
     p.add_argument("--tune-val-subset", type=int, default=1000)
     p.add_argument("--energy-images", type=int, default=256)
-    p.add_argument("--skip", nargs="*", default=[], choices=["converted", "similarity", "sweep"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["converted", "similarity", "sweep", "full"])
     p.add_argument("--out", default="runs/ablations")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -339,6 +410,9 @@ def main() -> int:
         results["similarity"] = {str(seed): similarity(runs, seed) for seed in args.seeds}
     if "converted" not in args.skip:
         results["converted_vs_direct"] = converted_vs_direct(runs)
+        results["converted_vs_direct_full"] = converted_vs_direct_full(runs)
+    if "full" not in args.skip:
+        results["energy_full"] = full_ledger(runs, results)
     results["aggregate"] = aggregate(results)
     results.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
