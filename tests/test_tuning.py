@@ -445,6 +445,12 @@ def test_direct_path_study_and_best_json_round_trip(tmp_path, capsys):
     assert {k: v for k, v in again.items() if k not in where} == \
         {k: v for k, v in tuned.items() if k not in where}
     assert (again["lr"], again["neuron"]["tau"], again["neuron"]["surrogate"]) == (1e-3, 1.5, "atan")
+    # --trial-lr: the trials fine-tune at their own learning rate instead
+    from tuning.objectives import DirectTrial
+
+    lower = DirectTrial(stage1["checkpoint"], tmp_path / "t2", lr=5e-4, train_subset=64,
+                        val_subset=32)
+    assert lower.base.lr == 5e-4 and lower.defaults()["lr"] == 5e-4
     # and a tiny stage-2 run from it: explicit flags next to --config
     code = train_main(["--direct", "--config", str(out / "best.json"), "--epochs", "1",
                        "--train-subset", "64", "--val-subset", "32", "--batch-size", "32",

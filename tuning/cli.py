@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (and data subsets)")
     p.add_argument("--trial-epochs", type=int, default=1,
                    help="direct path: halting fine-tune epochs per trial")
+    p.add_argument("--trial-lr", type=float, default=None,
+                   help="direct path: learning rate of each trial's fine-tune (default: the "
+                        "stage-1 run's; STAS's stage 2 uses a lower one, e.g. 5e-4)")
     p.add_argument("--timesteps", "-T", type=int, default=None,
                    help="timesteps; None: the checkpoint's / converted model's T")
     p.add_argument("--batch-size", type=int, default=None,
@@ -90,6 +93,7 @@ def _main(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, train_subset=args.train_subset, val_subset=args.val_subset,
         n_trials=args.n_trials, timeout=args.timeout, study_name=args.study_name,
         storage=args.storage, out=args.out, seed=args.seed, trial_epochs=args.trial_epochs,
+        trial_lr=args.trial_lr,
         timesteps=args.timesteps, batch_size=args.batch_size, energy_images=args.energy_images,
         energy_costs=args.energy_costs, energy_model=args.energy_model,
         device=args.device, objective=args.objective, min_top1=args.min_top1,

@@ -77,6 +77,7 @@ class DirectTrial:
     path_kind = "direct"
 
     def __init__(self, checkpoint: str | Path, out: str | Path, *, trial_epochs: int = 1,
+                 lr: Optional[float] = None,
                  dataset: Optional[str] = None, data_dir: Optional[str] = None,
                  train_subset: Optional[int] = None, val_subset: Optional[int] = None,
                  batch_size: Optional[int] = None, timesteps: Optional[int] = None,
@@ -90,6 +91,7 @@ class DirectTrial:
         self.out = Path(out)
         self.base = dataclasses.replace(
             saved, halting=True, init_from=str(checkpoint), epochs=trial_epochs, resume=False,
+            lr=lr or saved.lr,
             progress=False, dataset=dataset or saved.dataset, data_dir=data_dir,
             train_subset=train_subset, val_subset=val_subset,
             batch_size=batch_size or saved.batch_size, timesteps=timesteps or saved.timesteps,

@@ -61,6 +61,7 @@ class TuneConfig:
     out: str = "runs/tune"
     seed: int = 0
     trial_epochs: int = 1
+    trial_lr: Optional[float] = None     # direct path: None (the stage-1 run's lr) or a lr
     timesteps: Optional[int] = None
     batch_size: Optional[int] = None
     energy_images: int = 256
@@ -102,6 +103,8 @@ class TuneConfig:
                               f"{self.path}")
         check_positive_int("n_trials", self.n_trials)
         check_positive_int("trial_epochs", self.trial_epochs)
+        if self.trial_lr is not None and not self.trial_lr > 0:
+            raise ConfigError(f"trial_lr must be > 0; got {self.trial_lr}")
         check_positive_int("energy_images", self.energy_images)
         for name in ("timesteps", "batch_size"):
             if getattr(self, name) is not None:
@@ -243,7 +246,7 @@ def build_trial(cfg: TuneConfig, header: dict):
                   energy_images=cfg.energy_images, energy_costs=cfg.energy_costs,
                   device=cfg.device, header=header)
     if cfg.path == "direct":
-        return DirectTrial(cfg.checkpoint, cfg.out, trial_epochs=cfg.trial_epochs,
+        return DirectTrial(cfg.checkpoint, cfg.out, trial_epochs=cfg.trial_epochs, lr=cfg.trial_lr,
                            train_subset=cfg.train_subset, **common)
     return ConvertedTrial(cfg.checkpoint, halting_score=cfg.halting_score, **common)
 
