@@ -75,6 +75,9 @@ def main() -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--betas", type=float, nargs="+", default=[-8.0, -6.0, -4.0])
     p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--score", default="convergence", choices=["convergence", "mean", "current"],
+                   help="the score of the grid (mean: channel 0's running mean, e.g. after "
+                        "stas-convert --halting-finetune)")
     p.add_argument("--out", default="runs/adaptive")
     args = p.parse_args()
     from convert.pipeline import load_converted
@@ -91,8 +94,8 @@ def main() -> int:
     candidates = {"constant score (alpha 0, beta -3.25, published)":
                   HaltingConfig(alpha=0.0, beta=-3.25, eps=0.01)}
     for a, b in itertools.product(args.alphas, args.betas):
-        candidates[f"convergence (alpha {a:g}, beta {b:g})"] = HaltingConfig(
-            alpha=a, beta=b, eps=args.eps, score="convergence")
+        candidates[f"{args.score} (alpha {a:g}, beta {b:g})"] = HaltingConfig(
+            alpha=a, beta=b, eps=args.eps, score=args.score)
     base_screen = timestep_baseline(snn, screen, DEVICE, energy_images=args.energy_images)
     screened = {}
     for name, cfg in candidates.items():

@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train / fine-tune the ANN on the dataset first (offline path)")
     p.add_argument("--train-lr", type=float, default=1e-3,
                    help="peak learning rate of --train-epochs")
+    p.add_argument("--halting-finetune", type=int, default=0, metavar="N",
+                   help="epochs of A-ViT halting fine-tune of the ANN before conversion: "
+                        "channel 0 learns when a token is done, and the SNN's halting score "
+                        "reads it (convert.halting_finetune)")
+    p.add_argument("--halting-finetune-lr", type=float, default=1e-4,
+                   help="peak learning rate of --halting-finetune")
+    p.add_argument("--halting-finetune-delta-p", type=float, default=5e-4,
+                   help="weight of the ANN's ponder loss in --halting-finetune")
     p.add_argument("--timesteps", "-T", type=int, default=16,
                    help="evaluate every t = 1..T in one pass")
     p.add_argument("--levels", type=int, default=8, help="thresholds per neuron (theta 2^-i)")
@@ -84,7 +92,9 @@ def _main(args: argparse.Namespace) -> int:
         train_subset=args.train_subset, val_subset=args.val_subset, timesteps=args.timesteps,
         levels=args.levels, calib_images=args.calib_images, calib_method=args.calib_method,
         calib_percentile=args.calib_percentile, batch_size=args.batch_size,
-        energy_images=args.energy_images, energy_costs=args.energy_costs, out=args.out, device=args.device, seed=args.seed,
+        energy_images=args.energy_images, energy_costs=args.energy_costs, out=args.out,
+        halting_finetune=args.halting_finetune, halting_finetune_lr=args.halting_finetune_lr,
+        halting_finetune_delta_p=args.halting_finetune_delta_p, device=args.device, seed=args.seed,
         compile=args.compile, halting=args.halting, alpha=args.alpha, beta=args.beta,
         eps=args.eps, accumulate=args.accumulate, halting_score=args.halting_score, execution=args.execution,
         halting_output=args.halting_output, halted_kv=args.halted_kv,

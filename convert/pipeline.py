@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from halting.plugin import DEFAULT_EXECUTION, HaltingConfigError
+from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, HaltingConfigError
 from halting.protocol import run_stepwise
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
@@ -67,6 +67,9 @@ class ConvertConfig:
     batch_size: int = 128
     energy_images: int = 256
     energy_costs: Optional[str] = None  # JSON file of EnergyCosts fields (None: 45 nm)
+    halting_finetune: int = 0        # epochs of A-ViT halting fine-tune of the ANN first
+    halting_finetune_lr: float = 1e-4
+    halting_finetune_delta_p: float = 5e-4  # weight of the ANN's ponder loss
     out: str = "runs/convert"
     device: str = "auto"
     seed: int = 0
@@ -95,6 +98,11 @@ class ConvertConfig:
                               f"got {self.calib_method!r}")
         if self.train_epochs < 0:
             raise ConfigError(f"train_epochs must be >= 0; got {self.train_epochs}")
+        if self.halting_finetune < 0 or not self.halting_finetune_lr > 0 \
+                or self.halting_finetune_delta_p < 0:
+            raise ConfigError(f"halting_finetune must be >= 0 epochs, its lr > 0 and its "
+                              f"delta_p >= 0; got {self.halting_finetune}, "
+                              f"{self.halting_finetune_lr}, {self.halting_finetune_delta_p}")
         if sum(bool(v) for v in (self.pretrained or self.pretrained_file, self.checkpoint)) > 1:
             raise ConfigError("give only one of --pretrained and --checkpoint")
         if not (self.pretrained or self.pretrained_file or self.checkpoint
@@ -339,13 +347,22 @@ def convert(cfg: ConvertConfig) -> dict:
     train_ds, val_ds, info = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
                                             train_subset=cfg.train_subset,
                                             val_subset=cfg.val_subset, seed=cfg.seed,
-                                            augment=cfg.train_epochs > 0)
-    history = []
-    if cfg.train_epochs:
+                                            augment=cfg.train_epochs > 0 or cfg.halting_finetune > 0)
+    history, finetune = [], []
+    if cfg.train_epochs or cfg.halting_finetune:
         g = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=g)
-        history = train_ann(vit, loader, cfg.train_epochs, lr=cfg.train_lr, device=device,
-                            progress=cfg.progress)
+        if cfg.train_epochs:
+            history = train_ann(vit, loader, cfg.train_epochs, lr=cfg.train_lr, device=device,
+                                progress=cfg.progress)
+        if cfg.halting_finetune:  # A-ViT: channel 0 learns when a token is done
+            from .halting_finetune import halting_finetune
+
+            d = HaltingConfig()
+            finetune = halting_finetune(vit, loader, cfg.halting_finetune,
+                                        lr=cfg.halting_finetune_lr, alpha=d.alpha, beta=d.beta,
+                                        eps=d.eps, delta_p=cfg.halting_finetune_delta_p,
+                                        device=device, progress=cfg.progress)
         from safetensors.torch import save_file
         state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
         atomic_write(out / "ann.safetensors", lambda tmp: save_file(state, tmp))
@@ -405,6 +422,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "calibration": {"method": cfg.calib_method, "images": cfg.calib_images,
                         "thresholds": thresholds},
         "ann_training": history,
+        **({"halting_finetune": finetune} if finetune else {}),
         **halted,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": time.perf_counter() - start,

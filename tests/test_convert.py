@@ -319,3 +319,27 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
     assert report["halting"]["score"] == "mean" and report["halting"]["execution"] == "gather"
     assert (out / "halting_depth.png").stat().st_size > 0
     assert 1 <= report["depth_min"] <= report["depth_mean"] <= report["depth_max"] <= 4 * 2
+
+
+def test_halting_finetune_teaches_channel_0_to_stop_tokens():
+    """A-ViT on the ANN: with a heavy ponder weight a few steps cut the mean patch-token
+    depth, and the ponder gradient reaches channel 0 (the SNN's halting signal)."""
+    import timm
+
+    from convert.halting_finetune import adaptive_forward, halting_finetune
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                            in_chans=1, num_classes=3, embed_dim=16, depth=4, num_heads=2)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    logits, ponder, depth = adaptive_forward(vit.eval(), x, alpha=1.0, beta=-2.0, eps=0.01)
+    assert logits.shape == (32, 3) and depth.shape == (32, 5)
+    assert torch.all(depth[:, 0] == 0)  # the class token is never scored: it never stops
+    ponder.backward()
+    assert vit.blocks[0].mlp.fc2.bias.grad[0] != 0  # channel 0 of block 0's output
+    before = float(depth[:, 1:].mean())
+    loader = [(x, y)] * 20
+    history = halting_finetune(vit, loader, 2, lr=3e-3, alpha=1.0, beta=-2.0, eps=0.01,
+                               delta_p=1.0, device="cpu", progress=False)
+    after = float(adaptive_forward(vit.eval(), x, alpha=1.0, beta=-2.0, eps=0.01)[2][:, 1:].mean())
+    assert after < before - 0.5, (before, after, history)
