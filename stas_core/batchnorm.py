@@ -4,8 +4,9 @@ During training the running statistics are an exponential average over batches s
 while the weights were still moving. In a spiking network the lag is amplified (a shifted
 pre-activation puts neurons on the wrong side of their threshold), so a short run can
 evaluate at chance although its weights are good. :func:`recalibrate_batchnorm` recomputes
-the statistics for the current weights: it resets them and runs some training batches
-forward in train mode without gradients, with cumulative averaging (``momentum=None``).
+the statistics for the current weights: it runs some training batches forward in train
+mode without gradients, with cumulative averaging (``momentum=None``) from the first
+batch on; a layer that receives no rows keeps the statistics it had.
 Under DDP the synchronised BatchNorm layers (:mod:`stas_core.distributed`) all-reduce
 every batch's statistics, so every rank ends with the same running statistics.
 """
@@ -56,8 +57,12 @@ def recalibrate_batchnorm(net: nn.Module, loader: Iterable, device: torch.device
              for bn in layers]
     was_training = net.training
     for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the recalibration batches
+        # a cumulative average from the first batch on: that batch's statistics replace
+        # the old ones outright (factor 1 / 1), so a layer that receives no rows at all
+        # (every token halted before it) keeps the statistics training left, and while
+        # recalibrating, a layer given fewer than two rows normalises with those too
+        bn.num_batches_tracked.zero_()
+        bn.momentum = None
     net.train()
     used = 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
@@ -70,6 +75,11 @@ def recalibrate_batchnorm(net: nn.Module, loader: Iterable, device: torch.device
         for bn, momentum in zip(layers, momenta):
             bn.momentum = momentum
         net.train(was_training)
+    untouched = [i for i, bn in enumerate(layers) if int(bn.num_batches_tracked) == 0]
+    if used and untouched:
+        logger.info("BatchNorm recalibration: %d of %d layers saw no rows (every token "
+                    "halted before them) and keep their trained statistics",
+                    len(untouched), len(layers))
     if used == 0:  # an empty loader: keep the statistics training left
         for bn, (mean, var, tracked) in zip(layers, saved):
             bn.running_mean.copy_(mean), bn.running_var.copy_(var)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from stas_core.checkpoint import load_checkpoint, save_checkpoint
 from stas_core.cli.train import main as train_main
@@ -345,3 +346,30 @@ def test_scheduler_warmup_then_cosine_to_zero():
     assert lrs[14] == pytest.approx(0.0, abs=1e-12)
     assert all(a <= b for a, b in zip(lrs[:4], lrs[1:5]))
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_recalibration_keeps_statistics_of_a_layer_that_sees_no_rows():
+    """A BatchNorm that receives no rows during recalibration (every token halted before
+    it) keeps the statistics training left; one that receives rows gets exactly theirs."""
+    from stas_core.batchnorm import recalibrate_batchnorm
+    from stas_core.layers import TokenBN
+
+    class TwoNorms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fed, self.starved = TokenBN(3), TokenBN(3)
+
+        def forward(self, x):
+            self.starved(x[:0])  # no rows reach it, as after every token halted
+            return self.fed(x)
+
+    net = TwoNorms()
+    for bn in (net.fed, net.starved):
+        bn.running_mean.fill_(5.0), bn.running_var.fill_(7.0)
+    x = torch.randn(16, 3) * 2 + 1
+    used = recalibrate_batchnorm(net, [(x, None)], torch.device("cpu"), batches=1)
+    assert used == 1
+    assert torch.allclose(net.fed.running_mean, x.mean(0), atol=1e-6)
+    assert torch.allclose(net.fed.running_var, x.var(0), atol=1e-5)
+    assert torch.equal(net.starved.running_mean, torch.full((3,), 5.0))
+    assert torch.equal(net.starved.running_var, torch.full((3,), 7.0))
