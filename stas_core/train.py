@@ -29,7 +29,7 @@ from torch import nn
 
 from halting.plugin import DEFAULT_EXECUTION
 
-from .batchnorm import batches_for, recalibrate_batchnorm
+from .batchnorm import batches_for, frozen_batchnorms, recalibrate_batchnorm
 from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
 from .data import build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
@@ -398,9 +398,15 @@ def train(cfg: TrainConfig, *,
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
+    frozen = frozen_batchnorms(model, halting=halting_cfg is not None, sps=cfg.sps)
+    if frozen and d.main:
+        logger.info("stage 2 with vanilla SPS: the %d BatchNorm layers of the patch splitting "
+                    "keep their stage-1 statistics", len(frozen))
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
         net.train()
+        for bn in frozen:
+            bn.eval()
         watch = Stopwatch(device).start()
         loss_sum = correct = seen = 0.0
         bar = progress_bar(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.main)
@@ -434,7 +440,7 @@ def train(cfg: TrainConfig, *,
         # the evaluated and saved model carries BatchNorm statistics of its final weights
         recal_loader.sampler.set_epoch(epoch)
         recalibrate_batchnorm(runner, recal_loader, device, batches=recal_batches, amp=amp,
-                              amp_dtype=amp_dtype)
+                              amp_dtype=amp_dtype, frozen=frozen)
         ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
         v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,

@@ -373,3 +373,27 @@ def test_recalibration_keeps_statistics_of_a_layer_that_sees_no_rows():
     assert torch.allclose(net.fed.running_var, x.var(0), atol=1e-5)
     assert torch.equal(net.starved.running_mean, torch.full((3,), 5.0))
     assert torch.equal(net.starved.running_var, torch.full((3,), 7.0))
+
+
+def test_stage2_with_vanilla_sps_keeps_the_patch_splitting_statistics(tmp_path):
+    """Vanilla SPS + halting: the patch-splitting BatchNorms keep their stage-1 statistics
+    (stepwise training would normalise each timestep apart, against running statistics
+    that average over timesteps); the blocks' BatchNorms are still recalibrated."""
+    from stas_core.batchnorm import frozen_batchnorms
+    from stas_core.train import load_trained_model
+
+    common = dict(model="spikformer-1-32", timesteps=2, batch_size=32, train_subset=128,
+                  val_subset=64, energy_images=8, progress=False, bn_images=64)
+    s1 = train(TrainConfig(**common, sps="vanilla", epochs=1, out=str(tmp_path / "s1")))
+    s2 = train(TrainConfig(**common, epochs=1, halting=True, beta=0.0, init_from=s1["checkpoint"],
+                           out=str(tmp_path / "s2")))
+    m1, _ = load_trained_model(s1["checkpoint"])
+    m2, cfg2 = load_trained_model(s2["checkpoint"])
+    frozen = frozen_batchnorms(m2, halting=True, sps=cfg2.sps)
+    assert frozen and cfg2.sps == "vanilla"
+    for a, b in zip(frozen_batchnorms(m1, halting=True, sps="vanilla"), frozen):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    blocks1 = [bn for bn in m1.blocks.modules() if isinstance(bn, nn.BatchNorm1d)]
+    blocks2 = [bn for bn in m2.blocks.modules() if isinstance(bn, nn.BatchNorm1d)]
+    assert any(not torch.equal(a.running_mean, b.running_mean) for a, b in zip(blocks1, blocks2))
+    assert frozen_batchnorms(m2, halting=True, sps="integrated") == []
