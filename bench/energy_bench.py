@@ -8,7 +8,7 @@
 after Lemaire et al. 2022) and our ledger on the same small spiking network (two Linear
 layers, LIF neurons, the same weights and input spikes; spikingjelly's ``LIFNode`` and our
 ``LIF`` fire identically, checked), count by count where the definitions coincide, and
-each model's own energy split. Needs ``pip install spikingjelly==2.0.0 loguru``.
+each model's own energy split. Needs ``pip install -e '.[bench]'`` (spikingjelly 2.0 and loguru).
 
 ``figures``: a direct-trained STAS model against its backbone, and a converted ViT against
 its ANN and the equal-information quantized ANN, at every t, under both ledgers; the same
