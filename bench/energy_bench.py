@@ -45,7 +45,7 @@ def bench_lemaire(args) -> dict:
         from spikingjelly.activation_based.op_counter import estimate_lemaire_energy
     except ImportError as exc:
         raise SystemExit(f"spikingjelly is needed for this comparison ({exc}); "
-                         "pip install spikingjelly==2.0.0 loguru") from None
+                         "pip install -e '.[bench]'") from None
     from stas_core.neurons import LIF
 
     torch.manual_seed(0)
