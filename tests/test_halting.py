@@ -204,7 +204,7 @@ def test_ponder_loss_reaches_the_parameters_through_the_score():
 @pytest.mark.parametrize("kwargs, words", [
     ({"eps": 1.0}, "eps must be in [0, 1)"), ({"eps": -0.1}, "eps must be in [0, 1)"),
     ({"accumulate": "space"}, "accumulate must be one of both, block, time"),
-    ({"score": "median"}, "score must be 'current' or 'mean'"),
+    ({"score": "median"}, "score must be one of current, mean, convergence; got 'median'"),
 ])
 def test_bad_values(kwargs, words):
     with pytest.raises(HaltingConfigError) as err:
