@@ -16,7 +16,6 @@ block-and-timestep window of the SNN.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Optional
 
 import torch
@@ -65,44 +64,25 @@ def halting_finetune(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: flo
     """Fine-tune ``vit`` in place for ``epochs`` with the task loss plus ``delta_p`` times
     A-ViT's ponder loss (AdamW, warmup + cosine, label smoothing 0.1). Returns one record
     per epoch: loss, train top-1 and mean patch-token depth."""
-    from stas_core.train import build_scheduler, progress_bar
+    from .pipeline import fit_ann
 
     if epochs < 1:
         raise ConfigError(f"halting_finetune must be >= 1 epochs to run; got {epochs}")
     if not 0.0 <= eps < 1.0:
         raise ConfigError(f"eps must be in [0, 1); got {eps}")
-    opt = torch.optim.AdamW(vit.parameters(), lr=lr, weight_decay=0.05)
-    sched = build_scheduler(opt, epochs * len(loader), max(1, len(loader) // 10))
-    task = nn.CrossEntropyLoss(label_smoothing=0.1)
-    history = []
     prefix = int(vit.num_prefix_tokens)
-    for epoch in range(epochs):
-        vit.train()
-        bar = progress_bar(progress, len(loader), f"halting fine-tune {epoch + 1}/{epochs}", True)
-        seen = correct = loss_sum = depth_sum = 0.0
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device)
-            logits, ponder, depth = adaptive_forward(vit, x, alpha=alpha, beta=beta, eps=eps)
-            loss = task(logits, y) + delta_p * ponder
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step_update(epoch * len(loader) + step + 1)
-            seen += len(y)
-            correct += float((logits.argmax(-1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
-            depth_sum += float(depth[:, prefix:].mean()) * len(y)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen,
-                  "mean_depth": depth_sum / seen, "of_blocks": len(vit.blocks),
-                  "seconds": time.perf_counter() - start}
+
+    def forward(model: nn.Module, x: Tensor):
+        logits, ponder, depth = adaptive_forward(model, x, alpha=alpha, beta=beta, eps=eps)
+        return logits, delta_p * ponder, {"mean_depth": depth[:, prefix:].mean()}
+
+    history = fit_ann(vit, loader, epochs, lr=lr, warmup_steps=max(1, len(loader) // 10),
+                      forward=forward, desc="halting fine-tune", device=device,
+                      progress=progress)
+    for record in history:
+        record["of_blocks"] = len(vit.blocks)
         logger.info("halting fine-tune epoch %d: loss %.4f top-1 %.4f depth %.2f of %d",
-                    epoch + 1, record["loss"], record["train_top1"], record["mean_depth"],
-                    len(vit.blocks))
-        history.append(record)
+                    record["epoch"], record["loss"], record["train_top1"],
+                    record["mean_depth"], len(vit.blocks))
     vit.eval()
     return history

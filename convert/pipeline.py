@@ -148,23 +148,27 @@ def build_ann(cfg: ConvertConfig) -> nn.Module:
     return vit
 
 
-def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, device,
-              progress: Optional[bool] = None) -> list[dict]:
-    """Train the ANN here (AdamW, wd 0.05, warmup + cosine, label smoothing 0.1)."""
+def fit_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, warmup_steps: int,
+            forward, desc: str, device, progress: Optional[bool] = None) -> list[dict]:
+    """The ANN training loop shared by :func:`train_ann` and the halting fine-tune: AdamW
+    (wd 0.05), timm's warmup + cosine by step, label-smoothed (0.1) cross-entropy plus what
+    ``forward(vit, x) -> (logits, extra_loss, extras)`` adds (``extras``: per-batch means
+    to average over the epoch). Returns per epoch ``{"epoch", "loss", "train_top1",
+    "seconds", **extras}``."""
     opt = torch.optim.AdamW(vit.parameters(), lr=lr, weight_decay=0.05)
-    total = epochs * len(loader)
-    sched = build_scheduler(opt, total, max(1, len(loader) // 5))
+    sched = build_scheduler(opt, epochs * len(loader), warmup_steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     history = []
     for epoch in range(epochs):
         vit.train()
-        bar = progress_bar(progress, len(loader), f"ANN epoch {epoch + 1}/{epochs}", True)
+        bar = progress_bar(progress, len(loader), f"{desc} {epoch + 1}/{epochs}", True)
         seen = correct = loss_sum = 0.0
+        sums: dict[str, float] = {}
         start = time.perf_counter()
         for step, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
-            logits = vit(x)
-            loss = loss_fn(logits, y)
+            logits, extra_loss, extras = forward(vit, x)
+            loss = loss_fn(logits, y) + extra_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,13 +176,28 @@ def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, dev
             seen += len(y)
             correct += float((logits.argmax(-1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
+            for k, v in extras.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(y)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                  "train_top1": correct / seen, "epoch_s": time.perf_counter() - start}
-        logger.info("ANN epoch %d: loss %.4f train top-1 %.4f", epoch + 1,
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen,
+                        "seconds": time.perf_counter() - start,
+                        **{k: v / seen for k, v in sums.items()}})
+    return history
+
+
+def train_ann(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: float, device,
+              progress: Optional[bool] = None) -> list[dict]:
+    """Train the ANN here (AdamW, wd 0.05, warmup + cosine, label smoothing 0.1)."""
+    history = []
+    for r in fit_ann(vit, loader, epochs, lr=lr, warmup_steps=max(1, len(loader) // 5),
+                     forward=lambda m, x: (m(x), 0.0, {}), desc="ANN epoch", device=device,
+                     progress=progress):
+        record = {"epoch": r["epoch"], "train_loss": r["loss"], "train_top1": r["train_top1"],
+                  "epoch_s": r["seconds"]}
+        logger.info("ANN epoch %d: loss %.4f train top-1 %.4f", record["epoch"],
                     record["train_loss"], record["train_top1"])
         history.append(record)
     return history
