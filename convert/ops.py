@@ -12,16 +12,24 @@ broadcastable to the input) freezes the state of halted tokens and silences thei
   compensation: after ``t`` steps its outputs add up to exactly ``t * f(mean input)``.
 * :class:`CompensatedMatMul` does the same for a product of two spike trains (Q K^T, attn V):
   cumulative output ``t * mean(A) @ mean(B)``.
+
+Row execution (token halting, ``gather``): ``active`` may instead be a
+:class:`~stas_core.layers.TokenRows`; the input is then ``[M, ...]``, the active tokens' rows
+only, and the module's per-token state is held in the same rows (every row is active, so
+there is nothing to mask or freeze). :class:`HeldRows` compacts that state when the active
+set changes.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from halting.numeric import exact
 from stas_core.errors import ConfigError
+from stas_core.layers import TokenRows, is_rows
 from stas_core.onnx_float64 import gelu_float64
 
 Count = Union[int, Tensor]
@@ -37,6 +45,12 @@ def _freeze(new: Tensor, old: Optional[Tensor], active: Optional[Tensor]) -> Ten
     if active is None or old is None:
         return new if active is None else new * active.to(new.dtype)
     return torch.where(active, new, old)
+
+
+def _add_rows_(dense: Tensor, index: Tensor, rows: Tensor) -> None:
+    """``dense[index] += rows`` in place, for distinct indices (a gather, an add and a copy:
+    on CPU far faster than ``index_add_``, which scatters element by element)."""
+    dense.index_copy_(0, index, dense.index_select(0, index).add_(rows))
 
 
 def _pow2_levels(a: Tensor) -> Tensor:
@@ -133,6 +147,8 @@ class MultiThresholdNeuron(nn.Module):
     converges to the input's. ``threshold`` is a buffer set by calibration.
     """
 
+    held_state = ("v",)  # per-row state under the row execution
+
     def __init__(self, levels: int = 8, threshold: float = 1.0) -> None:
         super().__init__()
         if levels < 1:
@@ -167,10 +183,10 @@ class MultiThresholdNeuron(nn.Module):
         full = torch.floor(s.abs() / self.threshold.to(s.dtype))
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
-    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    def step(self, x: Tensor, active: Union[None, Tensor, TokenRows] = None) -> Tensor:
         v_old = self.v if self.v is not None else torch.zeros_like(x)
         s, v = _fire(v_old, x, self.threshold.to(x.dtype), self.smallest)
-        if active is not None:
+        if active is not None and not is_rows(active):
             s = s * active.to(s.dtype)
             v = torch.where(active, v_old + x - s, v_old)
         self.v = v
@@ -212,7 +228,11 @@ class Compensated(nn.Module):
         self.emitted: Optional[Tensor] = None
         self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
 
-    def step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
+    held_state = ("total", "emitted", "count")  # per-row state under the row execution
+
+    def step(self, x: Tensor, active: Union[None, Tensor, TokenRows] = None) -> Tensor:
+        if is_rows(active):
+            return self._rows_step(x)
         if active is None and self.total is not None and not isinstance(self.count, Tensor):
             self.count += 1  # common case: every token active
             self._count_t = _device_count(self._count_t, self.count, x)
@@ -231,6 +251,18 @@ class Compensated(nn.Module):
         self.emitted = _freeze(cumulative, self.emitted, active)
         self.count = count
         return out if active is None else out * active.to(out.dtype)
+
+    def _rows_step(self, x: Tensor) -> Tensor:
+        """Every row active; ``count`` is a per-row tensor (rows may have joined late)."""
+        if self.total is None:
+            self.count = x.new_ones((x.shape[0],) + (1,) * (x.dim() - 1))
+            self.total = x
+            self.emitted = self.fn(x)
+            return self.emitted
+        self.count = self.count + 1
+        self.total, self.emitted, out = _compensate(self.fn, self.total, x, self.count,
+                                                    self.emitted)
+        return out
 
     forward = step
 
@@ -256,7 +288,11 @@ class CompensatedMatMul(nn.Module):
         self.steps = 0
         self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
 
-    def step(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None) -> Tensor:
+    def step(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None,
+             a_active: Optional[Tensor] = None) -> Tensor:
+        """One step; ``a_active`` (broadcastable to the output) marks the rows of A (the
+        queries) that are active: the others' outputs are not used, so what they have
+        emitted stays as it was (a token that resumes continues its own sum)."""
         if b_count is None and self.sum_a is not None:  # common case: every token active
             self.steps += 1
             self._count_t = _device_count(self._count_t, self.steps, a)
@@ -270,11 +306,33 @@ class CompensatedMatMul(nn.Module):
         count = b_count.clamp(min=1) if b_count is not None else self.steps
         cumulative = self.sum_a @ (self.sum_b / count)
         out = cumulative if self.emitted is None else cumulative - self.emitted
-        self.emitted = cumulative
+        self.emitted = _freeze(cumulative, self.emitted, a_active)
         return out
 
-    def forward(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None) -> Tensor:
-        return self.step(a, b, b_count)
+    def forward(self, a: Tensor, b: Tensor, b_count: Union[None, Tensor, "ProductRows"] = None,
+                a_active: Optional[Tensor] = None) -> Tensor:
+        if isinstance(b_count, ProductRows):
+            return self._rows_step(a, b, b_count)
+        return self.step(a, b, b_count, a_active)
+
+    held_state = ("emitted",)  # per-row state under the row execution (sums stay dense)
+
+    def _rows_step(self, a: Tensor, b: Tensor, ctx: "ProductRows") -> Tensor:
+        """Row execution: ``a`` and ``b`` are the active tokens' rows (queries' Q and keys'
+        K for Q K^T; attention rows and V for attn V). The running sums stay dense per image
+        and are updated in place on the active rows only; the product runs per image (a
+        matmul, cheap next to the element-wise work) and the active query rows are kept."""
+        rows, total = ctx.rows, ctx.rows.batch * ctx.rows.tokens
+        if self.sum_a is None:
+            self.sum_a = a.new_zeros((total,) + tuple(a.shape[1:]))
+            self.sum_b = b.new_zeros((total,) + tuple(b.shape[1:]))
+        _add_rows_(self.sum_a, rows.index, a)
+        _add_rows_(self.sum_b, rows.index, b)
+        self.steps += 1
+        cumulative = ctx.product(self.sum_a, self.sum_b)
+        out = cumulative if self.emitted is None else cumulative - self.emitted
+        self.emitted = cumulative
+        return out
 
     @torch.no_grad()
     def count_ops(self, inputs, output) -> tuple[float, float]:
@@ -282,8 +340,110 @@ class CompensatedMatMul(nn.Module):
         column of sum(A): ``nnz(a) * M + nnz(b) * N`` ACs (the rescale by 1/t is a shift
         when t is a power of two, and is not counted, as for BatchNorm)."""
         a, b = inputs[0], inputs[1]
+        ctx = inputs[2] if len(inputs) > 2 else None
+        if isinstance(ctx, ProductRows):
+            return 0.0, float(torch.count_nonzero(a)) * ctx.a_fanout + \
+                float(torch.count_nonzero(b)) * ctx.rows.tokens
         return 0.0, float(torch.count_nonzero(a)) * b.shape[-1] + \
             float(torch.count_nonzero(b)) * a.shape[-2]
+
+
+@dataclass(frozen=True)
+class ProductRows:
+    """How a :class:`CompensatedMatMul` runs on rows: Q K^T (``kind='qk'``: A and B are
+    ``[M, D]`` rows of Q and K, output ``[M, H, N]``) or attn V (``'av'``: A is ``[M, H, N]``
+    attention rows, B ``[M, D]`` rows of V, output ``[M, D]``). ``key_count`` ``[B * N, 1]``
+    says how many steps each key has fed (frozen keys of halted tokens keep their mean)."""
+
+    kind: str
+    rows: TokenRows
+    heads: int
+    dim: int
+    key_count: Tensor
+
+    @property
+    def a_fanout(self) -> int:
+        """Output elements one event of A reaches: N keys (Q K^T) or a head's dim (attn V)."""
+        return self.rows.tokens if self.kind == "qk" else self.dim // self.heads
+
+    @property
+    def dense_b(self) -> int:
+        """Elements of B in the dense execution (every token's K or V)."""
+        return self.rows.batch * self.rows.tokens * self.dim
+
+    def _heads(self, flat: Tensor) -> Tensor:  # [B * N, D] -> [B, H, N, d]
+        b, n = self.rows.batch, self.rows.tokens
+        return flat.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def product(self, sum_a: Tensor, sum_b: Tensor) -> Tensor:
+        """Cumulative output rows ``sum(A) @ mean(B)`` of the active tokens."""
+        b, n, idx = self.rows.batch, self.rows.tokens, self.rows.index
+        mean_b = self._heads(sum_b / self.key_count)
+        if self.kind == "qk":
+            full = self._heads(sum_a) @ mean_b.transpose(-2, -1)        # [B, H, N, N]
+            return full.transpose(1, 2).reshape(b * n, self.heads, n).index_select(0, idx)
+        attn = sum_a.view(b, n, self.heads, n).transpose(1, 2)          # [B, H, N, N]
+        full = (attn @ mean_b).transpose(1, 2).reshape(b * n, -1)       # [B * N, D]
+        return full.index_select(0, idx)
+
+
+class HeldRows:
+    """The tokens whose per-token state a block holds in rows, under the row execution.
+
+    When the active set changes the state is compacted to the new rows: a token that stops
+    has its rows parked (kept, unread); a token that becomes active again (``block``
+    accumulation refills every timestep) gets its parked rows back, and a token never held
+    starts from zero, as under the masked execution. In the ``both`` and ``time`` modes the
+    active set only shrinks, so the state only shrinks: nothing is ever computed for a
+    halted token again."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.modules = [m for m in modules if getattr(m, "held_state", None)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.mask: Optional[Tensor] = None   # [B * N] bool: the held tokens
+        self.rows: Optional[TokenRows] = None
+        self.parked: dict = {}               # (module index, attr) -> [(flat index, rows)]
+
+    def _states(self):
+        for i, m in enumerate(self.modules):
+            for attr in m.held_state:
+                value = getattr(m, attr)
+                if isinstance(value, Tensor):
+                    yield i, m, attr, value
+
+    def update(self, active: Tensor) -> TokenRows:
+        """The rows of ``active`` ``[B, N]``, with every module's state compacted to them."""
+        flat = active.reshape(-1)
+        if self.mask is not None and torch.equal(flat, self.mask):
+            return self.rows
+        batch, tokens = active.shape
+        new = TokenRows.from_mask(active)
+        if self.mask is not None:
+            old = self.rows.index
+            if bool((flat & ~self.mask).any()):
+                self._refill(old, new.index, batch * tokens)
+            else:
+                keep = flat.index_select(0, old)
+                stay, gone = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+                for i, m, attr, value in self._states():
+                    if gone.numel():
+                        self.parked.setdefault((i, attr), []).append(
+                            (old.index_select(0, gone), value.index_select(0, gone)))
+                    setattr(m, attr, value.index_select(0, stay))
+        self.mask, self.rows = flat, new
+        return new
+
+    def _refill(self, old: Tensor, new: Tensor, total: int) -> None:
+        everything = torch.arange(total, device=old.device)
+        for i, m, attr, value in list(self._states()):
+            full = value.new_zeros((total,) + tuple(value.shape[1:]))
+            for index, rows in self.parked.get((i, attr), []):
+                full.index_copy_(0, index, rows)
+            full.index_copy_(0, old, value)
+            self.parked[(i, attr)] = [(everything, full)]
+            setattr(m, attr, full.index_select(0, new))
 
 
 def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from halting.protocol import HaltingDefaults
-from stas_core.layers import TokenRows
 
 from .errors import ConversionError
-from .ops import Compensated, CompensatedMatMul, MultiThresholdNeuron, gelu_fn, softmax_fn
+from .ops import (Compensated, CompensatedMatMul, HeldRows, MultiThresholdNeuron, ProductRows,
+                  gelu_fn, softmax_fn)
 
 Recorder = Optional[Callable[[nn.Module, Tensor], None]]
 HALTED_KV = ("frozen", "drop")
@@ -49,11 +49,6 @@ def _events(linear: nn.Linear, source: MultiThresholdNeuron) -> nn.Linear:
     return linear
 
 
-def _linear_on(rows: TokenRows) -> Callable[[nn.Module, Tensor], Tensor]:
-    """``f(h)`` computed on the active ``rows`` of ``h[B, N, D]`` only (zeros elsewhere)."""
-    return lambda f, h: rows.scatter(f(rows.gather(h)))
-
-
 class ConvertedBlock(nn.Module):
     """One timm ``Block`` (pre-norm attention + MLP) as a spiking block."""
 
@@ -78,12 +73,15 @@ class ConvertedBlock(nn.Module):
         self.gelu = Compensated(gelu_fn(approx), "gelu")
         self.in_fc2 = MultiThresholdNeuron(levels)
         self.fc2 = _events(_linear_with_scale(mlp.fc2, blk.ls2), self.in_fc2)
+        self.held = HeldRows(list(self.children()))
         self.reset()
 
     halted_kv = "frozen"  # or 'drop' (see SpikingViT.set_halted_kv)
 
     def reset(self) -> None:
         self.key_count = None  # steps each token has fed K/V (None: all tokens, every step)
+        self.held.reset()
+        self._dense = False    # this sample's state is dense (not rows)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
@@ -113,35 +111,74 @@ class ConvertedBlock(nn.Module):
         """One timestep on ``x[B, N, D]``; halted tokens (``active`` False) stay unchanged,
         leave Q/K/V and keep their state.
 
-        ``gather=True`` runs the token-wise Linears (qkv, proj, fc1, fc2: nearly all the
-        arithmetic) on the active tokens only; the per-element neuron and compensation
-        updates stay dense and masked. Same result as the masked execution.
+        ``gather=True`` (with a mask) is the row execution: every per-token state of the
+        block is held for the active tokens only and compacted when the active set changes
+        (:class:`~convert.ops.HeldRows`), so queries, softmax rows, the MLP and every neuron
+        are computed for active tokens only; halted tokens' running-mean K/V stay in a
+        frozen dense buffer that active queries still attend to. Same result as the masked
+        execution. Without ``gather`` the block runs dense and masked (static shapes: the
+        ONNX form). One sample runs under one execution (``reset()`` between).
         """
-        lin = _linear_on(TokenRows.from_mask(active)) if gather and active is not None \
-            else (lambda f, h: f(h))
+        if gather and active is not None:
+            return self._rows_step(x, active)
+        if self.held.mask is not None:
+            raise ConversionError("this sample started under the row (gather) execution; "
+                                  "call reset() before running it masked")
+        self._dense = True
         tok = None if active is None else active.unsqueeze(-1)            # [B, N, 1]
         row = None if active is None else active[:, None, :, None]        # [B, 1, N, 1]
         # compensated ops are called as modules, so the op counter's hooks see them
         h = self.in_qkv.step(self.norm1(x, tok), tok)
-        q, k, v = self._qkv(lin(self.qkv, h))
+        q, k, v = self._qkv(self.qkv(h))
         q, k, v = self.n_q.step(q, row), self.n_k.step(k, row), self.n_v.step(v, row)
-        if active is not None:
-            step_count = active.to(x.dtype)
-            self.key_count = step_count if self.key_count is None else self.key_count + step_count
-        elif self.key_count is not None:
-            self.key_count = self.key_count + 1
+        self._count_keys(active)
         kc = None if self.key_count is None else self.key_count[:, None, None, :]
         vc = None if self.key_count is None else self.key_count[:, None, :, None]
-        scores = self.qk(q, k.transpose(-2, -1), kc)
+        scores = self.qk(q, k.transpose(-2, -1), kc, row)
         if self.halted_kv == "drop" and active is not None:  # halted keys leave the softmax
             scores = scores.masked_fill(~active[:, None, None, :], DROPPED_SCORE)
         a = self.n_attn.step(self.softmax(scores, row), row)
-        o = self.av(a, v, vc).transpose(-3, -2).flatten(-2)
-        y = x + lin(self.proj, self.in_proj.step(o, tok))
+        o = self.av(a, v, vc, row).transpose(-3, -2).flatten(-2)
+        y = x + self.proj(self.in_proj.step(o, tok))
         h = self.in_fc1.step(self.norm2(y, tok), tok)
-        h = self.in_fc2.step(self.gelu(lin(self.fc1, h), tok), tok)
-        y = y + lin(self.fc2, h)
+        h = self.in_fc2.step(self.gelu(self.fc1(h), tok), tok)
+        y = y + self.fc2(h)
         return y if active is None else torch.where(tok, y, x)
+
+    def _count_keys(self, active: Optional[Tensor]) -> None:
+        if active is not None:
+            step_count = active.to(self.qkv.weight.dtype)
+            self.key_count = step_count if self.key_count is None else self.key_count + step_count
+        elif self.key_count is not None:
+            self.key_count = self.key_count + 1
+
+    def _rows_step(self, x: Tensor, active: Tensor) -> Tensor:
+        """The row execution of :meth:`step`: ``[M, ...]`` rows of the active tokens."""
+        if self._dense:
+            raise ConversionError("this sample started under the masked execution; call "
+                                  "reset() before running it with gather")
+        rows = self.held.update(active)
+        self._count_keys(active)
+        if rows.index.numel() == 0:  # nothing to compute; halted tokens pass unchanged
+            return x
+        dim = x.shape[-1]
+        key_count = self.key_count.reshape(-1, 1).clamp(min=1)
+        ctx = {kind: ProductRows(kind, rows, self.num_heads, dim, key_count)
+               for kind in ("qk", "av")}
+        xr = rows.gather(x)                                               # [M, D]
+        h = self.in_qkv.step(self.norm1(xr, rows), rows)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, k, v = self.n_q.step(q, rows), self.n_k.step(k, rows), self.n_v.step(v, rows)
+        scores = self.qk(q, k, ctx["qk"])                                 # [M, H, N]
+        if self.halted_kv == "drop":
+            halted_keys = (~active).index_select(0, rows.index // rows.tokens)
+            scores = scores.masked_fill(halted_keys[:, None, :], DROPPED_SCORE)
+        a = self.n_attn.step(self.softmax(scores, rows), rows)
+        o = self.av(a, v, ctx["av"])                                      # [M, D]
+        y = xr + self.proj(self.in_proj.step(o, rows))
+        h = self.in_fc1.step(self.norm2(y, rows), rows)
+        h = self.in_fc2.step(self.gelu(self.fc1(h), rows), rows)
+        return rows.scatter(y + self.fc2(h), base=x)
 
 
 class SpikingViT(nn.Module):

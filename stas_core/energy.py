@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .layers import SpikeMatMul
+from .layers import SpikeMatMul, is_rows
 from .neurons import LIF
 
 #: The full ledger's terms, in report order.
@@ -362,11 +362,13 @@ class OpCounter:
         """Images a call serves: the block's images with an active token, else the batch."""
         return self._served if self._served is not None else int(x.shape[0])
 
-    def _produced(self, out: Tensor, bits: int, images: int, elements: Optional[float] = None
-                  ) -> None:
-        """A tensor written once and read once (``elements``: the active part of ``out``)."""
+    def _produced(self, out: Tensor, bits: int, images: int, elements: Optional[float] = None,
+                  per_image: Optional[float] = None) -> None:
+        """A tensor written once and read once (``elements``: the active part of ``out``;
+        ``per_image``: one image's elements, when ``out`` holds active rows only)."""
         n = float(out.numel()) if elements is None else float(elements)
-        self._traffic("memory_activations", 2 * n, bits, out.numel() / max(images, 1))
+        buffer = out.numel() / max(images, 1) if per_image is None else per_image
+        self._traffic("memory_activations", 2 * n, bits, buffer)
 
     def _synapses(self, name: str, module: nn.Module, x: Tensor, out: Tensor,
                   ops: tuple[float, float], kind: str) -> None:
@@ -414,35 +416,53 @@ class OpCounter:
             self._book(name, ops)
             c = self.costs
             pj = ops[0] * c.mac_pj + ops[1] * c.fp_add_pj
+            # dense sizes, and the active parts of A and of the output
+            rows = inp[2] if len(inp) > 2 and hasattr(inp[2], "dense_b") else None
+            if rows is None:
+                a_all, b_all, out_all = a.numel(), b.numel(), out.numel()
+                a_active, out_active = f * a_all, f * out_all
+            else:  # the row execution: A and the output hold the active tokens' rows
+                held = max(int(rows.rows.index.numel()), 1)
+                dense = rows.rows.batch * rows.rows.tokens / held
+                a_all, b_all, out_all = a.numel() * dense, rows.dense_b, out.numel() * dense
+                a_active, out_active = a.numel(), out.numel()
             if getattr(mod, "stas_ledger", None) == "compensated_product":
                 # events of graded spikes are shifted rows; rescale sum(B) / count and
                 # subtract what was emitted; state sum(A), sum(B), emitted read and written
                 # (active rows of A and of the output; every key of B is read, the active
                 # ones written: halted tokens keep frozen K/V that active queries read)
                 pj += ops[1] * c.shift_pj
-                self._term("compensation", f * (b.numel() * c.fp_mult_pj
-                                                + out.numel() * c.fp_add_pj))
-                per_image = (a.numel() + b.numel() + out.numel()) / max(images, 1)
-                self._traffic("memory_state", 2 * f * (a.numel() + out.numel())
-                              + (1 + f) * b.numel(), c.state_bits, per_image)
+                self._term("compensation", f * (b_all * c.fp_mult_pj + out_all * c.fp_add_pj))
+                per_image = (a_all + b_all + out_all) / max(images, 1)
+                self._traffic("memory_state", 2 * (a_active + out_active) + (1 + f) * b_all,
+                              c.state_bits, per_image)
             self._term("synaptic", pj)
-            self._produced(out, c.state_bits, images, f * out.numel())
+            self._produced(out, c.state_bits, images, out_active, out_all / max(images, 1))
         return hook
+
+    def _sites(self, x: Tensor, active) -> tuple[float, float]:
+        """(active elements of ``x``, elements of one image's dense tensor) for a call with
+        ``active`` None, a broadcastable mask, or :class:`TokenRows` (``x`` is then the
+        active tokens' rows: the buffer is sized as under the masked execution)."""
+        if is_rows(active):
+            held = max(int(active.index.numel()), 1)
+            return float(x.numel()), x.numel() / held * active.tokens
+        n = float(x.numel()) if active is None else float(active.expand_as(x).sum())
+        return n, x.numel() / max(self._images(x), 1)
 
     def _compensated_hook(self, name: str):
         def hook(mod, inp, out):
             x = inp[0]
-            active = inp[1] if len(inp) > 1 else None
-            n = float(x.numel()) if active is None else float(active.expand_as(x).sum())
+            n, per_image = self._sites(x, inp[1] if len(inp) > 1 else None)
             adds, mults = NONLINEAR_OPS.get(mod.kind, (0, 0))
             c = self.costs
             self._term("nonlinear", n * (adds * c.fp_add_pj + mults * c.fp_mult_pj))
             images = self._images(x)
             if self.mode == "snn":  # total += x; f(total / count) * count - emitted
                 self._term("compensation", n * 2 * (c.fp_add_pj + c.fp_mult_pj))
-                self._traffic("memory_state", 4 * n, c.state_bits, x.numel() / max(images, 1))
+                self._traffic("memory_state", 4 * n, c.state_bits, per_image)
             self._produced(out, c.state_bits if self.mode == "snn" else self.activation_bits,
-                           images, n)
+                           images, n, per_image)
         return hook
 
     def _block_step(self, blk: nn.Module):
@@ -484,21 +504,21 @@ class OpCounter:
     def _fired(self, name: str, neuron: nn.Module, spikes: Tensor,
                active: Optional[Tensor]) -> None:
         self.spikes[name] += float(spikes.detach().sum())
-        sites = spikes.numel() if active is None else float(active.expand_as(spikes).sum())
+        sites, per_image = self._sites(spikes, active)
         self.sites[name] += sites
         images = self._images(spikes)
         c = self.costs
         if self.mode == "ann":  # the ANN's activation: its output is an activation tensor
-            self._produced(spikes, self.activation_bits, images, sites)
+            self._produced(spikes, self.activation_bits, images, sites, per_image)
             return
         self.updates += sites
         adds, mults, shifts = neuron_ops(neuron)
         self._term("neuron", sites * (adds * c.fp_add_pj + mults * c.fp_mult_pj
                                       + shifts * c.shift_pj))
-        self._traffic("memory_state", 2 * sites, c.state_bits, spikes.numel() / max(images, 1))
+        self._traffic("memory_state", 2 * sites, c.state_bits, per_image)
         levels = getattr(neuron, "levels", None)
         bits = 1 if levels is None else 1 + math.ceil(math.log2(levels + 1))
-        self._produced(spikes, bits, images, sites)
+        self._produced(spikes, bits, images, sites, per_image)
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from convert.errors import ConversionError
 from halting import HaltingConfig, HaltingConfigError, run_halting
 from stas_core.energy import OpCounter
 from stas_core.layers import TokenRows
@@ -82,6 +83,42 @@ def test_gather_equals_mask_on_a_converted_vit():
     cfg = HaltingConfig(alpha=1.0, beta=0.0, eps=0.2, score="mean")
     with torch.no_grad():
         _assert_same(*_both(snn, x, cfg))
+
+
+@pytest.mark.parametrize("halted_kv", ["frozen", "drop"])
+@pytest.mark.parametrize("mode", ["both", "block", "time"])
+def test_compacted_rows_equal_the_masked_execution(mode, halted_kv):
+    """The row execution of a converted block (state compacted to the active tokens,
+    refilled in 'block' mode) gives the masked execution's logits, depths and op counts,
+    and the same ledger terms for everything but the Linears (which the masked execution
+    computes, and counts, on every row)."""
+    snn, x = tiny_converted_vit(images=3, timesteps=4, depth=3)
+    snn.set_halted_kv(halted_kv)
+    cfg = HaltingConfig(alpha=1.0, beta=0.5, eps=0.3, score="mean", accumulate=mode)
+    with torch.no_grad():
+        mask, gather = _both(snn, x, cfg)
+    _assert_same(mask, gather)
+    assert torch.equal(mask[0].logits, gather[0].logits)
+    lm, lg = mask[1].ledger()["terms_mj"], gather[1].ledger()["terms_mj"]
+    for term in ("nonlinear", "compensation", "neuron", "memory_state", "memory_weights"):
+        assert lg[term] == pytest.approx(lm[term], rel=1e-6), term
+    if mode == "block":  # tokens stopped in one timestep are computed again in the next
+        assert (mask[0].active_fraction[:, 0] == 1).all()
+
+
+def test_one_sample_runs_under_one_execution():
+    snn, x = tiny_converted_vit(images=2)
+    active = torch.ones(2, snn.pos_embed.shape[1], dtype=torch.bool)
+    blk = snn.blocks[0]
+    with torch.no_grad():
+        h = snn.tokens(x, 0)
+        blk.step(h, active, gather=True)
+        with pytest.raises(ConversionError, match="reset"):
+            blk.step(h, active)
+        snn.reset()
+        blk.step(h, active)
+        with pytest.raises(ConversionError, match="reset"):
+            blk.step(h, active, gather=True)
 
 
 def test_rows_step_equals_a_masked_single_step():
