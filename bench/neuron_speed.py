@@ -2,7 +2,10 @@
 
 Compared, on the same input ``[T, B, N, D]`` (tau=2, threshold 1):
 
-* ``fused``: ``stas_core.neurons.LIF(backend='fused')`` (hard reset, detach_reset, Sigmoid);
+* ``fused``: ``stas_core.neurons.LIF(backend='fused')`` (hard reset, detach_reset, Sigmoid),
+  which runs the single-pass kernel of ``stas_core.kernels`` on CPU;
+* ``fused_torch_ops``: the same backend with ``STAS_KERNELS=0`` (its PyTorch-op form, one
+  loop over T with several passes over memory per step);
 * ``stas_sinabs``: ``LIF(backend='sinabs')``: sinabs ``LIF`` layer driven with our surrogate
   and reset (identical spikes and gradients to ``fused``);
 * ``sinabs_direct``: ``sinabs.layers.LIF`` used directly on ``[B, T, N, D]`` with its defaults
@@ -12,8 +15,9 @@ Compared, on the same input ``[T, B, N, D]`` (tau=2, threshold 1):
 
 For each: forward only (``no_grad``) and forward + backward (input requires grad, backward of
 ``sum(spikes * w)`` with a fixed random ``w``); neuron state is reset before every repeat.
-Prints one JSON object with shapes, versions, thread count, median seconds and speedups
-(``sinabs / fused``).
+Prints one JSON object with shapes, versions, thread count, median seconds, speedups
+(``other / fused``), and the machine's memory bandwidth from a plain tensor copy of the same
+size (``copy_gb_per_s``) with the least time the kernel's own traffic allows at that rate.
 
     python bench/neuron_speed.py --T 4 --B 128 --N 49 --D 512 --repeats 5 --warmup 2
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -81,13 +86,15 @@ def main(argv=None) -> dict:
     direct = sl.LIF(tau_mem=-1.0 / math.log(1.0 - 1.0 / tau), norm_input=True)
     direct.tau_mem.requires_grad_(False)
 
-    def ours(neuron):
+    def ours(neuron, kernels: str = "1"):
         def fwd():
+            os.environ["STAS_KERNELS"] = kernels
             neuron.reset()
             with torch.no_grad():
                 return neuron(x)
 
         def fwd_bwd():
+            os.environ["STAS_KERNELS"] = kernels
             neuron.reset()
             xi = x.detach().requires_grad_(True)
             (neuron(xi) * w).sum().backward()
@@ -109,8 +116,10 @@ def main(argv=None) -> dict:
             return xi.grad
         return fwd, fwd_bwd
 
-    runners = {"fused": ours(fused), "stas_sinabs": ours(ours_sinabs),
-               "sinabs_direct": direct_fns()}
+    from stas_core import kernels
+
+    runners = {"fused": ours(fused), "fused_torch_ops": ours(fused, "0"),
+               "stas_sinabs": ours(ours_sinabs), "sinabs_direct": direct_fns()}
 
     # sanity: our two backends agree (spikes exactly, gradients closely)
     s_f, s_s = runners["fused"][0](), runners["stas_sinabs"][0]()
@@ -127,6 +136,15 @@ def main(argv=None) -> dict:
             "forward_backward_s": _median_time(fwd_bwd, args.repeats, args.warmup),
         }
 
+    os.environ["STAS_KERNELS"] = "1"
+    copy_dst = torch.empty_like(x)
+    copy_s = _median_time(lambda: copy_dst.copy_(x), args.repeats, args.warmup)
+    bandwidth = 2 * x.numel() * x.element_size() / copy_s  # bytes read + written per second
+    nbytes = x.numel() * x.element_size()
+    # the kernel's traffic: forward reads x, writes spikes; with a backward it also writes H,
+    # then reads H and the spikes' gradient and writes the input's
+    floor = {"forward_s": 2 * nbytes / bandwidth, "forward_backward_s": 6 * nbytes / bandwidth}
+
     def ratio(other: str, key: str) -> float:
         return medians[other][key] / medians["fused"][key]
 
@@ -140,8 +158,14 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "kernel": kernels.load() is not None,
+        "copy_gb_per_s": bandwidth / 1e9,
+        "bandwidth_floor_seconds": floor,
+        "fused_vs_floor": {k: medians["fused"][k] / v for k, v in floor.items()},
         "median_seconds": medians,
         "speedup_vs_fused": {
+            "fused_torch_ops_forward": ratio("fused_torch_ops", "forward_s"),
+            "fused_torch_ops_forward_backward": ratio("fused_torch_ops", "forward_backward_s"),
             "stas_sinabs_forward": ratio("stas_sinabs", "forward_s"),
             "stas_sinabs_forward_backward": ratio("stas_sinabs", "forward_backward_s"),
             "sinabs_direct_forward": ratio("sinabs_direct", "forward_s"),

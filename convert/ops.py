@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from halting.numeric import exact
+from stas_core import kernels
 from stas_core.errors import ConfigError
 from stas_core.layers import TokenRows, is_rows
 from stas_core.onnx_float64 import gelu_float64
@@ -183,11 +184,20 @@ class MultiThresholdNeuron(nn.Module):
         full = torch.floor(s.abs() / self.threshold.to(s.dtype))
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
+    def _fire(self, v: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        """(emitted, new membrane): the single-pass kernel in eager CPU runs, else the
+        PyTorch ops (compiled under ``compile_kernels``); the same values."""
+        if _fire is integrate_and_fire and kernels.usable(v, x):
+            return kernels.load().multi_threshold_fire(v, x, float(self.threshold),
+                                                       self.smallest)
+        v = v if v is not None else torch.zeros_like(x)
+        return _fire(v, x, self.threshold.to(x.dtype), self.smallest)
+
     def step(self, x: Tensor, active: Union[None, Tensor, TokenRows] = None) -> Tensor:
-        v_old = self.v if self.v is not None else torch.zeros_like(x)
-        s, v = _fire(v_old, x, self.threshold.to(x.dtype), self.smallest)
+        s, v = self._fire(self.v, x)
         if active is not None and not is_rows(active):
             s = s * active.to(s.dtype)
+            v_old = self.v if self.v is not None else torch.zeros_like(x)
             v = torch.where(active, v_old + x - s, v_old)
         self.v = v
         if self.monitor is not None:

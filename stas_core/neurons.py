@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import kernels as _kernels
 from .errors import ConfigError, check_choice
 
 __all__ = [
@@ -150,6 +151,34 @@ def _traceable_update(x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: 
     return torch.stack(spikes), v
 
 
+class _KernelNeuronFn(torch.autograd.Function):
+    """:class:`_FusedNeuronFn` in one pass over memory (``stas_core.kernels``; CPU, float32,
+    the sigmoid and atan surrogates): the membrane stays in a register over the T steps."""
+
+    @staticmethod
+    def forward(ctx, x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: float,
+                bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
+                kind: int, alpha: float) -> tuple[Tensor, Tensor]:
+        keep = any(ctx.needs_input_grad[:2])
+        s_seq, h_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th,
+                                                     v_reset, keep)
+        if keep:
+            ctx.save_for_backward(h_seq)
+        ctx.params = (decay, scale, v_th, v_reset, detach_reset, kind, alpha, v0 is not None)
+        return s_seq, v
+
+    @staticmethod
+    def backward(ctx, grad_s: Optional[Tensor], grad_v: Optional[Tensor]):
+        (h_seq,) = ctx.saved_tensors
+        decay, scale, v_th, v_reset, detach_reset, kind, alpha, has_v0 = ctx.params
+        grad_x, grad_v0 = _kernels.load().lif_backward(h_seq, grad_s, grad_v, decay, scale, v_th,
+                                                      v_reset, detach_reset, kind, alpha)
+        return grad_x, (grad_v0 if has_v0 else None), *([None] * 8)
+
+
+_KERNEL_SURROGATES = {Sigmoid: 0, ATan: 1}
+
+
 def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[float] = 2.0,
                   v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = True, surrogate=Sigmoid()) -> tuple[Tensor, Tensor]:
@@ -161,6 +190,11 @@ def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[f
         bias = (v_reset or 0.0) / tau
     if torch.onnx.is_in_onnx_export():
         return _traceable_update(x_seq, v0, decay, scale, bias, float(v_threshold), v_reset)
+    kind = _KERNEL_SURROGATES.get(type(surrogate))
+    if kind is not None and _kernels.usable(x_seq, v0, dtypes=(torch.float32,), autograd=True):
+        return _KernelNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
+                                     None if v_reset is None else float(v_reset),
+                                     bool(detach_reset), kind, float(surrogate.alpha))
     return _FusedNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                 None if v_reset is None else float(v_reset),
                                 bool(detach_reset), surrogate)

@@ -1,0 +1,212 @@
+// Single-pass CPU kernels for the per-step neuron updates (built on first use by
+// stas_core/kernels.py; the PyTorch-op path is the fallback and the reference).
+//
+// Each kernel reads its inputs once and writes its outputs once per element, where the
+// PyTorch-op form makes 5-13 passes over memory. Results are bitwise those of the
+// reference: every step is one IEEE operation in the same order, and the build disables
+// floating-point contraction (no fused multiply-add).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kGrain = 16384;
+constexpr int64_t kTile = 1024;  // membranes kept in cache across the T steps
+
+template <typename T, typename I>
+inline T nearest_pow2_signed(T u, I half, I keep) {
+  // nearest power of two of |u| with the mantissa rounded ([0.75, 1.5) 2^k -> 2^k), sign
+  // dropped: add half an exponent unit to the bits, keep the exponent field
+  I bits;
+  std::memcpy(&bits, &u, sizeof(T));
+  bits = (bits + half) & keep;
+  T p;
+  std::memcpy(&p, &bits, sizeof(T));
+  return p;
+}
+
+template <typename T, typename I>
+void fire_loop(const T* v, const T* x, T* s, T* v_out, int64_t n, T theta, T smallest,
+               I half, I keep, bool grid) {
+  const T tie = static_cast<T>(1099511627776.0);  // 2^40, see TIE_GRID in convert/ops.py
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T vi = (v ? v[i] : T(0)) + x[i];
+      T u = vi / theta;
+      if (grid) u = std::nearbyint(u * tie) / tie;
+      T a = std::abs(u);
+      T p = nearest_pow2_signed<T, I>(a, half, keep);
+      p = p < smallest ? T(0) : p;
+      T whole = std::floor(a);
+      p = p < whole ? whole : p;  // torch.maximum without NaNs
+      T sig = u < T(0) ? -p : p;
+      T si = sig * theta;
+      s[i] = si;
+      v_out[i] = vi - si;
+    }
+  });
+}
+
+// One step of the signed multi-threshold neuron (convert/ops.py: integrate_and_fire):
+// returns (emitted value, new membrane) for membrane v (None: at rest) and input x.
+std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_opt,
+                                             const at::Tensor& x_in, double theta,
+                                             double smallest) {
+  TORCH_CHECK(x_in.device().is_cpu(), "multi_threshold_fire: CPU tensors only");
+  at::Tensor x = x_in.contiguous();
+  at::Tensor v;
+  if (v_opt.has_value() && v_opt->defined()) {
+    TORCH_CHECK(v_opt->sizes() == x.sizes() && v_opt->scalar_type() == x.scalar_type(),
+                "multi_threshold_fire: membrane and input differ in shape or dtype");
+    v = v_opt->contiguous();
+  }
+  at::Tensor s = at::empty_like(x);
+  at::Tensor v_out = at::empty_like(x);
+  const int64_t n = x.numel();
+  if (x.scalar_type() == at::kFloat) {
+    fire_loop<float, int32_t>(v.defined() ? v.data_ptr<float>() : nullptr, x.data_ptr<float>(),
+                              s.data_ptr<float>(), v_out.data_ptr<float>(), n,
+                              static_cast<float>(theta), static_cast<float>(smallest),
+                              0x00400000, 0x7F800000, false);
+  } else if (x.scalar_type() == at::kDouble) {
+    fire_loop<double, int64_t>(v.defined() ? v.data_ptr<double>() : nullptr,
+                               x.data_ptr<double>(), s.data_ptr<double>(),
+                               v_out.data_ptr<double>(), n, theta, smallest,
+                               int64_t(1) << 51, INT64_C(0x7FF0000000000000), true);
+  } else {
+    TORCH_CHECK(false, "multi_threshold_fire: float32 or float64 only");
+  }
+  return {s, v_out};
+}
+
+// Forward of a LIF/IF over x_seq[T, ...] (stas_core/neurons.py: _FusedNeuronFn.forward):
+// per element the membrane stays in a register across the T steps. Returns
+// (spikes[T, ...], pre-spike membranes H[T, ...] for the backward (empty unless keep_h),
+// last membrane).
+std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& v0_opt,
+                                    double decay, double scale, double bias, double v_th,
+                                    c10::optional<double> v_reset, bool keep_h) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "lif_forward: float32 CPU tensors only");
+  at::Tensor x = x_in.contiguous();
+  const int64_t steps = x.size(0);
+  const int64_t n = steps ? x.numel() / steps : 0;
+  at::Tensor v0;
+  if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
+  at::Tensor s = at::empty_like(x);
+  at::Tensor h = keep_h ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor v_last = at::empty(x.sizes().slice(1), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* vp = v0.defined() ? v0.data_ptr<float>() : nullptr;
+  float* sp = s.data_ptr<float>();
+  float* hp = keep_h ? h.data_ptr<float>() : nullptr;
+  float* vl = v_last.data_ptr<float>();
+  const float fd = decay, fs = scale, fb = bias, th = v_th;
+  const bool soft = !v_reset.has_value();
+  const float vr = soft ? 0.f : static_cast<float>(*v_reset);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    // a tile of membranes stays in cache over the T steps; the inner loop is contiguous
+    float v[kTile];
+    for (int64_t b0 = begin; b0 < end; b0 += kTile) {
+      const int64_t len = std::min<int64_t>(kTile, end - b0);
+      for (int64_t j = 0; j < len; ++j) v[j] = vp ? vp[b0 + j] : 0.f;
+      for (int64_t t = 0; t < steps; ++t) {
+        const float* xt = xp + t * n + b0;
+        float* st = sp + t * n + b0;
+        float* ht = hp ? hp + t * n + b0 : nullptr;
+        const bool rest = t == 0 && vp == nullptr;
+        for (int64_t j = 0; j < len; ++j) {
+          float hi;
+          if (rest) {
+            hi = fs != 1.f ? xt[j] * fs : xt[j];
+          } else {
+            hi = fd != 1.f ? v[j] * fd : v[j];
+            hi = hi + fs * xt[j];
+          }
+          if (fb != 0.f) hi = hi + fb;
+          const float si = hi >= th ? 1.f : 0.f;
+          if (ht) ht[j] = hi;
+          st[j] = si;
+          v[j] = soft ? hi - th * si : (si != 0.f ? vr : hi);
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) vl[b0 + j] = v[j];
+    }
+  });
+  return {s, h, v_last};
+}
+
+// Backward of lif_forward through time, with the sigmoid (kind 0) or atan (kind 1)
+// surrogate of slope alpha (stas_core/neurons.py: Sigmoid, ATan; _FusedNeuronFn.backward).
+std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional<at::Tensor>& gs_opt,
+                                     const c10::optional<at::Tensor>& gv_opt, double decay,
+                                     double scale, double v_th, c10::optional<double> v_reset,
+                                     bool detach_reset, int64_t kind, double alpha) {
+  at::Tensor h = h_in.contiguous();
+  const int64_t steps = h.size(0);
+  const int64_t n = steps ? h.numel() / steps : 0;
+  at::Tensor gs, gv;
+  if (gs_opt.has_value() && gs_opt->defined()) gs = gs_opt->contiguous();
+  if (gv_opt.has_value() && gv_opt->defined()) gv = gv_opt->contiguous();
+  at::Tensor gx = at::empty_like(h);
+  at::Tensor gv0 = at::empty(h.sizes().slice(1), h.options());
+  const float* hp = h.data_ptr<float>();
+  const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  const float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
+  float* gxp = gx.data_ptr<float>();
+  float* g0 = gv0.data_ptr<float>();
+  const float fd = decay, fs = scale, th = v_th, a = alpha;
+  const bool soft = !v_reset.has_value();
+  const float vr = soft ? 0.f : static_cast<float>(*v_reset);
+  const float half_pi_a = static_cast<float>(M_PI / 2 * alpha), half_a = static_cast<float>(alpha / 2);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    float g_v[kTile];
+    for (int64_t b0 = begin; b0 < end; b0 += kTile) {
+      const int64_t len = std::min<int64_t>(kTile, end - b0);
+      for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const float* ht = hp + t * n + b0;
+        const float* gst = gsp ? gsp + t * n + b0 : nullptr;
+        float* gxt = gxp + t * n + b0;
+        for (int64_t j = 0; j < len; ++j) {
+          const float hi = ht[j];
+          float sg;
+          if (kind == 0) {
+            const float sig = 1.f / (1.f + std::exp(-(a * (hi - th))));
+            sg = a * sig * (1.f - sig);
+          } else {
+            const float u = half_pi_a * (hi - th);
+            sg = half_a / (1.f + u * u);
+          }
+          float g_h = gst ? sg * gst[j] : 0.f;
+          if (soft) {
+            g_h = g_h + g_v[j];
+            if (!detach_reset) g_h = g_h - (th * sg) * g_v[j];
+          } else {
+            const float not_spiked = hi < th ? 1.f : 0.f;
+            g_h = g_h + g_v[j] * not_spiked;
+            if (!detach_reset) g_h = g_h + g_v[j] * (vr - hi) * sg;
+          }
+          gxt[j] = fs != 1.f ? g_h * fs : g_h;
+          g_v[j] = fd != 1.f ? g_h * fd : g_h;
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
+    }
+  });
+  return {gx, gv0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("multi_threshold_fire", &multi_threshold_fire, "one step of the multi-threshold neuron");
+  m.def("lif_forward", &lif_forward, "LIF/IF forward over T steps");
+  m.def("lif_backward", &lif_backward, "LIF/IF backward through time");
+}

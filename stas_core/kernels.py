@@ -1,0 +1,91 @@
+"""Single-pass CPU kernels for the neuron updates, built from ``csrc/kernels.cpp`` on first use.
+
+The PyTorch-op forms (``convert.ops.integrate_and_fire``, ``neurons._FusedNeuronFn``) make
+5-13 passes over memory per step; these kernels make one, which is what bounds a spiking
+step on a CPU. They give the same results (bitwise for the multi-threshold neuron: tested)
+and are used for CPU tensors when available. The build needs a C++ compiler and takes
+about a minute once (cached by ``torch.utils.cpp_extension`` under
+``TORCH_EXTENSIONS_DIR``); without one, or with ``STAS_KERNELS=0``, the PyTorch-op path
+runs instead and one warning says why.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Optional
+
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+_lock = threading.Lock()
+_state: dict = {"module": None, "tried": False, "why": None}
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction set (the build uses ``-march=native``), so a
+    cache shared by different machines never loads another CPU's build."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used (``STAS_KERNELS=0`` turns them off)."""
+    return os.environ.get("STAS_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def load() -> Optional[object]:
+    """The compiled extension, building it on the first call; None when unavailable."""
+    if not enabled():
+        return None
+    if _state["tried"]:
+        return _state["module"]
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        _state["tried"] = True
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            log.info("building the single-pass neuron kernels (once; about a minute)")
+            _state["module"] = build(
+                name=f"stas_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as err:  # no compiler, no ninja, a failed build: use torch ops
+            _state["why"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}"
+            log.warning("single-pass neuron kernels unavailable (%s); using PyTorch ops",
+                        _state["why"])
+        return _state["module"]
+
+
+def usable(*tensors: Optional[Tensor], dtypes: tuple = (), autograd: bool = False) -> bool:
+    """Whether a kernel can run on ``tensors``: CPU, of ``dtypes``, nothing to
+    differentiate (unless the caller has an ``autograd`` form), not traced or compiled,
+    and the extension built."""
+    import torch
+
+    dtypes = dtypes or (torch.float32, torch.float64)
+    if not enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False
+    if any(t is not None and (t.device.type != "cpu" or t.dtype not in dtypes)
+           for t in tensors):
+        return False
+    if not autograd and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in tensors):
+        return False  # the kernel has no autograd form
+    if torch.compiler.is_compiling():
+        return False
+    return load() is not None

@@ -1,0 +1,107 @@
+"""The single-pass CPU kernels give the PyTorch-op forms' results, and fall back cleanly."""
+import logging
+
+import pytest
+import torch
+
+from convert.ops import MultiThresholdNeuron, integrate_and_fire
+from stas_core import kernels
+from stas_core.neurons import ATan, Sigmoid, lif_multistep
+
+from helpers import missing
+
+
+@pytest.fixture
+def ext():
+    module = kernels.load()
+    if module is None:
+        missing(f"the C++ kernels did not build: {kernels._state['why']}")
+    return module
+
+
+def _hard_inputs(dtype):
+    """Membranes and inputs with the structural cases: zeros of both signs, exact level
+    boundaries (1.5, 0.75 x 2^-k), whole-spike bursts, values under the smallest level."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(257, 33, generator=g) * 3).to(dtype)
+    x = (torch.randn(257, 33, generator=g) * 2).to(dtype)
+    special = torch.tensor([0.0, -0.0, 1.5, -1.5, 0.75, 0.375, 5.2, -9.9, 1e-9, 3 * 2.0 ** -8],
+                           dtype=dtype)
+    x[0, :len(special)] = special
+    v[0, :len(special)] = 0
+    return v, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multi_threshold_kernel_is_bitwise_the_reference(ext, dtype):
+    v, x = _hard_inputs(dtype)
+    theta = torch.tensor(0.7)  # the neuron's buffer is float32; .to(dtype) is exact
+    smallest = 2.0 ** -7
+    s_ref, v_ref = integrate_and_fire(v, x, theta.to(dtype), smallest)
+    s, v_new = ext.multi_threshold_fire(v, x, float(theta), smallest)
+    assert torch.equal(s, s_ref) and torch.equal(v_new, v_ref)
+    assert (s_ref.abs() > 1.5 * 0.7).any() and (s_ref == 0).any()  # bursts and silence
+    s0, v0 = ext.multi_threshold_fire(None, x, float(theta), smallest)  # at rest
+    s0_ref, v0_ref = integrate_and_fire(torch.zeros_like(x), x, theta.to(dtype), smallest)
+    assert torch.equal(s0, s0_ref) and torch.equal(v0, v0_ref)
+
+
+def test_neuron_steps_the_same_with_and_without_the_kernel(ext, monkeypatch):
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 5, 8) for _ in range(4)]
+    active = torch.rand(3, 5, 1) > 0.3
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STAS_KERNELS", flag)
+        n = MultiThresholdNeuron(levels=4, threshold=0.9)
+        runs.append([n.step(x, active) for x in xs] + [n.v])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("tau, v_reset, detach, surrogate", [
+    (2.0, 0.0, True, Sigmoid()), (2.0, None, False, ATan()),
+    (None, 0.0, False, Sigmoid(2.0)), (3.0, -0.5, False, Sigmoid())])
+def test_lif_kernel_equals_the_torch_op_form(ext, monkeypatch, tau, v_reset, detach, surrogate):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, 37, generator=g) * 2
+    v0 = torch.randn(6, 37, generator=g)
+    w = torch.randn(4, 6, 37, generator=g)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STAS_KERNELS", flag)
+        xi, vi = x.clone().requires_grad_(), v0.clone().requires_grad_()
+        s, v = lif_multistep(xi, vi, tau=tau, v_reset=v_reset, detach_reset=detach,
+                             surrogate=surrogate)
+        ((s * w).sum() + v.square().sum()).backward()
+        out[flag] = (s, v, xi.grad, vi.grad)
+    (s1, v1, gx1, gv1), (s0, v0_, gx0, gv0) = out["1"], out["0"]
+    assert torch.equal(s1, s0) and 0.05 < float(s1.mean()) < 0.95
+    assert torch.allclose(v1, v0_, atol=1e-5)
+    assert torch.allclose(gx1, gx0, atol=1e-5) and torch.allclose(gv1, gv0, atol=1e-5)
+
+
+def test_kernels_off_or_unbuildable_fall_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setenv("STAS_KERNELS", "0")
+    assert kernels.load() is None and not kernels.usable(torch.ones(2))
+    monkeypatch.setenv("STAS_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_state", {"module": None, "tried": False, "why": None})
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'stas_kernels'\nno c++ compiler")
+
+    import torch.utils.cpp_extension as cpp
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="stas_core.kernels"):
+        assert kernels.load() is None and kernels.load() is None
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no c++ compiler" in warnings[0].getMessage()
+    n = MultiThresholdNeuron(levels=3)  # the PyTorch ops still run
+    assert n.step(torch.full((2, 2), 1.0)).eq(1.0).all()
+
+
+def test_kernels_refuse_what_they_cannot_run(ext):
+    x = torch.ones(3, requires_grad=True)
+    assert not kernels.usable(x)                       # no autograd form
+    assert kernels.usable(x, autograd=True)
+    assert not kernels.usable(torch.ones(3, dtype=torch.float16))
+    assert not kernels.usable(torch.ones(3, dtype=torch.float64), dtypes=(torch.float32,))
