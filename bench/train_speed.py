@@ -1,7 +1,16 @@
-"""Training and inference speed of vanilla SPS vs I-SPS, measured side by side.
+"""Training and inference speed of vanilla SPS vs I-SPS, and of the fastest peer
+implementation of the same model, measured side by side.
 
     python bench/train_speed.py [--model spikformer-2-128] [-T 4] [--batch-size 128]
                                 [--steps 10] [--warmup 2] [--device auto] [--threads N]
+                                [--peer spikingjelly|none]
+
+Peer (``--peer spikingjelly``, the default when it is installed: ``pip install -e
+'.[bench]'``): spikingjelly 2.0's own ``Spikformer`` (``activation_based.model.spikformer``)
+built with the same depth, width, heads and patch size: the same parameter count as our
+``spikformer-<depth>-<dim>`` with vanilla SPS (checked), so ``ratio_vanilla_over_peer``
+compares implementations of one algorithm. Its output ``[T, B, classes]`` is averaged over T
+and its neuron state reset after every step (``functional.reset_net``).
 
 Random inputs (speed does not depend on the pixels). Training step: forward on the
 multi-step path, cross-entropy, backward, AdamW step. Inference step: eval-mode forward
@@ -32,6 +41,7 @@ from stas_core.timing import synchronize
 from stas_core.train import resolve_device
 
 MODES = ("vanilla", "integrated")
+PEER = "spikingjelly"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16/fp16 autocast (auto: on for CUDA, as stas-train does)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer", choices=["auto", "spikingjelly", "none"], default="auto",
+                   help="peer implementation timed beside ours (auto: spikingjelly if installed)")
     return p
 
 
@@ -79,15 +91,20 @@ def _bench(args: argparse.Namespace) -> int:
                              sps=mode).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        setups[mode] = (model, opt, scaler)
+        setups[mode] = (model, opt, scaler, model)
+    peer = _peer(args, setups["vanilla"][0], device)
+    if peer is not None:
+        opt = torch.optim.AdamW(peer[0].parameters(), lr=1e-3, weight_decay=0.05)
+        setups[PEER] = (peer[0], opt, torch.amp.GradScaler("cuda", enabled=amp), peer[1])
+    names = list(setups)
 
     def train_step(mode: str) -> float:
-        model, opt, scaler = setups[mode]
+        model, opt, scaler, forward = setups[mode]
         model.train()
         synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, enabled=amp):
-            loss = criterion(model(x), y)
+            loss = criterion(forward(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -96,26 +113,26 @@ def _bench(args: argparse.Namespace) -> int:
         return time.perf_counter() - start
 
     def infer_step(mode: str) -> float:
-        model = setups[mode][0]
+        model, forward = setups[mode][0], setups[mode][3]
         model.eval()
         synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
-            model(x)
+            forward(x)
         synchronize(device)
         return time.perf_counter() - start
 
-    times: dict[str, dict[str, list]] = {m: {"train": [], "infer": []} for m in MODES}
+    times: dict[str, dict[str, list]] = {m: {"train": [], "infer": []} for m in names}
     for kind, step in (("train", train_step), ("infer", infer_step)):
-        for mode in MODES:
+        for mode in names:
             for _ in range(args.warmup):
                 step(mode)
         for _ in range(args.steps):
-            for mode in MODES:
+            for mode in names:
                 times[mode][kind].append(step(mode))
 
     results = {}
-    for mode in MODES:
+    for mode in names:
         med_t = statistics.median(times[mode]["train"])
         med_i = statistics.median(times[mode]["infer"])
         results[mode] = {"train_images_per_s": args.batch_size / med_t,
@@ -135,8 +152,47 @@ def _bench(args: argparse.Namespace) -> int:
             "train_images_per_s": i["train_images_per_s"] / v["train_images_per_s"],
             "infer_images_per_s": i["infer_images_per_s"] / v["infer_images_per_s"]},
     }
+    if peer is not None:
+        p = results[PEER]
+        report["peer"] = peer[2]
+        for mine in MODES:
+            report[f"ratio_{mine}_over_peer"] = {
+                k: results[mine][k] / p[k] for k in ("train_images_per_s", "infer_images_per_s")}
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _peer(args: argparse.Namespace, ours: nn.Module, device: torch.device):
+    """(model, forward, description) of spikingjelly's Spikformer matching ``ours``, or None."""
+    if args.peer == "none":
+        return None
+    try:
+        import spikingjelly
+        from spikingjelly.activation_based import functional
+        from spikingjelly.activation_based.model.spikformer import Spikformer
+    except ImportError as err:
+        if args.peer == "spikingjelly":
+            raise ConfigError(f"--peer spikingjelly needs spikingjelly 2.0 ({err}); install "
+                              f"it with: pip install -e '.[bench]'") from None
+        return None
+    if not args.model.startswith("spikformer-"):
+        return None  # spikingjelly ships Spikformer only
+    torch.manual_seed(args.seed)
+    model = Spikformer(T=args.timesteps, in_channels=args.in_chans, img_size_h=args.img_size,
+                       img_size_w=args.img_size, patch_size=args.img_size // ours.grid,
+                       num_classes=args.num_classes, embed_dims=ours.embed_dim,
+                       num_heads=ours.num_heads, depths=ours.depth).to(device)
+    n_peer = sum(q.numel() for q in model.parameters())
+    n_ours = sum(q.numel() for q in ours.parameters())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        functional.reset_net(model)
+        return model(x).mean(0)
+
+    return model, forward, {"name": "spikingjelly Spikformer",
+                            "spikingjelly": getattr(spikingjelly, "__version__", "2.0"),
+                            "parameters": n_peer, "ours_vanilla_parameters": n_ours,
+                            "same_parameter_count": n_peer == n_ours}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -59,10 +59,11 @@ def load() -> Optional[object]:
         try:
             from torch.utils.cpp_extension import load as build
 
-            log.info("building the single-pass neuron kernels (once; about a minute)")
+            log.info("preparing the single-pass neuron kernels (about a minute the first time; cached)")
             _state["module"] = build(
                 name=f"stas_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                              "-fno-trapping-math", "-fno-math-errno"],
                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as err:  # no compiler, no ninja, a failed build: use torch ops
             _state["why"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}"

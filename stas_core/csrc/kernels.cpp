@@ -13,44 +13,74 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kTile = 1024;  // membranes kept in cache across the T steps
 
+// exp(x) for float in plain arithmetic (so loops vectorize): x = k ln2 + r, |r| <= ln2 / 2,
+// a degree-6 polynomial for exp(r) and 2^k through the exponent bits; about 2 ulp. Used for
+// the sigmoid surrogate's gradient only.
+inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return p * scale;
+}
+
 template <typename T, typename I>
 inline T nearest_pow2_signed(T u, I half, I keep) {
   // nearest power of two of |u| with the mantissa rounded ([0.75, 1.5) 2^k -> 2^k), sign
   // dropped: add half an exponent unit to the bits, keep the exponent field
-  I bits;
-  std::memcpy(&bits, &u, sizeof(T));
-  bits = (bits + half) & keep;
-  T p;
-  std::memcpy(&p, &bits, sizeof(T));
-  return p;
+  return __builtin_bit_cast(T, static_cast<I>((__builtin_bit_cast(I, u) + half) & keep));
 }
 
-template <typename T, typename I>
-void fire_loop(const T* v, const T* x, T* s, T* v_out, int64_t n, T theta, T smallest,
-               I half, I keep, bool grid) {
+template <typename T, typename I, bool HasV, bool Grid>
+void fire_loop(const T* __restrict v, const T* __restrict x, T* __restrict s,
+               T* __restrict v_out, int64_t n, T theta, T smallest, I half, I keep) {
   const T tie = static_cast<T>(1099511627776.0);  // 2^40, see TIE_GRID in convert/ops.py
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
+    // locals, not captures: a store through T* could alias a captured T, which would stop
+    // the loop from vectorising
+    const T th = theta, lo = smallest, grid = tie;
+    const I h = half, k = keep;
+    const T* __restrict vv = v;
+    const T* __restrict xv = x;
+    T* __restrict sv = s;
+    T* __restrict vo = v_out;
+#pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
-      T vi = (v ? v[i] : T(0)) + x[i];
-      T u = vi / theta;
-      if (grid) u = std::nearbyint(u * tie) / tie;
+      T vi = (HasV ? vv[i] : T(0)) + xv[i];
+      T u = vi / th;
+      if (Grid) u = std::nearbyint(u * grid) / grid;
       T a = std::abs(u);
-      T p = nearest_pow2_signed<T, I>(a, half, keep);
-      p = p < smallest ? T(0) : p;
+      T p = nearest_pow2_signed<T, I>(a, h, k);
+      p = p < lo ? T(0) : p;
       T whole = std::floor(a);
       p = p < whole ? whole : p;  // torch.maximum without NaNs
       T sig = u < T(0) ? -p : p;
-      T si = sig * theta;
-      s[i] = si;
-      v_out[i] = vi - si;
+      T si = sig * th;
+      sv[i] = si;
+      vo[i] = vi - si;
     }
   });
+}
+
+template <typename T, typename I, bool Grid>
+void fire_dispatch(const T* v, const T* x, T* s, T* v_out, int64_t n, T theta, T smallest,
+                   I half, I keep) {
+  if (v) fire_loop<T, I, true, Grid>(v, x, s, v_out, n, theta, smallest, half, keep);
+  else fire_loop<T, I, false, Grid>(v, x, s, v_out, n, theta, smallest, half, keep);
 }
 
 // One step of the signed multi-threshold neuron (convert/ops.py: integrate_and_fire):
@@ -70,15 +100,15 @@ std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_
   at::Tensor v_out = at::empty_like(x);
   const int64_t n = x.numel();
   if (x.scalar_type() == at::kFloat) {
-    fire_loop<float, int32_t>(v.defined() ? v.data_ptr<float>() : nullptr, x.data_ptr<float>(),
-                              s.data_ptr<float>(), v_out.data_ptr<float>(), n,
-                              static_cast<float>(theta), static_cast<float>(smallest),
-                              0x00400000, 0x7F800000, false);
+    fire_dispatch<float, int32_t, false>(
+        v.defined() ? v.data_ptr<float>() : nullptr, x.data_ptr<float>(), s.data_ptr<float>(),
+        v_out.data_ptr<float>(), n, static_cast<float>(theta), static_cast<float>(smallest),
+        0x00400000, 0x7F800000);
   } else if (x.scalar_type() == at::kDouble) {
-    fire_loop<double, int64_t>(v.defined() ? v.data_ptr<double>() : nullptr,
-                               x.data_ptr<double>(), s.data_ptr<double>(),
-                               v_out.data_ptr<double>(), n, theta, smallest,
-                               int64_t(1) << 51, INT64_C(0x7FF0000000000000), true);
+    fire_dispatch<double, int64_t, true>(
+        v.defined() ? v.data_ptr<double>() : nullptr, x.data_ptr<double>(),
+        s.data_ptr<double>(), v_out.data_ptr<double>(), n, theta, smallest,
+        int64_t(1) << 51, INT64_C(0x7FF0000000000000));
   } else {
     TORCH_CHECK(false, "multi_threshold_fire: float32 or float64 only");
   }
@@ -110,35 +140,42 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<
   const float fd = decay, fs = scale, fb = bias, th = v_th;
   const bool soft = !v_reset.has_value();
   const float vr = soft ? 0.f : static_cast<float>(*v_reset);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    // a tile of membranes stays in cache over the T steps; the inner loop is contiguous
-    float v[kTile];
-    for (int64_t b0 = begin; b0 < end; b0 += kTile) {
-      const int64_t len = std::min<int64_t>(kTile, end - b0);
-      for (int64_t j = 0; j < len; ++j) v[j] = vp ? vp[b0 + j] : 0.f;
-      for (int64_t t = 0; t < steps; ++t) {
-        const float* xt = xp + t * n + b0;
-        float* st = sp + t * n + b0;
-        float* ht = hp ? hp + t * n + b0 : nullptr;
-        const bool rest = t == 0 && vp == nullptr;
-        for (int64_t j = 0; j < len; ++j) {
-          float hi;
-          if (rest) {
-            hi = fs != 1.f ? xt[j] * fs : xt[j];
-          } else {
-            hi = fd != 1.f ? v[j] * fd : v[j];
-            hi = hi + fs * xt[j];
+  auto run = [&](auto soft_tag, auto keep_tag) {
+    constexpr bool Soft = decltype(soft_tag)::value;
+    constexpr bool KeepH = decltype(keep_tag)::value;
+    at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
+      // a tile of membranes stays in cache over the T steps; the inner loop is contiguous
+      // and branch-free (x * 1 and h + 0 are exact, so the reference's shortcuts agree);
+      // scalars are locals so that no store can alias them
+      const float d = fd, sc = fs, b = fb, thr = th, rst = vr;
+      float v[kTile];
+      for (int64_t b0 = begin; b0 < end; b0 += kTile) {
+        const int64_t len = std::min<int64_t>(kTile, end - b0);
+        for (int64_t j = 0; j < len; ++j) v[j] = vp ? vp[b0 + j] : 0.f;
+        for (int64_t t = 0; t < steps; ++t) {
+          const float* __restrict xt = xp + t * n + b0;
+          float* __restrict st = sp + t * n + b0;
+          float* __restrict ht = KeepH ? hp + t * n + b0 : nullptr;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            float hi = v[j] * d;
+            hi = hi + sc * xt[j];
+            hi = hi + b;
+            const float si = hi >= thr ? 1.f : 0.f;
+            if (KeepH) ht[j] = hi;
+            st[j] = si;
+            v[j] = Soft ? hi - thr * si : (hi >= thr ? rst : hi);
           }
-          if (fb != 0.f) hi = hi + fb;
-          const float si = hi >= th ? 1.f : 0.f;
-          if (ht) ht[j] = hi;
-          st[j] = si;
-          v[j] = soft ? hi - th * si : (si != 0.f ? vr : hi);
         }
+        for (int64_t j = 0; j < len; ++j) vl[b0 + j] = v[j];
       }
-      for (int64_t j = 0; j < len; ++j) vl[b0 + j] = v[j];
-    }
-  });
+    });
+  };
+  if (soft) {
+    keep_h ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+  } else {
+    keep_h ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  }
   return {s, h, v_last};
 }
 
@@ -152,12 +189,12 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional
   const int64_t steps = h.size(0);
   const int64_t n = steps ? h.numel() / steps : 0;
   at::Tensor gs, gv;
-  if (gs_opt.has_value() && gs_opt->defined()) gs = gs_opt->contiguous();
+  gs = (gs_opt.has_value() && gs_opt->defined()) ? gs_opt->contiguous() : at::zeros_like(h);
   if (gv_opt.has_value() && gv_opt->defined()) gv = gv_opt->contiguous();
   at::Tensor gx = at::empty_like(h);
   at::Tensor gv0 = at::empty(h.sizes().slice(1), h.options());
   const float* hp = h.data_ptr<float>();
-  const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  const float* gsp = gs.data_ptr<float>();
   const float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
   float* gxp = gx.data_ptr<float>();
   float* g0 = gv0.data_ptr<float>();
@@ -165,41 +202,59 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional
   const bool soft = !v_reset.has_value();
   const float vr = soft ? 0.f : static_cast<float>(*v_reset);
   const float half_pi_a = static_cast<float>(M_PI / 2 * alpha), half_a = static_cast<float>(alpha / 2);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    float g_v[kTile];
-    for (int64_t b0 = begin; b0 < end; b0 += kTile) {
-      const int64_t len = std::min<int64_t>(kTile, end - b0);
-      for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const float* ht = hp + t * n + b0;
-        const float* gst = gsp ? gsp + t * n + b0 : nullptr;
-        float* gxt = gxp + t * n + b0;
-        for (int64_t j = 0; j < len; ++j) {
-          const float hi = ht[j];
-          float sg;
-          if (kind == 0) {
-            const float sig = 1.f / (1.f + std::exp(-(a * (hi - th))));
-            sg = a * sig * (1.f - sig);
-          } else {
-            const float u = half_pi_a * (hi - th);
-            sg = half_a / (1.f + u * u);
+  auto run = [&](auto kind_tag, auto soft_tag, auto detach_tag) {
+    constexpr int Kind = decltype(kind_tag)::value;
+    constexpr bool Soft = decltype(soft_tag)::value;
+    constexpr bool Detach = decltype(detach_tag)::value;
+    at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
+      const float d = fd, sc = fs, thr = th, rst = vr, al = a, hpa = half_pi_a, ha = half_a;
+      float g_v[kTile];
+      for (int64_t b0 = begin; b0 < end; b0 += kTile) {
+        const int64_t len = std::min<int64_t>(kTile, end - b0);
+        for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          const float* __restrict ht = hp + t * n + b0;
+          const float* __restrict gst = gsp + t * n + b0;
+          float* __restrict gxt = gxp + t * n + b0;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            const float hi = ht[j];
+            float sg;
+            if (Kind == 0) {
+              const float sig = 1.f / (1.f + fast_exp(-(al * (hi - thr))));
+              sg = al * sig * (1.f - sig);
+            } else {
+              const float u = hpa * (hi - thr);
+              sg = ha / (1.f + u * u);
+            }
+            float g_h = sg * gst[j];
+            if (Soft) {
+              g_h = g_h + g_v[j];
+              if (!Detach) g_h = g_h - (thr * sg) * g_v[j];
+            } else {
+              const float not_spiked = hi < thr ? 1.f : 0.f;
+              g_h = g_h + g_v[j] * not_spiked;
+              if (!Detach) g_h = g_h + g_v[j] * (rst - hi) * sg;
+            }
+            gxt[j] = g_h * sc;
+            g_v[j] = g_h * d;
           }
-          float g_h = gst ? sg * gst[j] : 0.f;
-          if (soft) {
-            g_h = g_h + g_v[j];
-            if (!detach_reset) g_h = g_h - (th * sg) * g_v[j];
-          } else {
-            const float not_spiked = hi < th ? 1.f : 0.f;
-            g_h = g_h + g_v[j] * not_spiked;
-            if (!detach_reset) g_h = g_h + g_v[j] * (vr - hi) * sg;
-          }
-          gxt[j] = fs != 1.f ? g_h * fs : g_h;
-          g_v[j] = fd != 1.f ? g_h * fd : g_h;
         }
+        for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
       }
-      for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
-    }
-  });
+    });
+  };
+  using T0 = std::integral_constant<int, 0>;
+  using T1 = std::integral_constant<int, 1>;
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (kind == 0) {
+    if (soft) detach_reset ? run(T0{}, Y{}, Y{}) : run(T0{}, Y{}, N{});
+    else detach_reset ? run(T0{}, N{}, Y{}) : run(T0{}, N{}, N{});
+  } else {
+    if (soft) detach_reset ? run(T1{}, Y{}, Y{}) : run(T1{}, Y{}, N{});
+    else detach_reset ? run(T1{}, N{}, Y{}) : run(T1{}, N{}, N{});
+  }
   return {gx, gv0};
 }
 
