@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError, check_positive_int
 
-__all__ = ["EVENT_DTYPE", "SaccadeDVS", "EventFrames", "load_fashion_mnist_dvs",
+__all__ = ["EVENT_DTYPE", "SaccadeDVS", "dvs_events", "EventFrames", "load_fashion_mnist_dvs",
            "load_event_dataset", "EVENT_SOURCES", "save_event_samples_png"]
 
 logger = logging.getLogger(__name__)
@@ -142,18 +142,9 @@ class SaccadeDVS:
                               f"is {self.sensor_size[0]}x{self.sensor_size[1]}")
         img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
         b_n = len(img)
-        times, pos = self.sample_times(), self.positions()
-        ref = np.log(self._shift(img, *pos[0]) + self.log_offset)
-        last = np.full(img.shape, -np.inf)
-        parts = []
-        for k in range(1, len(times)):
-            level = np.log(self._shift(img, *pos[k]) + self.log_offset)
-            diff = level - ref
-            fire = (np.abs(diff) >= self.threshold) & (times[k] - last >= self.refractory_us)
-            b, y, x = np.nonzero(fire)
-            parts.append((b, x, y, np.full(len(b), times[k]), diff[b, y, x] > 0))
-            ref[fire] = level[fire]
-            last[fire] = times[k]
+        views = (self._shift(img, dx, dy) for dx, dy in self.positions())
+        parts = [dvs_events(views, self.sample_times(), threshold=self.threshold,
+                            log_offset=self.log_offset, refractory_us=self.refractory_us)]
         if self.noise_hz > 0:
             parts.append(self._noise(b_n, first_index))
         b, x, y, t, p = (np.concatenate(c) for c in zip(*parts))
@@ -176,6 +167,30 @@ class SaccadeDVS:
         return tuple(np.concatenate(c) for c in zip(*cols)) if cols else ()
 
 
+def dvs_events(intensities: Iterable[np.ndarray], times: Sequence[int], *, threshold: float,
+               log_offset: float, refractory_us: float) -> tuple[np.ndarray, ...]:
+    """The pixel model of :class:`SaccadeDVS` on a sequence of views ``[B, H, W]`` (in
+    [0, 1]) taken at ``times`` (us); the first view sets the references.
+
+    A pixel fires (at most once per view) when ``|log(I + log_offset) - L_ref| >=
+    threshold`` and ``refractory_us`` have passed since its last event; its reference then
+    becomes the current level. Returns ``(b, x, y, t, p)`` arrays, p True for ON.
+    """
+    views = iter(intensities)
+    ref = np.log(next(views) + log_offset)
+    last = np.full(ref.shape, -np.inf)
+    parts = [tuple(np.zeros(0, dtype=np.int64) for _ in range(4)) + (np.zeros(0, dtype=bool),)]
+    for t, view in zip(times[1:], views):
+        level = np.log(view + log_offset)
+        diff = level - ref
+        fire = (np.abs(diff) >= threshold) & (t - last >= refractory_us)
+        b, y, x = np.nonzero(fire)
+        parts.append((b, x, y, np.full(len(b), t, dtype=np.int64), diff[b, y, x] > 0))
+        ref[fire] = level[fire]
+        last[fire] = t
+    return tuple(np.concatenate(c) for c in zip(*parts))
+
+
 def to_tonic(events: np.ndarray) -> np.ndarray:
     """Compact stored events (or any x, y, t, p array) as tonic's :data:`EVENT_DTYPE`."""
     out = np.empty(len(events), dtype=EVENT_DTYPE)
@@ -189,7 +204,7 @@ class EventFrames(Dataset):
     """Event recordings -> ``(log1p of event counts [T, 2, H, W] float32, label)``.
 
     ``read(i)`` returns recording ``i`` as a structured array with x, y, t, p; tonic's
-    ``ToFrame(sensor_size, n_time_bins=frames)`` bins it (over ``[0, duration_us)`` when the
+    ``ToFrame`` counts it in ``frames`` equal time windows (over ``[0, duration_us]`` when the
     recording length is fixed, else over each recording's own span), after an optional
     tonic ``Downsample`` (``size`` divides the sensor) or ``CenterCrop`` to ``size``.
     """
@@ -211,23 +226,37 @@ class EventFrames(Dataset):
                 steps.append(tt.CenterCrop(sensor_size=sensor_size, size=(size, size)))
             w = h = size
         self.sensor_size = (w, h, c)
-        bounds = {} if duration_us is None else {"start_time": 0, "end_time": duration_us}
-        steps.append(tt.ToFrame(sensor_size=self.sensor_size, n_time_bins=frames, **bounds))
-        self.transform = tt.Compose(steps)
+        self.spatial = tt.Compose(steps) if steps else None
+        self.duration_us = duration_us
+
+    def _to_frames(self, events: np.ndarray) -> np.ndarray:
+        """tonic's ToFrame over ``frames`` equal windows that cover the recording, both ends
+        included (its ``n_time_bins`` drops the events of the last timestamp)."""
+        import tonic.transforms as tt
+
+        if self.duration_us is not None:
+            start, end = 0, self.duration_us
+        else:
+            start, end = int(events["t"].min()), int(events["t"].max())
+        window = (end - start + 1) / self.frames  # windows [start + i w, start + (i + 1) w)
+        # ToFrame makes floor((end_time - start) / w) windows: half a window more keeps
+        # float rounding from losing the last one
+        return tt.ToFrame(sensor_size=self.sensor_size, time_window=window, start_time=start,
+                          end_time=end + 1 + window / 2)(events)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         events = self.read(index)
+        if self.spatial is not None:
+            events = self.spatial(events)
         w, h, c = self.sensor_size
         if len(events) == 0:  # ToFrame cannot bin an empty recording
             counts = np.zeros((self.frames, c, h, w), dtype=np.float32)
         else:
-            counts = self.transform(events)
+            counts = self._to_frames(events)
         x = torch.from_numpy(np.asarray(counts, dtype=np.float32))
-        if x.shape[0] != self.frames:  # ToFrame drops an incomplete last bin; keep T fixed
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, self.frames - x.shape[0]))
         return torch.log1p(x), int(self.targets[index])
 
 
@@ -397,7 +426,11 @@ def _cifar10_dvs(root: Path, train: bool, seed: int) -> tuple[list, list, Callab
         targets += [label] * len(keep)
 
     def read(p: Path) -> np.ndarray:
-        ev = read_aedat4(str(p))
+        try:
+            ev = read_aedat4(str(p))
+        except ImportError as exc:  # tonic's reader imports the decoder lazily
+            raise DataError("reading CIFAR10-DVS .aedat4 files needs tonic's decoder, the "
+                            "aedat package: pip install aedat") from exc
         out = np.empty(len(ev), dtype=EVENT_DTYPE)
         for name in ("x", "y", "t"):
             out[name] = ev[name]
