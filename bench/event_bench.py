@@ -17,7 +17,8 @@ Then the images/s of every model at batch 128, measured side by side in this pro
 (round robin, best of ``--speed-repeats``). Top-1 is on ``--val-subset`` test images: a
 binomial std of sqrt(p (1 - p) / n) each. Resumable (``bench/ablations.py``'s
 train-or-reuse runs); the JSON, Markdown and PNG are rewritten after every run into
-``--results`` (default ``bench/results``) as ``event_bench.*``. Run by hand, never in CI.
+``--results`` (default ``bench/results``) as ``event_bench.*``, next to
+``event_samples.png`` (six test recordings as ON/OFF frames). Run by hand, never in CI.
 """
 from __future__ import annotations
 
@@ -214,6 +215,16 @@ def plot(results: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
+def samples_png(path: Path, frames: int) -> None:
+    """A few fashion-mnist-dvs test recordings as ON/OFF frames (the data, documented)."""
+    from stas_core.events import save_event_samples_png
+
+    _, val, _ = build_datasets(DATASET, augment=False, frames=frames)
+    names = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+             "bag", "ankle boot"]
+    save_event_samples_png(val, path, samples=6, classes=names)
+
+
 def write(results: dict, root: Path) -> None:
     results["aggregate"] = aggregate(results)
     atomic_write_text(root / "event_bench.json", json.dumps(results, indent=2) + "\n")
@@ -240,6 +251,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     runs, root = EventRuns(args), Path(args.results)
+    samples_png(root / "event_samples.png", args.timesteps)
     results = {"bench": "event_bench", "dataset": DATASET,
                "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "results")},
                             "stage1_lr": STAGE1_LR, "stage2_lr": STAGE2_LR, "hand_knobs": HAND,
