@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ablations import HAND, STAGE1_LR, STAGE2_LR, Runs, _ms, _paired, _read  # bench/ sibling
+from ablations import HAND, STAGE1_LR, STAGE2_LR, Runs, _fmt, _ms, _paired  # bench/ sibling
 from halting import Halted
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets
@@ -141,10 +141,6 @@ def aggregate(results: dict) -> dict:
                 pairs[f"{variant} - vanilla ({stage}): {key}"] = _paired(
                     [a[s][key] for s in seeds], [b[s][key] for s in seeds])
     return {"variants": variants, "paired": pairs}
-
-
-def _fmt(ms: dict, scale: float = 1.0, digits: int = 2) -> str:
-    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
 
 
 def markdown(results: dict) -> str:

@@ -211,11 +211,13 @@ class EventFrames(Dataset):
 
     def __init__(self, read: Callable[[int], np.ndarray], targets: Sequence[int], *,
                  sensor_size: tuple, frames: int, size: Optional[int] = None,
-                 duration_us: Optional[int] = None, classes: Optional[list] = None) -> None:
+                 duration_us: Optional[int] = None, classes: Optional[list] = None,
+                 files: Optional[list] = None) -> None:
         import tonic.transforms as tt
 
         check_positive_int("frames", frames)
         self.read, self.targets, self.classes = read, list(targets), classes
+        self.files = files  # the recordings' paths, where they are files
         self.frames = frames
         w, h, c = sensor_size
         steps = []
@@ -503,7 +505,8 @@ def load_event_dataset(name: str, data_dir: Optional[PathLike] = None, *, frames
                 raise DataError(f"cannot read {files[i]} as a {name} recording: {exc}; "
                                 f"replace the file") from exc
         out.append(EventFrames(read_index, targets, sensor_size=src.sensor_size,
-                               frames=frames, size=size if size and size != w else None))
+                               frames=frames, size=size if size and size != w else None,
+                               files=files))
     logger.info("%s from %s: %d train / %d test recordings", name, folder, len(out[0]),
                 len(out[1]))
     return out[0], out[1]
