@@ -1,7 +1,7 @@
 """Open question 1 of STAS on event input: vanilla SPS against I-SPS (max, mean, learned).
 
     OMP_NUM_THREADS=1 python bench/event_bench.py [--seeds 0 1 2] [--model spikformer-2-64]
-        [-T 4] [--train-subset 6000] [--val-subset 2000] [--out runs/event_bench]
+        [-T 4] [--train-subset 4000] [--val-subset 2000] [--out runs/event_bench]
 
 Does folding T event frames into one token set (I-SPS) lose the timing the events carry?
 Per seed, on the same seeded ``fashion-mnist-dvs`` subsets (frames ``[T, 2, 28, 28]``, T =
@@ -13,12 +13,14 @@ the timesteps) and budget, for each patch splitting (``vanilla``: frame t at tim
   halting knobs of ``bench/ablations.py`` (:data:`ablations.HAND`), and the trivial
   baseline its summary carries (the same model without halting, stopped after t = 1..T).
 
-Then the images/s of every model at batch 128, measured side by side in this process
-(round robin, best of ``--speed-repeats``). Top-1 is on ``--val-subset`` test images: a
-binomial std of sqrt(p (1 - p) / n) each. Resumable (``bench/ablations.py``'s
-train-or-reuse runs); the JSON, Markdown and PNG are rewritten after every run into
-``--results`` (default ``bench/results``) as ``event_bench.*``, next to
-``event_samples.png`` (six test recordings as ON/OFF frames). Run by hand, never in CI.
+Then a timing probe (every stage-1 model on the test frames in reverse time order: a model
+that ignores timing scores the same) and the images/s of every model at batch 128,
+measured side by side in this process (round robin, best of ``--speed-repeats``). Top-1
+is on ``--val-subset`` test images: a binomial std of sqrt(p (1 - p) / n) each.
+Resumable (``bench/ablations.py``'s train-or-reuse runs); the JSON, Markdown and PNG are
+rewritten after every run into ``--results`` (default ``bench/results``) as
+``event_bench.*``, next to ``event_samples.png`` (six test recordings as ON/OFF frames).
+Each seed takes about 10-15 minutes on one core. Run by hand, never in CI.
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def _stage2_record(s: dict) -> dict:
             "val_images": s["val_images"], "energy_mj": s["energy_mj"],
             "full_mj": s["energy"]["full_mj"], "token_ratio": s["token_ratio"],
             "fewer_timesteps": {k: base[k] for k in ("t", "top1", "energy_mj", "full_energy_mj")},
-            "vs_fewer_timesteps": base["vs_halted"], "vs_fewer_timesteps_full": base["vs_halted_full"],
+            "vs_fewer_timesteps": base["vs_halted"],
+            "vs_fewer_timesteps_full": base["vs_halted_full"],
             "train_s": sum(h["epoch_s"] for h in s["history"]), "checkpoint": _rel(s["checkpoint"])}
 
 
@@ -107,9 +110,7 @@ def speed(results: dict, args, repeats: int) -> dict:
             rec = results["runs"].get(f"{variant}/{key}", {}).get(str(args.seeds[0]))
             if rec is None:
                 continue
-            model, cfg = load_trained_model(REPO / rec["checkpoint"]
-                                            if not Path(rec["checkpoint"]).is_absolute()
-                                            else rec["checkpoint"])
+            model, cfg = load_trained_model(_abs(rec["checkpoint"]))
             runner = Halted(model, cfg.halting_config()) if key == "hand" else model
             models[f"{variant}/{key}"] = runner
     best = {name: 0.0 for name in models}
@@ -119,6 +120,36 @@ def speed(results: dict, args, repeats: int) -> dict:
             best[name] = max(best[name], ev["images_per_s"])
     return {"images_per_s": best, "batch": 128, "images": len(val), "repeats": repeats,
             "seed": args.seeds[0]}
+
+
+@torch.no_grad()
+def timing_probe(results: dict, args) -> dict:
+    """How much each stage-1 model uses the order of its frames: top-1 on the test frames
+    as recorded and with the frame order reversed (polarities kept; per seed, on that
+    seed's test subset). A model that ignores the order scores the same on both."""
+    out = {}
+    for seed in args.seeds:
+        _, val, _ = build_datasets(DATASET, val_subset=args.val_subset, seed=seed,
+                                   augment=False, frames=args.timesteps)
+        batches = list(DataLoader(val, batch_size=256, shuffle=False))
+        for variant in VARIANTS:
+            rec = results["runs"].get(f"{variant}/stage1", {}).get(str(seed))
+            if rec is None:
+                continue
+            model, _ = load_trained_model(_abs(rec["checkpoint"]))
+            hits = {"recorded": 0, "reversed": 0}
+            for x, y in batches:
+                hits["recorded"] += int((model(x).argmax(-1) == y).sum())
+                hits["reversed"] += int((model(x.flip(1)).argmax(-1) == y).sum())
+            n = len(val)
+            out.setdefault(variant, {})[str(seed)] = {
+                "top1": hits["recorded"] / n, "top1_reversed": hits["reversed"] / n,
+                "drop": (hits["recorded"] - hits["reversed"]) / n, "images": n}
+    return out
+
+
+def _abs(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else REPO / path
 
 
 def aggregate(results: dict) -> dict:
@@ -133,14 +164,20 @@ def aggregate(results: dict) -> dict:
         for variant in VARIANTS:
             if variant == "vanilla":
                 continue
-            a, b = results["runs"].get(f"{variant}/{stage}"), results["runs"].get(f"vanilla/{stage}")
+            a = results["runs"].get(f"{variant}/{stage}")
+            b = results["runs"].get(f"vanilla/{stage}")
             if not a or not b:
                 continue
             seeds = sorted(set(a) & set(b))
-            for key in ("top1", "energy_mj", "full_mj") + (("token_ratio",) if stage == "hand" else ()):
+            keys = ("top1", "energy_mj", "full_mj") + (("token_ratio",) if stage == "hand" else ())
+            for key in keys:
                 pairs[f"{variant} - vanilla ({stage}): {key}"] = _paired(
                     [a[s][key] for s in seeds], [b[s][key] for s in seeds])
-    return {"variants": variants, "paired": pairs}
+    probe = {}
+    for variant, per_seed in (results.get("timing_probe") or {}).items():
+        rows = list(per_seed.values())
+        probe[variant] = {k: _ms([r[k] for r in rows]) for k in ("top1", "top1_reversed", "drop")}
+    return {"variants": variants, "paired": pairs, "timing_probe": probe}
 
 
 def markdown(results: dict) -> str:
@@ -177,6 +214,14 @@ def markdown(results: dict) -> str:
                          + ("n/a" if gain is None else f"{100 * gain:+.2f}") + " | "
                          + ("n/a (no t reaches it)" if save is None else f"{100 * save:.1f} %")
                          + " |")
+    if agg.get("timing_probe"):
+        lines += ["", "Does the model use the order of the frames? Stage-1 top-1 on the test "
+                  "frames as recorded and with their order reversed (polarities kept), "
+                  "mean ± std over seeds:", "",
+                  "| variant | recorded % | time-reversed % | drop (points) |", "|---|---|---|---|"]
+        for variant, v in agg["timing_probe"].items():
+            lines.append(f"| {variant} | {_fmt(v['top1'], 100)} | {_fmt(v['top1_reversed'], 100)} "
+                         f"| {_fmt(v['drop'], 100)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +278,7 @@ def main() -> int:
     p.add_argument("--model", default="spikformer-2-64")
     p.add_argument("-T", "--timesteps", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train-subset", type=int, default=6000)
+    p.add_argument("--train-subset", type=int, default=4000)
     p.add_argument("--val-subset", type=int, default=2000)
     p.add_argument("--stage1-epochs", type=int, default=1)
     p.add_argument("--stage2-epochs", type=int, default=1)
@@ -260,6 +305,7 @@ def main() -> int:
             s2 = runs.stage2("hand", variant, seed, halting=True, **HAND)
             results["runs"].setdefault(f"{variant}/hand", {})[str(seed)] = _stage2_record(s2)
             write(results, root)
+    results["timing_probe"] = timing_probe(results, args)
     results["speed"] = speed(results, args, args.speed_repeats)
     results.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

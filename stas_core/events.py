@@ -81,7 +81,8 @@ class SaccadeDVS:
         if not self.threshold > 0:
             raise ConfigError(f"threshold must be > 0 (a log-intensity step); got {self.threshold}")
         if not self.log_offset > 0:
-            raise ConfigError(f"log_offset must be > 0 (log of a dark pixel); got {self.log_offset}")
+            raise ConfigError(f"log_offset must be > 0 (log of a dark pixel); got "
+                              f"{self.log_offset}")
         for name in ("amplitude", "refractory_us", "noise_hz"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -279,7 +280,7 @@ def _generate(images: np.ndarray, sim: SaccadeDVS, *, chunk: int = 1000,
 
     evs, offs, base = [], [np.zeros(1, dtype=np.int64)], 0
     for start in tqdm(range(0, len(images), chunk), desc=desc, unit="chunk",
-                      disable=progress is False, leave=False):
+                      disable=None if progress is None else not progress, leave=False):
         ev, off = sim.simulate(images[start:start + chunk], first_index=start)
         evs.append(ev)
         offs.append(off[1:] + base)
