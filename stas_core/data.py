@@ -8,6 +8,11 @@
 * ``cifar10`` / ``cifar100``: the python-pickle release under ``data_dir`` (torchvision
   downloads it when allowed), read through an allow-list unpickler into uint8 tensors.
 * ``imagenet``: ``ImageFolder`` on ``data_dir/train`` and ``data_dir/val``.
+* event sets (:mod:`stas_core.events`; ``DatasetInfo.events``): ``fashion-mnist-dvs``
+  (simulated once from Fashion-MNIST into ``data_dir``), ``nmnist`` (34x34 centre-cropped
+  to 32x32), ``dvs-gesture`` and ``cifar10-dvs`` (128x128 downsampled to 64x64; the
+  ``-128`` names keep full resolution) from the user's files. A sample is ``[T, 2, H, W]``
+  float (``log1p`` of event counts in ``frames`` time bins), a batch ``[B, T, 2, H, W]``.
 
 Every user mistake or unusable environment raises :class:`DataError` or :class:`ConfigError`.
 """
@@ -56,6 +61,7 @@ class DatasetInfo:
     num_classes: int
     mean: tuple
     std: tuple
+    events: bool = False  #: samples are event frames [T, 2, H, W] (2 polarities), not images
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -63,8 +69,17 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": DatasetInfo("imagenet", 3, 224, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # event frames are log1p(counts), not standardised: mean 0 / std 1 leave them as they are
+    **{name: DatasetInfo(name, 2, size, classes, (0.0, 0.0), (1.0, 1.0), events=True)
+       for name, size, classes in (("fashion-mnist-dvs", 28, 10), ("nmnist", 32, 10),
+                                   ("dvs-gesture", 64, 11), ("dvs-gesture-128", 128, 11),
+                                   ("cifar10-dvs", 64, 10), ("cifar10-dvs-128", 128, 10))},
 }
-ALIASES: dict[str, str] = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
+ALIASES: dict[str, str] = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist",
+                           "n-mnist": "nmnist", "dvsgesture": "dvs-gesture",
+                           "cifar10dvs": "cifar10-dvs"}
+#: frames of an event set when none are asked for
+DEFAULT_FRAMES = 4
 
 # Errors that torchvision / the OS raise for missing, partial or corrupt data (or no network).
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError,
@@ -305,6 +320,17 @@ def _build_imagenet(info: DatasetInfo, data_dir: Optional[PathLike], augment: bo
         raise DataError(f"cannot load imagenet from {root}: {exc}; expected layout {layout}") from exc
 
 
+def _build_events(info: DatasetInfo, data_dir: Optional[PathLike], download: bool,
+                  frames: int, seed: int) -> tuple[Dataset, Dataset]:
+    from . import events
+
+    if info.name == "fashion-mnist-dvs":
+        return events.fashion_mnist_dvs_frames(data_dir, frames=frames, download=download)
+    source = info.name.removesuffix("-128")
+    return events.load_event_dataset(source, data_dir, frames=frames, size=info.img_size,
+                                     seed=seed, download=download)
+
+
 # --------------------------------------------------------------------------- public builders
 def _subset(ds: Dataset, n: Optional[int], seed: int, what: str) -> Dataset:
     """Fixed seeded subset of ``n`` items (None or n >= len(ds): the whole set)."""
@@ -320,18 +346,23 @@ def _subset(ds: Dataset, n: Optional[int], seed: int, what: str) -> Dataset:
 
 def build_datasets(name: str, *, data_dir: Optional[PathLike] = None,
                    train_subset: Optional[int] = None, val_subset: Optional[int] = None,
-                   seed: int = 0, download: bool = True, augment: bool = True
-                   ) -> tuple[Dataset, Dataset, DatasetInfo]:
+                   seed: int = 0, download: bool = True, augment: bool = True,
+                   frames: Optional[int] = None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build ``(train_dataset, val_dataset, info)`` for dataset ``name``.
 
     ``train_subset`` / ``val_subset`` pick a fixed random subset (seeded by ``seed``);
-    ``augment=False`` gives the train split the validation transform.
+    ``augment=False`` gives the train split the validation transform. ``frames``: time
+    bins of an event set (default :data:`DEFAULT_FRAMES`; ignored for image sets). Event
+    sets are not augmented (a flip changes what a gesture means).
     """
     info = get_dataset_info(name)
     for what, n in (("train_subset", train_subset), ("val_subset", val_subset)):
         if n is not None:
             check_positive_int(what, n)
-    if info.name == "fashion-mnist":
+    if info.events:
+        train, val = _build_events(info, data_dir, download,
+                                   check_positive_int("frames", frames or DEFAULT_FRAMES), seed)
+    elif info.name == "fashion-mnist":
         (xt, yt), (xv, yv) = load_fashion_mnist(data_dir, download)
         train = TensorImageDataset(xt, yt, info.mean, info.std, augment=augment, padding=2)
         val = TensorImageDataset(xv, yv, info.mean, info.std, augment=False)

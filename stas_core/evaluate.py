@@ -100,7 +100,9 @@ def save_depth_heatmap(model: nn.Module, loader: Iterable, device: torch.device,
     model.eval()
     res = run_halting(model, images, halting, execution=execution)
     steps = res.active_fraction.numel()
-    fig = depth_heatmap_figure(images, res.depth, max_depth=steps,
+    # event frames [B, T, 2, H, W]: show all events of a sample as one grey image
+    shown = images.sum((1, 2)).unsqueeze(1) if images.dim() == 5 else images
+    fig = depth_heatmap_figure(shown, res.depth, max_depth=steps,
                                prefix_tokens=getattr(model, "num_prefix_tokens", 0),
                                labels=[f"label {int(v)}" for v in labels[:samples]])
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

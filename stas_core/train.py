@@ -240,7 +240,8 @@ def build_model(cfg: TrainConfig) -> SpikingTransformer:
     info = get_dataset_info(cfg.dataset)
     return create_model(cfg.model, img_size=info.img_size, in_chans=info.in_chans,
                          num_classes=info.num_classes, timesteps=cfg.timesteps, sps=cfg.sps,
-                         integrate=cfg.integrate, **cfg.neuron)
+                         integrate=cfg.integrate, batch_first=info.events or None,
+                         **cfg.neuron)
 
 
 def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -324,7 +325,7 @@ def train(cfg: TrainConfig, *,
     train_ds, val_ds, info = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
                                             train_subset=cfg.train_subset,
                                             val_subset=cfg.val_subset, seed=cfg.seed,
-                                            augment=cfg.augment)
+                                            augment=cfg.augment, frames=cfg.timesteps)
     train_loader, val_loader = build_loaders(train_ds, val_ds,
                                              batch_size=max(1, cfg.batch_size // d.world),
                                              workers=cfg.workers, distributed=d.enabled,
@@ -334,10 +335,10 @@ def train(cfg: TrainConfig, *,
     # (random crops and flips shift the statistics: 0.17 instead of 0.47 top-1, measured)
     recal_batches = batches_for(cfg.bn_images, cfg.batch_size)
     recal_loader = train_loader
-    if recal_batches and cfg.augment:
+    if recal_batches and cfg.augment and not info.events:  # event sets are not augmented
         plain, _, _ = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
                                      train_subset=cfg.train_subset, val_subset=cfg.val_subset,
-                                     seed=cfg.seed, augment=False)
+                                     seed=cfg.seed, augment=False, frames=cfg.timesteps)
         recal_loader, _ = build_loaders(plain, val_ds, batch_size=max(1, cfg.batch_size // d.world),
                                         workers=0, distributed=d.enabled, seed=cfg.seed)
 

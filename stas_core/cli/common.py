@@ -95,8 +95,12 @@ def add_halting_knobs(group) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """``--dataset``, ``--data-dir``, ``--train-subset``, ``--val-subset``."""
     p.add_argument("--dataset", default="fashion-mnist",
-                   help="fashion-mnist (default, offline), cifar10, cifar100, imagenet")
-    p.add_argument("--data-dir", default=None, help="dataset root (IDX files, CIFAR, ImageFolder)")
+                   help="fashion-mnist (default, offline), cifar10, cifar100, imagenet; "
+                        "event sets (frames [T, 2, H, W], T = --timesteps where the command "
+                        "has it): fashion-mnist-dvs (simulated offline from Fashion-MNIST), "
+                        "nmnist, dvs-gesture, cifar10-dvs (64x64; -128: full resolution)")
+    p.add_argument("--data-dir", default=None, help="dataset root (IDX files, CIFAR, ImageFolder, the event "
+                        "sets' tonic folders, the fashion-mnist-dvs cache)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on a fixed seeded subset of N images")
     p.add_argument("--val-subset", type=int, default=None, metavar="N",

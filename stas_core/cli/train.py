@@ -25,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{inherited}); registered: {', '.join(list_models())}")
     add_data_args(p)
     p.add_argument("--timesteps", "-T", type=int, default=None,
-                   help=f"timesteps (default: {MODEL_DEFAULTS['timesteps']}{inherited})")
+                   help=f"timesteps, and the frame count of an event set (default: {MODEL_DEFAULTS['timesteps']}{inherited})")
     p.add_argument("--sps", choices=["integrated", "vanilla"], default=None,
                    help=f"I-SPS (one patch-splitting pass) or per-timestep SPS (default: "
                         f"{MODEL_DEFAULTS['sps']}{inherited})")
-    p.add_argument("--integrate", choices=["max", "mean"], default=None,
-                   help=f"how I-SPS merges a time-varying input's frames (default: "
+    p.add_argument("--integrate", choices=["max", "mean", "learned"], default=None,
+                   help=f"how I-SPS merges a time-varying input's frames (learned: a "
+                        f"trained softmax-weighted sum) (default: "
                         f"{MODEL_DEFAULTS['integrate']}{inherited})")
     p.add_argument("--epochs", type=int, default=1, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")

@@ -11,12 +11,19 @@ I-SPS (``sps='integrated'``): a static image goes through the patch-splitting st
 the same token set is fed at every timestep; a time-varying input ``[T, B, C, H, W]`` goes
 through it frame by frame and is integrated (``max`` or ``mean`` over time) into one token
 set. ``sps='vanilla'`` runs the stack at every timestep (the Spikformer baseline).
+``integrate='learned'`` integrates by a learned weighted sum: softmax weights over the
+``timesteps`` frames (initialised equal, i.e. the mean), trained with the model.
+
+Frames come time-first (``[T, B, C, H, W]``); a model built with ``batch_first=True`` takes
+``[B, T, C, H, W]`` instead, the layout an event loader's batches have (every batch-first
+tool, e.g. op counting over ``images[:n]``, then works on event batches unchanged).
 """
 from __future__ import annotations
 
 import functools
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice, check_positive_int
@@ -24,7 +31,7 @@ from ..layers import TokenRows, keep_inactive
 from ..neurons import LIF, make_surrogate, reset_net
 
 SPS_MODES = ("integrated", "vanilla")
-INTEGRATE_MODES = ("max", "mean")
+INTEGRATE_MODES = ("max", "mean", "learned")
 
 
 def make_neuron_layer(*, tau: float = 2.0, backend: str = "fused", surrogate: str = "sigmoid",
@@ -88,7 +95,8 @@ class SpikingTransformer(nn.Module):
                  embed_dim: int = 384, depth: int = 4, num_heads: Optional[int] = None,
                  mlp_ratio: float = 4.0, timesteps: int = 4, sps: str = "integrated",
                  integrate: str = "max", neuron_layer: Optional[Callable[..., LIF]] = None,
-                 bn_init: Optional[float] = None, **neuron_kwargs) -> None:
+                 bn_init: Optional[float] = None, batch_first: bool = False,
+                 **neuron_kwargs) -> None:
         super().__init__()
         self.img_size = check_positive_int("img_size", img_size)
         self.in_chans = check_positive_int("in_chans", in_chans)
@@ -98,6 +106,9 @@ class SpikingTransformer(nn.Module):
         self.timesteps = check_positive_int("timesteps", timesteps)
         self.sps = check_choice("sps", sps, SPS_MODES)
         self.integrate = check_choice("integrate", integrate, INTEGRATE_MODES)
+        self.batch_first = bool(batch_first)
+        if self.integrate == "learned":  # logits of the frame weights; zeros: the mean
+            self.frame_logits = nn.Parameter(torch.zeros(self.timesteps))
         self.num_heads = num_heads if num_heads is not None else max(1, embed_dim // 32)
         if embed_dim % 8 or embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim must be divisible by 8 and by num_heads "
@@ -143,19 +154,29 @@ class SpikingTransformer(nn.Module):
         """Validate input and return it time-first: ``[F, B, C, H, W]`` (F=1 for a static image)."""
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.dim() not in (4, 5) or tuple(x.shape[-3:]) != expected:
+            order = "[B, T, ...]" if self.batch_first else "[T, B, ...]"
             raise ConfigError(
                 f"input must be [B, {expected[0]}, {expected[1]}, {expected[2]}] (static image) "
-                f"or [T, B, ...] (time-varying); got {list(x.shape)}. Build the model with the "
+                f"or {order} (time-varying); got {list(x.shape)}. Build the model with the "
                 f"dataset's img_size/in_chans.")
-        frames = x.unsqueeze(0) if x.dim() == 4 else x
+        if x.dim() == 4:
+            frames = x.unsqueeze(0)
+        else:
+            frames = x.transpose(0, 1) if self.batch_first else x
         if self.sps == "vanilla" and frames.shape[0] not in (1, self.timesteps):
             raise ConfigError(f"vanilla SPS needs 1 or timesteps={self.timesteps} frames; "
+                              f"got {frames.shape[0]}")
+        if self.integrate == "learned" and frames.shape[0] not in (1, self.timesteps):
+            raise ConfigError(f"integrate='learned' weighs timesteps={self.timesteps} frames; "
                               f"got {frames.shape[0]}")
         return frames
 
     def _integrate(self, tok_seq: Tensor) -> Tensor:
         if tok_seq.shape[0] == 1:
             return tok_seq[0]
+        if self.integrate == "learned":
+            w = self.frame_logits.softmax(0).to(tok_seq.dtype)
+            return torch.einsum("f,f...->...", w, tok_seq)
         return tok_seq.amax(0) if self.integrate == "max" else tok_seq.mean(0)
 
     # ------------------------------------------------------------------ multi-step path
