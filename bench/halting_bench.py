@@ -190,6 +190,8 @@ def bench_converted(args) -> dict:
     cfg = HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps if args.eps is not None
                         else 0.01, accumulate=args.accumulate, score="mean", output=args.output)
     batches = _batches(args.dataset, args.val_subset, args.batch_size)
+    if args.speed_only:
+        return _converted_speed(snn, cfg, steps, batches, args)
     base_top1, _ = _top1(lambda x: run_stepwise(snn, x, steps), batches)
     kv = {}  # what the other tokens see of a halted token: frozen K/V vs dropped
     for mode in ("drop", "frozen"):
@@ -227,6 +229,28 @@ def bench_converted(args) -> dict:
     }
 
 
+def _converted_speed(snn, cfg: HaltingConfig, steps: int, batches, args) -> dict:
+    """Images/s of the ANN pass, the unhalted SNN and both halted executions on the same
+    batches (interleaved), with the token ratio on those batches: no accuracy or energy."""
+    timed = batches[: args.timed_batches]
+    _, ratio = _top1(lambda x: run_halting(snn, x, cfg, execution="gather"), timed)
+    speed = _throughput({
+        "ann": snn.ann_forward,
+        "snn": lambda x: run_stepwise(snn, x, steps),
+        "halted_mask": Halted(snn, cfg, execution="mask"),
+        "halted_gather": Halted(snn, cfg, execution="gather"),
+    }, timed, args.rounds)
+    return {"path": "converted", "speed_only": True, "model": args.model, "timesteps": steps,
+            "halting": cfg.__dict__, "halted_kv": args.halted_kv, "token_ratio": ratio,
+            "images_per_s": speed,
+            "gather_speedup_vs_snn": speed["halted_gather"] / speed["snn"],
+            "mask_speedup_vs_snn": speed["halted_mask"] / speed["snn"],
+            # one SNN timestep (1/T of a run) against one ANN pass over the same images
+            "snn_step_vs_ann_pass": speed["ann"] / (speed["snn"] * steps),
+            "timed_images": sum(len(y) for _, y in timed), "batch_size": args.batch_size,
+            "rounds": args.rounds}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="path", required=True)
@@ -242,6 +266,8 @@ def main() -> int:
     c.add_argument("--accumulate", default="both")
     c.add_argument("--output", default="last", choices=["last", "mean_field"])
     c.add_argument("--halted-kv", default="frozen", choices=["frozen", "drop"])
+    c.add_argument("--speed-only", action="store_true",
+                   help="only images/s (ANN pass, unhalted, mask, gather) and the token ratio")
     for q in (d, c):
         q.add_argument("--eps", type=float, default=None, help="override the halting eps")
         q.add_argument("--val-subset", type=int, default=None)
@@ -259,7 +285,8 @@ def main() -> int:
                    "cpu_count": os.cpu_count(), "machine": platform.machine(),
                    "load_average_1m_end": os.getloadavg()[0]})
     text = json.dumps(result, indent=2)
-    (Path(args.out) / f"{args.path}.json").write_text(text)
+    name = args.path + ("_speed" if getattr(args, "speed_only", False) else "")
+    (Path(args.out) / f"{name}.json").write_text(text)
     print(text)
     return 0
 
