@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from convert.calibrate import calibrate
-from convert.ops import compile_kernels
 from convert.spiking_vit import SpikingViT
 from convert.timm_models import create_vit, parse_model_kwargs
 from halting.protocol import run_stepwise
@@ -82,7 +81,7 @@ def main() -> int:
               max_images=args.calib_images)
     calib_s = time.perf_counter() - start
     if args.compile:
-        compile_kernels(True)
+        snn.compile()
 
     loader = DataLoader(Subset(val, range(args.images)), batch_size=args.batch_size)
     T = args.timesteps

@@ -149,7 +149,6 @@ def check_converted(device: str) -> dict:
 
 def check_compile(device: str) -> dict:
     """``--compile`` kernels give the spikes of the eager ones."""
-    from convert.ops import compile_kernels
     from halting import run_stepwise
 
     snn = _converted().to(device)
@@ -157,11 +156,11 @@ def check_compile(device: str) -> dict:
     with torch.no_grad():
         eager = run_stepwise(snn, x, 4, cumulative=True)
         start = time.perf_counter()
-        compile_kernels(True)
+        snn.compile()
         try:
             compiled = run_stepwise(snn, x, 4, cumulative=True)
         finally:
-            compile_kernels(False)
+            snn.compile(False)
     diff = float((eager - compiled).abs().max())
     return {"ok": diff < 1e-3, "max_diff": diff, "seconds": time.perf_counter() - start}
 

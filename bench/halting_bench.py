@@ -277,10 +277,14 @@ def main() -> int:
         q.add_argument("--rounds", type=int, default=3)
         q.add_argument("--out", default="runs/halting_bench")
     args = p.parse_args()
+    from stas_core.kernels import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory()  # as the CLIs do; every configuration shares it
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = bench_direct(args) if args.path == "direct" else bench_converted(args)
     result.update({"bench": "halting", "wall_s": round(time.perf_counter() - start, 1),
+                   "malloc_keeps_freed_memory": malloc_tuned,
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "cpu_count": os.cpu_count(), "machine": platform.machine(),
                    "load_average_1m_end": os.getloadavg()[0]})

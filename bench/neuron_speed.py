@@ -67,6 +67,9 @@ def _median_time(fn, repeats: int, warmup: int) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from stas_core.kernels import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory()  # as the CLIs do; every row below shares it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -159,6 +162,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "kernel": kernels.load() is not None,
+        "malloc_keeps_freed_memory": malloc_tuned,
         "copy_gb_per_s": bandwidth / 1e9,
         "bandwidth_floor_seconds": floor,
         "fused_vs_floor": {k: medians["fused"][k] / v for k, v in floor.items()},

@@ -113,31 +113,35 @@ def compensated_product(sum_a: Tensor, a: Tensor, sum_b: Tensor, b: Tensor, coun
     return sum_a, sum_b, cumulative, cumulative - emitted
 
 
-_fire = integrate_and_fire
-_compensate = compensated_update
-_product = compensated_product
+_COMPILED: dict = {}
 
 
-def compile_kernels(enabled: bool = True) -> None:
-    """Run the per-step element-wise work of neurons and compensated ops through
-    ``torch.compile``: one fused loop each instead of ~5-10 passes over memory. Needs a C++
-    compiler; the first steps compile (10-60 s), results are unchanged (tested)."""
-    global _fire, _compensate, _product
-    if enabled:
+def compiled(fn: Callable) -> Callable:
+    """``fn`` through ``torch.compile`` with dynamic shapes (one graph serves every batch
+    and every row count of the halted row execution), made once per process and shared by
+    every model that asks (see :meth:`convert.spiking_vit.SpikingViT.compile`)."""
+    if fn not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
-        # one graph per (shape, op instance): batch sizes x tensor kinds x blocks
+        # graphs are also specialised per compensated function (LayerNorm, softmax, GELU of
+        # each block): allow that many
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo_config, knob):
-                setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 128))
-        _fire = torch.compile(integrate_and_fire, dynamic=False)
-        _compensate = torch.compile(compensated_update, dynamic=False)
-        _product = torch.compile(compensated_product, dynamic=False)
-    else:
-        _fire, _compensate, _product = integrate_and_fire, compensated_update, compensated_product
+                setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 256))
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
-class MultiThresholdNeuron(nn.Module):
+class _Compilable:
+    """Mixin: ``compiled=True`` runs the module's per-step element-wise work compiled."""
+
+    compiled = False
+
+    def _fn(self, fn: Callable) -> Callable:
+        return compiled(fn) if self.compiled else fn
+
+
+class MultiThresholdNeuron(_Compilable, nn.Module):
     """Signed multi-threshold integrate-and-fire neuron with soft reset.
 
     Levels ``theta * 2^-i`` for ``i = 0 .. levels-1`` (and their negatives); each step the
@@ -185,13 +189,13 @@ class MultiThresholdNeuron(nn.Module):
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
     def _fire(self, v: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        """(emitted, new membrane): the single-pass kernel in eager CPU runs, else the
-        PyTorch ops (compiled under ``compile_kernels``); the same values."""
-        if _fire is integrate_and_fire and kernels.usable(v, x):
+        """(emitted, new membrane): compiled when asked, else the single-pass kernel in
+        eager CPU runs, else the PyTorch ops; the same values."""
+        if not self.compiled and kernels.usable(v, x):
             return kernels.load().multi_threshold_fire(v, x, float(self.threshold),
                                                        self.smallest)
         v = v if v is not None else torch.zeros_like(x)
-        return _fire(v, x, self.threshold.to(x.dtype), self.smallest)
+        return self._fn(integrate_and_fire)(v, x, self.threshold.to(x.dtype), self.smallest)
 
     def step(self, x: Tensor, active: Union[None, Tensor, TokenRows] = None) -> Tensor:
         s, v = self._fire(self.v, x)
@@ -218,7 +222,7 @@ def _device_count(previous: Optional[tuple[Tensor, int]], count: int,
     return torch.full((), float(count), dtype=like.dtype, device=like.device), count
 
 
-class Compensated(nn.Module):
+class Compensated(_Compilable, nn.Module):
     """Expectation compensation of ``fn``: outputs sum to ``t * fn(mean of inputs)``.
 
     ``kind`` names ``fn`` for the energy ledger ('layernorm', 'softmax', 'gelu'; a
@@ -247,7 +251,7 @@ class Compensated(nn.Module):
             self.count += 1  # common case: every token active
             self._count_t = _device_count(self._count_t, self.count, x)
             count = self._count_t[0]
-            self.total, self.emitted, out = _compensate(self.fn, self.total, x, count,
+            self.total, self.emitted, out = self._fn(compensated_update)(self.fn, self.total, x, count,
                                                         self.emitted)
             return out
         total = x if self.total is None else self.total + x
@@ -270,14 +274,14 @@ class Compensated(nn.Module):
             self.emitted = self.fn(x)
             return self.emitted
         self.count = self.count + 1
-        self.total, self.emitted, out = _compensate(self.fn, self.total, x, self.count,
+        self.total, self.emitted, out = self._fn(compensated_update)(self.fn, self.total, x, self.count,
                                                     self.emitted)
         return out
 
     forward = step
 
 
-class CompensatedMatMul(nn.Module):
+class CompensatedMatMul(_Compilable, nn.Module):
     """Product of two spike trains: cumulative output ``sum(A) @ (sum(B) / count_B)``.
 
     ``b_count`` gives how many steps each element of B has been fed (a broadcastable tensor
@@ -307,7 +311,7 @@ class CompensatedMatMul(nn.Module):
             self.steps += 1
             self._count_t = _device_count(self._count_t, self.steps, a)
             count = self._count_t[0]
-            self.sum_a, self.sum_b, self.emitted, out = _product(self.sum_a, a, self.sum_b, b,
+            self.sum_a, self.sum_b, self.emitted, out = self._fn(compensated_product)(self.sum_a, a, self.sum_b, b,
                                                                  count, self.emitted)
             return out
         self.sum_a = a if self.sum_a is None else self.sum_a + a

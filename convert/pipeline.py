@@ -32,7 +32,6 @@ from stas_core.evaluate import (against_baseline, energy_report, evaluate_haltin
 from stas_core.train import build_scheduler, halting_config_of, progress_bar, resolve_device
 
 from .calibrate import METHODS, calibrate
-from .ops import compile_kernels
 from .errors import CheckpointError, ConfigError
 from .spiking_vit import HALTED_KV, SpikingViT
 from .timm_models import (canonical_name, check_convertible, check_patch_grid, create_vit,
@@ -395,7 +394,7 @@ def convert(cfg: ConvertConfig) -> dict:
                            max_images=cfg.calib_images, seed=cfg.seed, device=device)
     model_path = out / "model.safetensors"
     save_converted(model_path, snn, cfg, _vit_kwargs(vit, cfg))
-    compile_kernels(cfg.compile)
+    snn.compile(cfg.compile)
 
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
     ev = evaluate_side_by_side(vit, snn, val_loader, cfg.timesteps, device,

@@ -293,6 +293,17 @@ class SpikingViT(nn.Module):
 
         return run_stepwise(self, x, timesteps or self.timesteps)
 
+    def compile(self, enabled: bool = True) -> "SpikingViT":  # type: ignore[override]
+        """Run this model's per-step element-wise work (neurons, compensation updates)
+        through ``torch.compile`` with dynamic shapes, halted runs included (the row
+        execution's changing row counts share one graph). Other models are unaffected.
+        Needs a C++ compiler; the first steps compile (about a minute), results are the
+        eager ones within rounding (tested). ``enabled=False`` goes back to eager."""
+        for m in self.modules():
+            if hasattr(m, "compiled"):
+                m.compiled = bool(enabled)
+        return self
+
     def set_halted_kv(self, mode: str) -> "SpikingViT":
         """What the other tokens see of a halted token: ``'frozen'`` (default) keeps its
         running-mean key/value in attention, not recomputed; ``'drop'`` removes it from the

@@ -90,3 +90,33 @@ def usable(*tensors: Optional[Tensor], dtypes: tuple = (), autograd: bool = Fals
     if torch.compiler.is_compiling():
         return False
     return load() is not None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse: no ``mmap`` per large block and no
+    trimming, so a new tensor reuses pages the process already has.
+
+    PyTorch's CPU allocator calls malloc per tensor. A spiking step makes many large
+    temporaries (membranes, spikes, compensation sums); above glibc's mmap threshold each
+    one is mapped fresh and every page is faulted in and zeroed by the kernel, which on a
+    2-core machine cost as much as the arithmetic (a 51 MB ``x * 2`` took 43 ms instead of
+    4.4 ms). The price: the process keeps its peak memory instead of returning freed
+    memory to the system, as a caching allocator does. Process-wide, so the CLIs call it
+    at start (``STAS_MALLOC_TUNE=0`` turns it off); a no-op off glibc. Returns whether it
+    took effect."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("STAS_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))

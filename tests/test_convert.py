@@ -279,22 +279,30 @@ def test_cli_trains_the_ann_offline_then_converts(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compiled_kernels_give_the_same_spikes():
-    """``--compile`` must only change speed (needs a C++ compiler; compiles for ~1 min)."""
-    from convert.ops import compile_kernels
+def test_compiled_model_gives_the_eager_results_halted_or_not():
+    """``SpikingViT.compile()`` (``--compile``) must only change speed, for the unhalted
+    run and the halted row execution alike, and leave other models eager (needs a C++
+    compiler; compiles for a minute or two)."""
+    from halting import HaltingConfig, run_halting
 
     vit = small_vit()
-    snn = SpikingViT(vit)
+    snn, other = SpikingViT(vit), SpikingViT(vit)
     x = torch.randn(4, 1, 28, 28)
     calibrate(snn, [x])
+    cfg = HaltingConfig(alpha=1.0, beta=0.0, eps=0.2, score="mean")
     with torch.no_grad():
         eager = run_stepwise(snn, x, 4, cumulative=True)
-        compile_kernels(True)
+        eager_halted = run_halting(snn, x, cfg, timesteps=4)
+        snn.compile()
+        assert not any(getattr(m, "compiled", False) for m in other.modules())
         try:
             compiled = run_stepwise(snn, x, 4, cumulative=True)
+            compiled_halted = run_halting(snn, x, cfg, timesteps=4)
         finally:
-            compile_kernels(False)
+            snn.compile(False)
     assert torch.allclose(eager, compiled, atol=1e-4)
+    assert 0 < eager_halted.token_ratio < 1
+    assert torch.allclose(eager_halted.logits, compiled_halted.logits, atol=1e-3)
 
 
 def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):

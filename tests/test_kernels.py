@@ -105,3 +105,13 @@ def test_kernels_refuse_what_they_cannot_run(ext):
     assert kernels.usable(x, autograd=True)
     assert not kernels.usable(torch.ones(3, dtype=torch.float16))
     assert not kernels.usable(torch.ones(3, dtype=torch.float64), dtypes=(torch.float32,))
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    monkeypatch.setenv("STAS_MALLOC_TUNE", "0")
+    assert kernels.keep_freed_memory() is False
+    monkeypatch.setenv("STAS_MALLOC_TUNE", "1")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert kernels.keep_freed_memory() is True

@@ -130,6 +130,9 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
         return 2
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    from stas_core.kernels import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse the process's pages (see its docstring)
     try:
         return main(args)
     except StasError as exc:

@@ -18,7 +18,7 @@
 namespace {
 
 constexpr int64_t kGrain = 16384;
-constexpr int64_t kTile = 1024;  // membranes kept in cache across the T steps
+constexpr int64_t kTile = 8192;  // membranes kept in cache across the T steps
 
 // exp(x) for float in plain arithmetic (so loops vectorize): x = k ln2 + r, |r| <= ln2 / 2,
 // a degree-6 polynomial for exp(r) and 2^k through the exponent bits; about 2 ulp. Used for
