@@ -64,6 +64,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile neurons and compensated ops")
     args = p.parse_args()
+    from stas_core.kernels import keep_freed_memory
+
+    keep_freed_memory()  # as the CLIs do; the ANN and the SNN share it
 
     train, val, _ = build_datasets("fashion-mnist", augment=False)
     if args.spec:
