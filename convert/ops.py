@@ -189,9 +189,10 @@ class MultiThresholdNeuron(_Compilable, nn.Module):
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
     def _fire(self, v: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-        """(emitted, new membrane): compiled when asked, else the single-pass kernel in
-        eager CPU runs, else the PyTorch ops; the same values."""
-        if not self.compiled and kernels.usable(v, x):
+        """(emitted, new membrane): the single-pass kernel where it runs (CPU; compiling
+        cannot beat one pass, so a compiled model uses it too), else the PyTorch ops,
+        compiled when asked; the same values."""
+        if kernels.usable(v, x):
             return kernels.load().multi_threshold_fire(v, x, float(self.threshold),
                                                        self.smallest)
         v = v if v is not None else torch.zeros_like(x)

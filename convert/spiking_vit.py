@@ -294,9 +294,10 @@ class SpikingViT(nn.Module):
         return run_stepwise(self, x, timesteps or self.timesteps)
 
     def compile(self, enabled: bool = True) -> "SpikingViT":  # type: ignore[override]
-        """Run this model's per-step element-wise work (neurons, compensation updates)
-        through ``torch.compile`` with dynamic shapes, halted runs included (the row
-        execution's changing row counts share one graph). Other models are unaffected.
+        """Run this model's per-step element-wise work (compensation updates, and the
+        neurons where the single-pass CPU kernel does not run, e.g. on CUDA) through
+        ``torch.compile`` with dynamic shapes, halted runs included (the row execution's
+        changing row counts share one graph). Other models are unaffected.
         Needs a C++ compiler; the first steps compile (about a minute), results are the
         eager ones within rounding (tested). ``enabled=False`` goes back to eager."""
         for m in self.modules():
