@@ -252,8 +252,8 @@ class Compensated(_Compilable, nn.Module):
             self.count += 1  # common case: every token active
             self._count_t = _device_count(self._count_t, self.count, x)
             count = self._count_t[0]
-            self.total, self.emitted, out = self._fn(compensated_update)(self.fn, self.total, x, count,
-                                                        self.emitted)
+            update = self._fn(compensated_update)
+            self.total, self.emitted, out = update(self.fn, self.total, x, count, self.emitted)
             return out
         total = x if self.total is None else self.total + x
         count = _advance(self.count, active, x)
@@ -275,8 +275,8 @@ class Compensated(_Compilable, nn.Module):
             self.emitted = self.fn(x)
             return self.emitted
         self.count = self.count + 1
-        self.total, self.emitted, out = self._fn(compensated_update)(self.fn, self.total, x, self.count,
-                                                    self.emitted)
+        update = self._fn(compensated_update)
+        self.total, self.emitted, out = update(self.fn, self.total, x, self.count, self.emitted)
         return out
 
     forward = step
@@ -312,8 +312,9 @@ class CompensatedMatMul(_Compilable, nn.Module):
             self.steps += 1
             self._count_t = _device_count(self._count_t, self.steps, a)
             count = self._count_t[0]
-            self.sum_a, self.sum_b, self.emitted, out = self._fn(compensated_product)(self.sum_a, a, self.sum_b, b,
-                                                                 count, self.emitted)
+            product = self._fn(compensated_product)
+            self.sum_a, self.sum_b, self.emitted, out = product(self.sum_a, a, self.sum_b, b,
+                                                                count, self.emitted)
             return out
         self.sum_a = a if self.sum_a is None else self.sum_a + a
         self.sum_b = b if self.sum_b is None else self.sum_b + b

@@ -59,7 +59,8 @@ def load() -> Optional[object]:
         try:
             from torch.utils.cpp_extension import load as build
 
-            log.info("preparing the single-pass neuron kernels (about a minute the first time; cached)")
+            log.info("preparing the single-pass neuron kernels "
+                     "(about a minute the first time; cached)")
             _state["module"] = build(
                 name=f"stas_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
