@@ -153,30 +153,41 @@ def _traceable_update(x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: 
 
 class _KernelNeuronFn(torch.autograd.Function):
     """:class:`_FusedNeuronFn` in one pass over memory (``stas_core.kernels``; CPU, float32,
-    the sigmoid and atan surrogates): the membrane stays in a register over the T steps."""
+    the sigmoid and atan surrogates): the membrane stays in a register over the T steps.
+    Only the input is saved; the backward recomputes the membranes from it, bit for bit."""
 
     @staticmethod
     def forward(ctx, x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: float,
                 bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
                 kind: int, alpha: float) -> tuple[Tensor, Tensor]:
-        keep = any(ctx.needs_input_grad[:2])
-        s_seq, h_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th,
-                                                     v_reset, keep)
-        if keep:
-            ctx.save_for_backward(h_seq)
-        ctx.params = (decay, scale, v_th, v_reset, detach_reset, kind, alpha, v0 is not None)
+        s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset)
+        if any(ctx.needs_input_grad[:2]):  # the backward recomputes the membranes from these
+            ctx.save_for_backward(x_seq, v0)
+        ctx.params = (decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha,
+                      v0 is not None)
         return s_seq, v
 
     @staticmethod
     def backward(ctx, grad_s: Optional[Tensor], grad_v: Optional[Tensor]):
-        (h_seq,) = ctx.saved_tensors
-        decay, scale, v_th, v_reset, detach_reset, kind, alpha, has_v0 = ctx.params
-        grad_x, grad_v0 = _kernels.load().lif_backward(h_seq, grad_s, grad_v, decay, scale, v_th,
-                                                      v_reset, detach_reset, kind, alpha)
+        x_seq, v0 = ctx.saved_tensors
+        decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha, has_v0 = ctx.params
+        grad_x, grad_v0 = _kernels.load().lif_backward(x_seq, v0, grad_s, grad_v, decay, scale,
+                                                      bias, v_th, v_reset, detach_reset, kind,
+                                                      alpha)
         return grad_x, (grad_v0 if has_v0 else None), *([None] * 8)
 
 
 _KERNEL_SURROGATES = {Sigmoid: 0, ATan: 1}
+
+
+def memory_order(x: Tensor) -> Optional[list[int]]:
+    """The permutation of ``x``'s dimensions, time (dim 0) kept first, under which a dense
+    non-contiguous ``x`` is contiguous (e.g. ``[0, 1, 3, 4, 2]`` for a channels-last
+    ``[T, B, C, H, W]``); None when ``x`` is contiguous already or has no such order."""
+    if x.is_contiguous() or x.dim() < 2:
+        return None
+    perm = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
+    return perm if x.permute(perm).is_contiguous() else None
 
 
 def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[float] = 2.0,
@@ -192,9 +203,19 @@ def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[f
         return _traceable_update(x_seq, v0, decay, scale, bias, float(v_threshold), v_reset)
     kind = _KERNEL_SURROGATES.get(type(surrogate))
     if kind is not None and _kernels.usable(x_seq, v0, dtypes=(torch.float32,), autograd=True):
-        return _KernelNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
-                                     None if v_reset is None else float(v_reset),
-                                     bool(detach_reset), kind, float(surrogate.alpha))
+        # The update is element-wise: run the kernel on the memory order of the input
+        # (a channels-last activation is a contiguous [T, B, H, W, C]), not on a copy.
+        perm = memory_order(x_seq)
+        if perm is not None:
+            x_seq = x_seq.permute(perm)
+            v0 = None if v0 is None else v0.permute([d - 1 for d in perm[1:]])
+        s_seq, v = _KernelNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
+                                         None if v_reset is None else float(v_reset),
+                                         bool(detach_reset), kind, float(surrogate.alpha))
+        if perm is not None:
+            back = sorted(range(len(perm)), key=perm.__getitem__)
+            s_seq, v = s_seq.permute(back), v.permute([d - 1 for d in back[1:]])
+        return s_seq, v
     return _FusedNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                 None if v_reset is None else float(v_reset),
                                 bool(detach_reset), surrogate)

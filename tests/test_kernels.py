@@ -80,6 +80,39 @@ def test_lif_kernel_equals_the_torch_op_form(ext, monkeypatch, tau, v_reset, det
     assert torch.allclose(gx1, gx0, atol=1e-5) and torch.allclose(gv1, gv0, atol=1e-5)
 
 
+def test_lif_kernel_on_a_channels_last_input_over_many_tiles(ext, monkeypatch):
+    """A channels-last activation runs on its memory order (no copy) and gives the
+    contiguous run's spikes, state and gradients; 3 x 4 x 5 x 29 x 31 elements a step span
+    several parallel chunks and tiles. Only the last state feeds the loss here, so the
+    spikes' gradient is None in the backward."""
+    from stas_core.neurons import memory_order
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 29, 31, 5, generator=g).permute(0, 1, 4, 2, 3) * 2  # [T, B, C, H, W]
+    assert not x.is_contiguous() and memory_order(x) == [0, 1, 3, 4, 2]
+    assert memory_order(x.contiguous()) is None and memory_order(x.transpose(0, 1)) is None
+    w = torch.randn(3, 4, 5, 29, 31, generator=g)
+    out = {}
+    for flag, src in (("1", x), ("1c", x.contiguous()), ("0", x.contiguous())):
+        monkeypatch.setenv("STAS_KERNELS", flag[0])
+        for loss in ("spikes", "state"):
+            xi = src.detach().clone().requires_grad_()  # clone keeps the layout
+            s, v = lif_multistep(xi, tau=2.0, v_reset=None, detach_reset=False)
+            (((s * w).sum() + v.square().sum()) if loss == "spikes" else v.square().sum()).backward()
+            out[flag, loss] = (s, v, xi.grad)
+    for loss in ("spikes", "state"):
+        (s1, v1, g1), (sc, vc, gc), (s0, v0, g0) = (out[f, loss] for f in ("1", "1c", "0"))
+        assert s1.stride() == x.stride()  # the output keeps the input's layout
+        assert torch.equal(s1, sc) and torch.equal(v1, vc) and torch.equal(g1, gc)
+        assert torch.equal(s1, s0) and torch.allclose(v1, v0, atol=1e-5)
+        assert torch.allclose(g1, g0, atol=1e-5) and float(g1.abs().sum()) > 0
+    monkeypatch.setenv("STAS_KERNELS", "1")  # state carried between calls in that layout
+    s_a, v_a = lif_multistep(x[:2], tau=2.0, v_reset=None)
+    s_b, v_b = lif_multistep(x[2:], v_a, tau=2.0, v_reset=None)
+    assert torch.equal(torch.cat([s_a, s_b]), out["1", "spikes"][0])
+    assert torch.equal(v_b, out["1", "spikes"][1])
+
+
 def test_kernels_off_or_unbuildable_fall_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setenv("STAS_KERNELS", "0")
     assert kernels.load() is None and not kernels.usable(torch.ones(2))

@@ -146,7 +146,14 @@ def test_ddp_two_gloo_processes_agree_with_one(tmp_path):
     a = load_checkpoint(runs[1] / "last.safetensors")["model"]
     b = load_checkpoint(runs[2] / "last.safetensors")["model"]
     diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
-    assert max(diffs.values()) < 2e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # Weights: one optimizer step apart from rounding. Running statistics come from the
+    # recalibration forward after the step, where those last bits may flip a few spikes
+    # (seen: 1.7e-3 with channels-last convolutions); statistics left unsynced across the
+    # two ranks in the recalibration differ by 0.1-0.2 (measured), far beyond the bound.
+    weights = {k: v for k, v in diffs.items() if "running" not in k}
+    stats = {k: v for k, v in diffs.items() if "running" in k}
+    assert max(weights.values()) < 2e-4, sorted(weights.items(), key=lambda kv: -kv[1])[:3]
+    assert max(stats.values()) < 5e-3, sorted(stats.items(), key=lambda kv: -kv[1])[:3]
 
 
 @pytest.mark.parametrize("args, words", [

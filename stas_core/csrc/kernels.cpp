@@ -14,11 +14,13 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kTile = 8192;  // membranes kept in cache across the T steps
+constexpr int64_t kTileB = 2048;  // backward: T recomputed membranes a tile, kept in cache
 
 // exp(x) for float in plain arithmetic (so loops vectorize): x = k ln2 + r, |r| <= ln2 / 2,
 // a degree-6 polynomial for exp(r) and 2^k through the exponent bits; about 2 ulp. Used for
@@ -115,13 +117,38 @@ std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_
   return {s, v_out};
 }
 
+// The LIF update of one step on a tile: H = V * decay + scale * X + bias, S = H >= thr,
+// then the reset. The forward and the backward's recomputation share it, so the
+// recomputed membranes are bit for bit the forward's (x * 1 and h + 0 are exact, so the
+// Python reference's shortcuts agree). Inner loop contiguous and branch-free; the
+// parameters are copied to locals so that no store can alias them.
+struct LifParams {
+  float decay, scale, bias, thr, reset;
+};
+
+template <bool Soft, bool StoreS, bool StoreH>
+inline void lif_tile_step(const LifParams& p, const float* __restrict xt, float* __restrict v,
+                          float* __restrict st, float* __restrict ht, int64_t len) {
+  const float d = p.decay, sc = p.scale, b = p.bias, thr = p.thr, rst = p.reset;
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    float hi = v[j] * d;
+    hi = hi + sc * xt[j];
+    hi = hi + b;
+    const float si = hi >= thr ? 1.f : 0.f;
+    if (StoreH) ht[j] = hi;
+    if (StoreS) st[j] = si;
+    v[j] = Soft ? hi - thr * si : (hi >= thr ? rst : hi);
+  }
+}
+
 // Forward of a LIF/IF over x_seq[T, ...] (stas_core/neurons.py: _FusedNeuronFn.forward):
 // per element the membrane stays in a register across the T steps. Returns
-// (spikes[T, ...], pre-spike membranes H[T, ...] for the backward (empty unless keep_h),
-// last membrane).
+// (spikes[T, ...], last membrane). Nothing else is written: the backward recomputes the
+// membranes from x_seq (one store per element and step fewer than saving them).
 std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& v0_opt,
                                     double decay, double scale, double bias, double v_th,
-                                    c10::optional<double> v_reset, bool keep_h) {
+                                    c10::optional<double> v_reset) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
               "lif_forward: float32 CPU tensors only");
   at::Tensor x = x_in.contiguous();
@@ -130,70 +157,54 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<
   at::Tensor v0;
   if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
   at::Tensor s = at::empty_like(x);
-  at::Tensor h = keep_h ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(x.sizes().slice(1), x.options());
   const float* xp = x.data_ptr<float>();
   const float* vp = v0.defined() ? v0.data_ptr<float>() : nullptr;
   float* sp = s.data_ptr<float>();
-  float* hp = keep_h ? h.data_ptr<float>() : nullptr;
   float* vl = v_last.data_ptr<float>();
-  const float fd = decay, fs = scale, fb = bias, th = v_th;
-  const bool soft = !v_reset.has_value();
-  const float vr = soft ? 0.f : static_cast<float>(*v_reset);
-  auto run = [&](auto soft_tag, auto keep_tag) {
+  const LifParams prm{static_cast<float>(decay), static_cast<float>(scale),
+                      static_cast<float>(bias), static_cast<float>(v_th),
+                      v_reset.has_value() ? static_cast<float>(*v_reset) : 0.f};
+  auto run = [&](auto soft_tag) {
     constexpr bool Soft = decltype(soft_tag)::value;
-    constexpr bool KeepH = decltype(keep_tag)::value;
     at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-      // a tile of membranes stays in cache over the T steps; the inner loop is contiguous
-      // and branch-free (x * 1 and h + 0 are exact, so the reference's shortcuts agree);
-      // scalars are locals so that no store can alias them
-      const float d = fd, sc = fs, b = fb, thr = th, rst = vr;
+      // a tile of membranes stays in cache over the T steps
       float v[kTile];
       for (int64_t b0 = begin; b0 < end; b0 += kTile) {
         const int64_t len = std::min<int64_t>(kTile, end - b0);
         for (int64_t j = 0; j < len; ++j) v[j] = vp ? vp[b0 + j] : 0.f;
         for (int64_t t = 0; t < steps; ++t) {
-          const float* __restrict xt = xp + t * n + b0;
-          float* __restrict st = sp + t * n + b0;
-          float* __restrict ht = KeepH ? hp + t * n + b0 : nullptr;
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) {
-            float hi = v[j] * d;
-            hi = hi + sc * xt[j];
-            hi = hi + b;
-            const float si = hi >= thr ? 1.f : 0.f;
-            if (KeepH) ht[j] = hi;
-            st[j] = si;
-            v[j] = Soft ? hi - thr * si : (hi >= thr ? rst : hi);
-          }
+          lif_tile_step<Soft, true, false>(prm, xp + t * n + b0, v, sp + t * n + b0, nullptr, len);
         }
         for (int64_t j = 0; j < len; ++j) vl[b0 + j] = v[j];
       }
     });
   };
-  if (soft) {
-    keep_h ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
-  } else {
-    keep_h ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
-  }
-  return {s, h, v_last};
+  v_reset.has_value() ? run(std::false_type{}) : run(std::true_type{});
+  return {s, v_last};
 }
 
 // Backward of lif_forward through time, with the sigmoid (kind 0) or atan (kind 1)
 // surrogate of slope alpha (stas_core/neurons.py: Sigmoid, ATan; _FusedNeuronFn.backward).
-std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional<at::Tensor>& gs_opt,
+// Per tile, the membranes are first recomputed from the forward's input x (and v0) into a
+// buffer that stays in cache, then walked backwards.
+std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional<at::Tensor>& v0_opt,
+                                     const c10::optional<at::Tensor>& gs_opt,
                                      const c10::optional<at::Tensor>& gv_opt, double decay,
-                                     double scale, double v_th, c10::optional<double> v_reset,
-                                     bool detach_reset, int64_t kind, double alpha) {
-  at::Tensor h = h_in.contiguous();
-  const int64_t steps = h.size(0);
-  const int64_t n = steps ? h.numel() / steps : 0;
-  at::Tensor gs, gv;
-  gs = (gs_opt.has_value() && gs_opt->defined()) ? gs_opt->contiguous() : at::zeros_like(h);
+                                     double scale, double bias, double v_th,
+                                     c10::optional<double> v_reset, bool detach_reset,
+                                     int64_t kind, double alpha) {
+  at::Tensor x = x_in.contiguous();
+  const int64_t steps = x.size(0);
+  const int64_t n = steps ? x.numel() / steps : 0;
+  at::Tensor v0, gs, gv;
+  if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
+  gs = (gs_opt.has_value() && gs_opt->defined()) ? gs_opt->contiguous() : at::zeros_like(x);
   if (gv_opt.has_value() && gv_opt->defined()) gv = gv_opt->contiguous();
-  at::Tensor gx = at::empty_like(h);
-  at::Tensor gv0 = at::empty(h.sizes().slice(1), h.options());
-  const float* hp = h.data_ptr<float>();
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gv0 = at::empty(x.sizes().slice(1), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* vp = v0.defined() ? v0.data_ptr<float>() : nullptr;
   const float* gsp = gs.data_ptr<float>();
   const float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
   float* gxp = gx.data_ptr<float>();
@@ -201,6 +212,7 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional
   const float fd = decay, fs = scale, th = v_th, a = alpha;
   const bool soft = !v_reset.has_value();
   const float vr = soft ? 0.f : static_cast<float>(*v_reset);
+  const LifParams prm{fd, fs, static_cast<float>(bias), th, vr};
   const float half_pi_a = static_cast<float>(M_PI / 2 * alpha), half_a = static_cast<float>(alpha / 2);
   auto run = [&](auto kind_tag, auto soft_tag, auto detach_tag) {
     constexpr int Kind = decltype(kind_tag)::value;
@@ -208,12 +220,18 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& h_in, const c10::optional
     constexpr bool Detach = decltype(detach_tag)::value;
     at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
       const float d = fd, sc = fs, thr = th, rst = vr, al = a, hpa = half_pi_a, ha = half_a;
-      float g_v[kTile];
-      for (int64_t b0 = begin; b0 < end; b0 += kTile) {
-        const int64_t len = std::min<int64_t>(kTile, end - b0);
-        for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;
+      float g_v[kTileB];
+      std::vector<float> hbuf(static_cast<size_t>(steps) * kTileB);
+      for (int64_t b0 = begin; b0 < end; b0 += kTileB) {
+        const int64_t len = std::min<int64_t>(kTileB, end - b0);
+        for (int64_t j = 0; j < len; ++j) g_v[j] = vp ? vp[b0 + j] : 0.f;  // membranes
+        for (int64_t t = 0; t < steps; ++t) {
+          lif_tile_step<Soft, false, true>(prm, xp + t * n + b0, g_v, nullptr,
+                                            hbuf.data() + t * kTileB, len);
+        }
+        for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;  // now gradients
         for (int64_t t = steps - 1; t >= 0; --t) {
-          const float* __restrict ht = hp + t * n + b0;
+          const float* __restrict ht = hbuf.data() + t * kTileB;
           const float* __restrict gst = gsp + t * n + b0;
           float* __restrict gxt = gxp + t * n + b0;
 #pragma omp simd

@@ -51,11 +51,11 @@ class PreSPS(SPS):
 
     def forward(self, x: Tensor) -> Tensor:
         steps = x.shape[0]
-        y = x.flatten(0, 1)
+        y = self._images(x)
         for i, (conv, bn, lif, pool) in enumerate(zip(self.convs, self.bns, self.lifs, self.pools)):
             if i > 0:
                 y = self._lif2d(lif, y, steps)
-            y = pool(bn(conv(y)))
+            y = pool(bn(self._conv(conv, y)))
         y = y + self.rpe_bn(self.rpe_conv(self._lif2d(self.rpe_lif, y, steps)))
         return y.flatten(2).transpose(1, 2).unflatten(0, (steps, -1))
 
