@@ -89,6 +89,30 @@ def test_spikformer_features_are_spikes():
     assert torch.equal(feats, feats.round()) and feats.min() >= 0 and feats.max() > 0
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_patch_splitting_runs_channels_last_without_copies(name, monkeypatch):
+    """SPS activations are channels-last from the first conv on (a one-channel image is
+    both layouts, and the conv would pick NCHW), and the neurons return spikes in the
+    layout they were given, so no layer converts back and forth."""
+    from stas_core import neurons
+
+    m = calibrated(name, sps="vanilla")
+    seen = []
+    real = neurons.lif_multistep
+
+    def spy(x_seq, *a, **k):
+        s, v = real(x_seq, *a, **k)
+        if x_seq.dim() == 5:  # [T, B, C, H, W]: the patch-splitting neurons
+            seen.append((x_seq[0].is_contiguous(memory_format=torch.channels_last),
+                         s.stride() == x_seq.stride()))
+        return s, v
+
+    monkeypatch.setattr(neurons, "lif_multistep", spy)
+    with torch.no_grad():
+        m(images(4))
+    assert len(seen) >= 4 and all(cl and same for cl, same in seen), seen
+
+
 # =========================================================================== haltable protocol
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("sps", SPS)
