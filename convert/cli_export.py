@@ -82,18 +82,23 @@ def _sample(loaded, args) -> torch.Tensor:
     from stas_core.data import build_datasets
 
     name = args.dataset or loaded.dataset or "fashion-mnist"
+    frames = args.timesteps or loaded.timesteps  # an event set: one frame per timestep
     try:
-        _, val_ds, _ = build_datasets(name, data_dir=args.data_dir, augment=False)
+        _, val_ds, _ = build_datasets(name, data_dir=args.data_dir, augment=False,
+                                      frames=frames)
         return torch.stack([val_ds[i][0] for i in range(min(args.sample_images, len(val_ds)))])
     except DataError as exc:
-        logger.warning("%s; tracing and checking on random images instead", exc)
-        shape = _input_shape(loaded.model)
+        logger.warning("%s; tracing and checking on random inputs instead", exc)
+        shape = _input_shape(loaded.model, frames)
         return torch.randn(args.sample_images, *shape, generator=torch.Generator().manual_seed(0))
 
 
-def _input_shape(model) -> tuple:
+def _input_shape(model, frames: int) -> tuple:
+    """One sample's shape: ``[C, H, W]``, or ``[T, C, H, W]`` for a model that takes event
+    frames (built batch-first)."""
     size = model.img_size if isinstance(model.img_size, tuple) else (model.img_size,) * 2
-    return (model.in_chans, *size)
+    lead = (frames,) if getattr(model, "batch_first", False) else ()
+    return (*lead, model.in_chans, *size)
 
 
 def _halting(loaded, args):

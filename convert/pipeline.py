@@ -113,6 +113,11 @@ class ConvertConfig:
                 f"ANN here first, offline); --random-init converts random weights on purpose")
         EnergyCosts.load(self.energy_costs)  # a bad file fails before any work
         info = get_dataset_info(self.dataset)
+        if info.events:
+            raise ConfigError(
+                f"--dataset {info.name} gives event frames [T, 2, H, W], but stas-convert "
+                f"converts image ViTs ([B, C, H, W] in). Train a spiking model on event input "
+                f"directly instead: stas-train --direct --dataset {info.name} -T N")
         patch = self.model_kwargs.get("patch_size", name_patch_size(self.model))
         if isinstance(patch, int):  # refused before any download or training
             check_patch_grid(int(self.model_kwargs.get("img_size", info.img_size)), patch)

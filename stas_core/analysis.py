@@ -168,13 +168,14 @@ def _resolve(source: ModelSource, device: torch.device, timesteps: Optional[int]
     return model, info, cfg.dataset
 
 
-def _val_loader(dataset: str, data_dir, val_subset, batch_size: int, seed: int):
+def _val_loader(dataset: str, data_dir, val_subset, batch_size: int, seed: int,
+                frames: Optional[int] = None):
     from torch.utils.data import DataLoader
 
     from .data import build_datasets
 
     _, val, info = build_datasets(dataset, data_dir=data_dir, val_subset=val_subset, seed=seed,
-                                  augment=False)
+                                  augment=False, frames=frames)
     return DataLoader(val, batch_size=batch_size, shuffle=False), info
 
 
@@ -207,7 +208,8 @@ def similarity_report(models: Mapping[str, ModelSource], loader: Optional[Iterab
     resolved = {label: _resolve(src, device, timesteps) for label, src in models.items()}
     if loader is None:
         dataset = dataset or next((d for _, _, d in resolved.values() if d), None) or "fashion-mnist"
-        loader, info = _val_loader(dataset, data_dir, val_subset, batch_size, seed)
+        frames = timesteps or next(iter(resolved.values()))[0].timesteps  # event sets
+        loader, info = _val_loader(dataset, data_dir, val_subset, batch_size, seed, frames)
         for label, (model, meta, _) in resolved.items():
             shape = (getattr(model, "in_chans", None), getattr(model, "img_size", None))
             if shape != (info.in_chans, info.img_size):

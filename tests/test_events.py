@@ -329,3 +329,57 @@ def test_a_few_steps_on_fashion_mnist_dvs_beat_chance(tmp_path, monkeypatch):
                            eps=0.05, delta_p=1e-2))
     assert s2["top1"] > 0.3 and 0 < s2["token_ratio"] <= 1, s2
     assert s2["baseline"]["without_halting"]["t"] == [1, 2]
+
+
+# --------------------------------------------------------------------------- other commands
+@needs_fmnist
+def test_export_and_infer_feed_the_frames_the_model_was_trained_on(tmp_path, monkeypatch):
+    """A model trained with T=2 on an event set is traced on 2-frame samples, and stas-infer
+    builds 2-frame samples for it (both used the 4-frame default before), reproducing
+    PyTorch's top-1 on the same images."""
+    import dataclasses
+    import json
+
+    import onnx
+    from torch.utils.data import DataLoader
+
+    import stas_core.data as D
+    from convert.cli_export import main as export_main
+    from stas_core.checkpoint import save_checkpoint
+    from stas_core.cli.infer import main as infer_main
+    from stas_core.evaluate import evaluate
+    from stas_core.train import CHECKPOINT_FORMAT, TrainConfig, build_model
+
+    (xt, yt), (xv, yv) = load_fashion_mnist(download=False)
+    monkeypatch.setattr(D, "load_fashion_mnist",
+                        lambda *a, **k: ((xt[:40], yt[:40]), (xv[:24], yv[:24])))
+    cfg = TrainConfig(model="spikformer-1-32", dataset="fashion-mnist-dvs", timesteps=2)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _, val, _ = build_datasets("fashion-mnist-dvs", data_dir=tmp_path, frames=2, augment=False)
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of real frames: outputs that vary
+        model(torch.stack([val[i][0] for i in range(24)]))
+    model.eval()
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg),
+                           "model": model.state_dict()})
+    out = tmp_path / "export"
+    assert export_main([str(ckpt), "--out", str(out), "--data-dir", str(tmp_path),
+                        "--sample-images", "4", "--check"]) == 0
+    graph = onnx.load(out / "model.onnx")
+    dims = [d.dim_value or d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 2, 2, 28, 28]
+    assert infer_main([str(out / "model.onnx"), "--data-dir", str(tmp_path), "--no-progress",
+                       "--out", str(tmp_path / "inf")]) == 0
+    report = json.loads((tmp_path / "inf" / "report.json").read_text())
+    torch_eval = evaluate(model, DataLoader(val, batch_size=24), torch.device("cpu"))
+    assert report["val_images"] == 24
+    assert report["top1"] == pytest.approx(torch_eval["correct"] / torch_eval["images"])
+
+
+def test_stas_convert_refuses_an_event_set_with_what_to_run_instead():
+    from convert.pipeline import ConvertConfig
+
+    with pytest.raises(ConfigError, match="stas-train --direct --dataset fashion-mnist-dvs"):
+        ConvertConfig(model="vit_tiny", random_init=True, dataset="fashion-mnist-dvs").validate()

@@ -100,7 +100,7 @@ class DirectTrial:
             out=str(self.out / "trials" / "0")).validate().resolved()
         # fail here (before any trial exists) on missing data, not inside a trial
         build_datasets(self.base.dataset, data_dir=data_dir, train_subset=train_subset,
-                       val_subset=val_subset, seed=seed)
+                       val_subset=val_subset, seed=seed, frames=self.base.timesteps)
 
     #: TrainConfig fields a trial depends on that are also stas-train options (best.json
     #: holds them all, so ``stas-train --config best.json`` trains what was tuned)
@@ -133,7 +133,7 @@ class DirectTrial:
         device = resolve_device(b.device)
         model, _ = load_trained_model(b.init_from, device)
         _, val_ds, _ = build_datasets(b.dataset, data_dir=b.data_dir, val_subset=b.val_subset,
-                                      seed=b.seed, augment=False)
+                                      seed=b.seed, augment=False, frames=b.timesteps)
         return timestep_baseline(model, DataLoader(val_ds, batch_size=b.batch_size), device,
                                  timesteps=b.timesteps, energy_images=b.energy_images,
                                  costs=b.costs())

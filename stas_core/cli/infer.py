@@ -43,8 +43,10 @@ def _main(args: argparse.Namespace) -> int:
     check_positive_int("batch_size", args.batch_size)
     model = OnnxModel(args.model, threads=args.threads, device=args.device)
     dataset = args.dataset or model.meta.get("dataset") or "fashion-mnist"
+    shape = model.meta.get("input_shape") or []
+    frames = shape[0] if len(shape) == 4 else None  # [T, C, H, W]: the graph's event frames
     _, val_ds, info = build_datasets(dataset, data_dir=args.data_dir,
-                                     val_subset=args.val_subset, augment=False)
+                                     val_subset=args.val_subset, augment=False, frames=frames)
     loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False)
     bar = progress_bar(args.progress, len(loader), "onnxruntime", True)
     try:
