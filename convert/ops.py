@@ -342,8 +342,12 @@ class CompensatedMatMul(_Compilable, nn.Module):
         if self.sum_a is None:
             self.sum_a = a.new_zeros((total,) + tuple(a.shape[1:]))
             self.sum_b = b.new_zeros((total,) + tuple(b.shape[1:]))
-        _add_rows_(self.sum_a, rows.index, a)
-        _add_rows_(self.sum_b, rows.index, b)
+        if rows.full:  # every token is a row: the sums are updated whole
+            self.sum_a.add_(a)
+            self.sum_b.add_(b)
+        else:
+            _add_rows_(self.sum_a, rows.index, a)
+            _add_rows_(self.sum_b, rows.index, b)
         self.steps += 1
         cumulative = ctx.product(self.sum_a, self.sum_b)
         out = cumulative if self.emitted is None else cumulative - self.emitted
@@ -364,18 +368,42 @@ class CompensatedMatMul(_Compilable, nn.Module):
             float(torch.count_nonzero(b)) * a.shape[-2]
 
 
+#: fewer rows than this take another matmul path (a GEMV), rounded differently from the
+#: dense products; padded layouts have at least this many rows per image
+_MIN_PADDED_ROWS = 4
+
+
+def padded_slots(rows: TokenRows) -> Optional[tuple[int, Tensor]]:
+    """``(P, slot)``: a ``[B * P]`` layout of the active rows, ``P`` the most active tokens
+    of any image (at least :data:`_MIN_PADDED_ROWS`), row i at ``slot[i]``; None when it
+    would save little over the dense per-image products (``P > N / 2``). Late in a halted
+    run often only the class token is active: the products then cost P/N of dense."""
+    b, n, idx = rows.batch, rows.tokens, rows.index
+    if idx.numel() == 0:
+        return None
+    image = idx // n
+    counts = torch.bincount(image, minlength=b)
+    p = max(int(counts.max()), _MIN_PADDED_ROWS)
+    if 2 * p > n:
+        return None
+    first = torch.cumsum(counts, 0) - counts  # the index is sorted: an image's rows are consecutive
+    return p, image * p + (torch.arange(idx.numel(), device=idx.device) - first[image])
+
+
 @dataclass(frozen=True)
 class ProductRows:
     """How a :class:`CompensatedMatMul` runs on rows: Q K^T (``kind='qk'``: A and B are
     ``[M, D]`` rows of Q and K, output ``[M, H, N]``) or attn V (``'av'``: A is ``[M, H, N]``
     attention rows, B ``[M, D]`` rows of V, output ``[M, D]``). ``key_count`` ``[B * N, 1]``
-    says how many steps each key has fed (frozen keys of halted tokens keep their mean)."""
+    says how many steps each key has fed (frozen keys of halted tokens keep their mean).
+    ``padded`` (:func:`padded_slots`) runs the products on the active query rows only."""
 
     kind: str
     rows: TokenRows
     heads: int
     dim: int
     key_count: Tensor
+    padded: Optional[tuple[int, Tensor]] = None
 
     @property
     def a_fanout(self) -> int:
@@ -395,12 +423,22 @@ class ProductRows:
         """Cumulative output rows ``sum(A) @ mean(B)`` of the active tokens."""
         b, n, idx = self.rows.batch, self.rows.tokens, self.rows.index
         mean_b = self._heads(sum_b / self.key_count)
+        if self.padded is not None:  # each output element is the dense one, bit for bit
+            p, slot = self.padded
+            a = sum_a.index_select(0, idx)
+            pad = a.new_zeros((b * p,) + tuple(a.shape[1:])).index_copy_(0, slot, a)
+            if self.kind == "qk":
+                part = pad.view(b, p, self.heads, -1).transpose(1, 2) @ mean_b.transpose(-2, -1)
+                return part.transpose(1, 2).reshape(b * p, self.heads, n).index_select(0, slot)
+            part = pad.view(b, p, self.heads, n).transpose(1, 2) @ mean_b      # [B, H, P, d]
+            return part.transpose(1, 2).reshape(b * p, -1).index_select(0, slot)
         if self.kind == "qk":
-            full = self._heads(sum_a) @ mean_b.transpose(-2, -1)        # [B, H, N, N]
-            return full.transpose(1, 2).reshape(b * n, self.heads, n).index_select(0, idx)
-        attn = sum_a.view(b, n, self.heads, n).transpose(1, 2)          # [B, H, N, N]
-        full = (attn @ mean_b).transpose(1, 2).reshape(b * n, -1)       # [B * N, D]
-        return full.index_select(0, idx)
+            out = self._heads(sum_a) @ mean_b.transpose(-2, -1)         # [B, H, N, N]
+            out = out.transpose(1, 2).reshape(b * n, self.heads, n)
+        else:
+            attn = sum_a.view(b, n, self.heads, n).transpose(1, 2)      # [B, H, N, N]
+            out = (attn @ mean_b).transpose(1, 2).reshape(b * n, -1)    # [B * N, D]
+        return out if self.rows.full else out.index_select(0, idx)
 
 
 class HeldRows:

@@ -28,18 +28,24 @@ class TokenRows:
     index: Tensor
     batch: int
     tokens: int
+    full: bool = False  #: every token is active: the rows are the tokens, in order
 
     @classmethod
     def from_mask(cls, active: Tensor) -> "TokenRows":
         b, n = active.shape
-        return cls(active.reshape(-1).nonzero().squeeze(1), b, n)
+        index = active.reshape(-1).nonzero().squeeze(1)
+        return cls(index, b, n, index.numel() == b * n)
 
     def gather(self, x: Tensor) -> Tensor:
-        """``[B, N, ...]`` -> the active rows ``[M, ...]``."""
+        """``[B, N, ...]`` -> the active rows ``[M, ...]`` (a view when every token is)."""
+        if self.full:
+            return x.flatten(0, 1)
         return x.flatten(0, 1).index_select(0, self.index)
 
     def scatter(self, rows: Tensor, base: Optional[Tensor] = None) -> Tensor:
         """Rows ``[M, ...]`` back to ``[B, N, ...]``; other tokens from ``base`` (or zero)."""
+        if self.full:  # every token is a row: nothing of base is kept
+            return rows.unflatten(0, (self.batch, self.tokens))
         if base is None:
             flat = rows.new_zeros(self.batch * self.tokens, *rows.shape[1:])
         else:

@@ -173,3 +173,31 @@ def test_gather_skips_blocks_with_no_active_token():
     if handle is not None:
         handle.remove()
         assert len(calls) < 3  # block 1 runs at fewer than all T = 3 timesteps
+
+
+@pytest.mark.parametrize("per_image", [[1, 1, 1], [0, 2, 1], [3, 5, 8], [17] * 3])
+def test_products_on_the_active_rows_are_the_dense_ones(per_image):
+    """Q K^T and attn V computed on a padded layout of the active query rows (few per
+    image: the class token late in a run), or on every token (all active: no gather),
+    give the dense per-image products' rows bit for bit. One- and two-row matmuls round
+    differently (another BLAS path), which the padding to at least 4 rows avoids."""
+    from convert.ops import ProductRows, padded_slots
+
+    b, n, heads, dim = 3, 17, 2, 16
+    g = torch.Generator().manual_seed(len(per_image) + sum(per_image))
+    active = torch.zeros(b, n, dtype=torch.bool)
+    for i, k in enumerate(per_image):
+        active[i, torch.randperm(n, generator=g)[:k]] = True
+    rows = TokenRows.from_mask(active)
+    assert rows.full == all(k == n for k in per_image)
+    padded = padded_slots(rows)
+    assert (padded is not None) == (max(per_image) <= n // 2)
+    key_count = torch.randint(1, 5, (b * n, 1), generator=g).float()
+    sums = {"qk": (torch.randn(b * n, dim, generator=g), torch.randn(b * n, dim, generator=g)),
+            "av": (torch.rand(b * n, heads, n, generator=g), torch.randn(b * n, dim, generator=g))}
+    dense_rows = TokenRows(torch.arange(b * n), b, n)  # the dense products, then the rows
+    for kind, (sum_a, sum_b) in sums.items():
+        want = ProductRows(kind, dense_rows, heads, dim, key_count).product(sum_a, sum_b)
+        want = want.index_select(0, rows.index)
+        got = ProductRows(kind, rows, heads, dim, key_count, padded).product(sum_a, sum_b)
+        assert torch.equal(got, want), kind
