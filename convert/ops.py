@@ -302,6 +302,7 @@ class CompensatedMatMul(_Compilable, nn.Module):
         self.emitted: Optional[Tensor] = None
         self.steps = 0
         self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
+        self.mean_b: Optional[Tensor] = None  # row execution: mean(B) per head [B, H, N, d]
 
     def step(self, a: Tensor, b: Tensor, b_count: Optional[Tensor] = None,
              a_active: Optional[Tensor] = None) -> Tensor:
@@ -349,7 +350,8 @@ class CompensatedMatMul(_Compilable, nn.Module):
             _add_rows_(self.sum_a, rows.index, a)
             _add_rows_(self.sum_b, rows.index, b)
         self.steps += 1
-        cumulative = ctx.product(self.sum_a, self.sum_b)
+        self.mean_b = ctx.mean(self.sum_b, self.mean_b)
+        cumulative = ctx.product(self.sum_a, self.mean_b)
         out = cumulative if self.emitted is None else cumulative - self.emitted
         self.emitted = cumulative
         return out
@@ -419,10 +421,21 @@ class ProductRows:
         b, n = self.rows.batch, self.rows.tokens
         return flat.view(b, n, self.heads, -1).transpose(1, 2)
 
-    def product(self, sum_a: Tensor, sum_b: Tensor) -> Tensor:
-        """Cumulative output rows ``sum(A) @ mean(B)`` of the active tokens."""
+    def mean(self, sum_b: Tensor, previous: Optional[Tensor]) -> Tensor:
+        """``sum(B) / count`` per head, ``[B, H, N, d]`` contiguous (the products read it
+        without a copy). Only the active tokens' sums and counts change in a step, so
+        ``previous`` is updated on their rows alone, to the values a dense division gives."""
+        if previous is None or self.rows.full:
+            return self._heads(sum_b / self.key_count).contiguous()
+        idx, n = self.rows.index, self.rows.tokens
+        rows = sum_b.index_select(0, idx) / self.key_count.index_select(0, idx)
+        previous[idx // n, :, idx % n] = rows.view(idx.numel(), self.heads, -1)
+        return previous
+
+    def product(self, sum_a: Tensor, mean_b: Tensor) -> Tensor:
+        """Cumulative output rows ``sum(A) @ mean(B)`` of the active tokens (``mean_b``
+        from :meth:`mean`)."""
         b, n, idx = self.rows.batch, self.rows.tokens, self.rows.index
-        mean_b = self._heads(sum_b / self.key_count)
         if self.padded is not None:  # each output element is the dense one, bit for bit
             p, slot = self.padded
             a = sum_a.index_select(0, idx)

@@ -220,8 +220,9 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             R = R + torch.where(reached, 1.0 - H, 0.0)  # summed over windows ('block')
             N = N + live
             H = H + score * live
-            contribution = weight.unsqueeze(-1) * h
-            mean_field = contribution if mean_field is None else mean_field + contribution
+            if cfg.output != "last":  # 'last' reads h out: no dense weighted sum to keep
+                contribution = weight.unsqueeze(-1) * h
+                mean_field = contribution if mean_field is None else mean_field + contribution
             mask = mask & ~reached
             if record:
                 history.append((t, l, H.detach().clone(), R.detach().clone(),

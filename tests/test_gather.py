@@ -197,7 +197,12 @@ def test_products_on_the_active_rows_are_the_dense_ones(per_image):
             "av": (torch.rand(b * n, heads, n, generator=g), torch.randn(b * n, dim, generator=g))}
     dense_rows = TokenRows(torch.arange(b * n), b, n)  # the dense products, then the rows
     for kind, (sum_a, sum_b) in sums.items():
-        want = ProductRows(kind, dense_rows, heads, dim, key_count).product(sum_a, sum_b)
-        want = want.index_select(0, rows.index)
-        got = ProductRows(kind, rows, heads, dim, key_count, padded).product(sum_a, sum_b)
-        assert torch.equal(got, want), kind
+        dense = ProductRows(kind, dense_rows, heads, dim, key_count)
+        mean = dense.mean(sum_b, None)
+        want = dense.product(sum_a, mean).index_select(0, rows.index)
+        ctx = ProductRows(kind, rows, heads, dim, key_count, padded)
+        # the mean updated on the active rows of a stale one equals the dense division
+        stale = mean.clone()
+        stale.view(b, heads, n, -1)[active.unsqueeze(1).expand(b, heads, n)] = -7.0
+        assert torch.equal(ctx.mean(sum_b, stale), mean)
+        assert torch.equal(ctx.product(sum_a, mean), want), kind
