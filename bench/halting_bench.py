@@ -188,7 +188,7 @@ def bench_converted(args) -> dict:
     steps = args.timesteps or snn.timesteps
     snn.timesteps = steps
     cfg = HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps if args.eps is not None
-                        else 0.01, accumulate=args.accumulate, score="mean", output=args.output)
+                        else 0.01, accumulate=args.accumulate, score=args.score, output=args.output)
     batches = _batches(args.dataset, args.val_subset, args.batch_size)
     if args.speed_only:
         return _converted_speed(snn, cfg, steps, batches, args)
@@ -265,6 +265,8 @@ def main() -> int:
     c.add_argument("--beta", type=float, default=-2.0)
     c.add_argument("--accumulate", default="both")
     c.add_argument("--output", default="last", choices=["last", "mean_field"])
+    c.add_argument("--score", default="mean", choices=["mean", "current", "convergence"],
+                   help="halting score signal (convergence: per-token depth, see README)")
     c.add_argument("--halted-kv", default="frozen", choices=["frozen", "drop"])
     c.add_argument("--speed-only", action="store_true",
                    help="only images/s (ANN pass, unhalted, mask, gather) and the token ratio")
