@@ -187,6 +187,8 @@ def bench_converted(args) -> dict:
     snn = load_converted(args.model)
     steps = args.timesteps or snn.timesteps
     snn.timesteps = steps
+    if args.compile:  # every execution compiled alike (warm-up rounds absorb the compiling)
+        snn.compile()
     cfg = HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps if args.eps is not None
                         else 0.01, accumulate=args.accumulate, score=args.score, output=args.output)
     batches = _batches(args.dataset, args.val_subset, args.batch_size)
@@ -240,7 +242,8 @@ def _converted_speed(snn, cfg: HaltingConfig, steps: int, batches, args) -> dict
         "halted_mask": Halted(snn, cfg, execution="mask"),
         "halted_gather": Halted(snn, cfg, execution="gather"),
     }, timed, args.rounds)
-    return {"path": "converted", "speed_only": True, "model": args.model, "timesteps": steps,
+    return {"path": "converted", "speed_only": True, "compiled": args.compile,
+            "model": args.model, "timesteps": steps,
             "halting": cfg.__dict__, "halted_kv": args.halted_kv, "token_ratio": ratio,
             "images_per_s": speed,
             "gather_speedup_vs_snn": speed["halted_gather"] / speed["snn"],
@@ -265,6 +268,8 @@ def main() -> int:
     c.add_argument("--beta", type=float, default=-2.0)
     c.add_argument("--accumulate", default="both")
     c.add_argument("--output", default="last", choices=["last", "mean_field"])
+    c.add_argument("--compile", action="store_true",
+                   help="SpikingViT.compile() first: the compiled unhalted and halted runs")
     c.add_argument("--score", default="mean", choices=["mean", "current", "convergence"],
                    help="halting score signal (convergence: per-token depth, see README)")
     c.add_argument("--halted-kv", default="frozen", choices=["frozen", "drop"])
