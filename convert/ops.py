@@ -48,10 +48,14 @@ def _freeze(new: Tensor, old: Optional[Tensor], active: Optional[Tensor]) -> Ten
     return torch.where(active, new, old)
 
 
-def _add_rows_(dense: Tensor, index: Tensor, rows: Tensor) -> None:
-    """``dense[index] += rows`` in place, for distinct indices (a gather, an add and a copy:
-    on CPU far faster than ``index_add_``, which scatters element by element)."""
-    dense.index_copy_(0, index, dense.index_select(0, index).add_(rows))
+def _add_rows_(dense: Tensor, rows: TokenRows, x: Tensor) -> None:
+    """``dense[rows] += x`` in place for the ``[B * N, ...]`` state ``dense``: a whole add
+    when every token is a row, else a gather, an add and a copy (on CPU far faster than
+    ``index_add_``, which scatters element by element)."""
+    if rows.full:
+        dense.add_(x)
+    else:
+        dense.index_copy_(0, rows.index, dense.index_select(0, rows.index).add_(x))
 
 
 def _pow2_levels(a: Tensor) -> Tensor:
@@ -343,12 +347,8 @@ class CompensatedMatMul(_Compilable, nn.Module):
         if self.sum_a is None:
             self.sum_a = a.new_zeros((total,) + tuple(a.shape[1:]))
             self.sum_b = b.new_zeros((total,) + tuple(b.shape[1:]))
-        if rows.full:  # every token is a row: the sums are updated whole
-            self.sum_a.add_(a)
-            self.sum_b.add_(b)
-        else:
-            _add_rows_(self.sum_a, rows.index, a)
-            _add_rows_(self.sum_b, rows.index, b)
+        _add_rows_(self.sum_a, rows, a)
+        _add_rows_(self.sum_b, rows, b)
         self.steps += 1
         self.mean_b = ctx.mean(self.sum_b, self.mean_b)
         cumulative = ctx.product(self.sum_a, self.mean_b)
@@ -381,7 +381,7 @@ def padded_slots(rows: TokenRows) -> Optional[tuple[int, Tensor]]:
     would save little over the dense per-image products (``P > N / 2``). Late in a halted
     run often only the class token is active: the products then cost P/N of dense."""
     b, n, idx = rows.batch, rows.tokens, rows.index
-    if idx.numel() == 0:
+    if rows.full or idx.numel() == 0:
         return None
     image = idx // n
     counts = torch.bincount(image, minlength=b)
