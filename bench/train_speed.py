@@ -72,6 +72,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup must be >= 0; got {args.warmup}")
     if args.threads is not None:
         torch.set_num_threads(check_positive_int("--threads", args.threads))
+    from stas_core.kernels import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory()  # as stas-train does; ours and the peer share it
     device = resolve_device(args.device)
     amp = device.type == "cuda" if args.amp == "auto" else args.amp == "on"
     if amp and device.type != "cuda":
@@ -145,7 +148,7 @@ def _bench(args: argparse.Namespace) -> int:
         "input": [args.in_chans, args.img_size, args.img_size], "steps": args.steps,
         "warmup": args.warmup, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "amp": amp, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "amp": amp, "malloc_keeps_freed_memory": malloc_tuned, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "results": results,
         "ratio_integrated_over_vanilla": {

@@ -19,7 +19,7 @@ import math
 from typing import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,36 @@ def frozen_batchnorms(model: nn.Module, *, halting: bool, sps: str) -> list[nn.M
     if not halting or sps != "vanilla" or not hasattr(model, "patch_embed"):
         return []
     return batchnorm_layers(model.patch_embed)
+
+
+def normalization(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean, invstd)`` per channel with which ``bn`` normalises ``x`` (contiguous,
+    channels innermost), as its forward would: in training the batch statistics, with the
+    running statistics and ``num_batches_tracked`` updated as ``nn.BatchNorm`` does
+    (``momentum=None``: a cumulative average); in evaluation the running statistics. For
+    kernels that fold the normalisation into the next operation (``bn.affine`` and
+    ``bn.track_running_stats`` assumed). The batch moments are summed in float64."""
+    from . import kernels
+
+    channels = bn.num_features
+    if not bn.training:
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+    else:
+        factor = 0.0 if bn.momentum is None else float(bn.momentum)
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        rows = x.numel() // channels
+        moments = kernels.load().channel_moments(x.detach(), channels)  # [2, C] float64
+        mean = moments[0] / rows
+        var = (moments[1] / rows - mean * mean).clamp(min=0.0)
+        with torch.no_grad():
+            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var * (rows / max(rows - 1, 1))
+            bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    invstd = torch.rsqrt(var + bn.eps)
+    return mean.to(x.dtype), invstd.to(x.dtype)
 
 
 def recalibrate_batchnorm(net: nn.Module, loader: Iterable, device: torch.device, *,

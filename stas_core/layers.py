@@ -111,6 +111,38 @@ class LinearBN(nn.Module):
     def forward(self, x: Tensor, active: Active = None) -> Tensor:
         return self.bn(self.linear(x), active)
 
+    def fire(self, neuron: nn.Module, x: Tensor, active: Active, multi: bool) -> Tensor:
+        """``fire(neuron, self(x, active), active, multi)``; on the multi-step path the
+        BatchNorm runs inside the neuron's kernel (:func:`bn_fire`)."""
+        if multi and active is None:
+            return bn_fire(neuron, self.bn, self.linear(x))
+        return fire(neuron, self(x, active), active, multi)
+
+
+def _foldable(bn: nn.Module) -> bool:
+    """A plain BatchNorm the neuron kernel may fold in: exact types (the cross-process
+    subclasses of :mod:`stas_core.distributed` compute their own statistics), affine, with
+    running statistics, and no hooks that would expect its forward to run."""
+    return type(bn) in (TokenBN, nn.BatchNorm2d) and bn.affine and bn.track_running_stats \
+        and not (bn._forward_hooks or bn._forward_pre_hooks)
+
+
+def bn_fire(neuron: nn.Module, bn: nn.Module, x_seq: Tensor, channel_dim: int = -1) -> Tensor:
+    """``neuron.multi_step(bn(x_seq))`` for ``x_seq[T, ...]`` with ``bn``'s channels at
+    ``channel_dim`` (tokens ``[T, B, N, D]`` for a :class:`TokenBN`, images ``[T, B, C, H,
+    W]`` for a BatchNorm2d). Where the LIF kernel runs, the BatchNorm is folded into its
+    input: the normalised activation is never stored, and the backward saves the
+    BatchNorm's reduction pass (measured: see ``bench/train_speed.py``). Elsewhere the two
+    modules run; the values agree within rounding (tested)."""
+    if isinstance(neuron, LIF) and _foldable(bn) and not (
+            bn.training and x_seq.numel() < 2 * x_seq.shape[channel_dim]):
+        spikes = neuron.multi_step_bn(x_seq, bn, channel_dim)
+        if spikes is not None:
+            return spikes
+    if isinstance(bn, TokenBN):
+        return neuron.multi_step(bn(x_seq))
+    return neuron.multi_step(bn(x_seq.flatten(0, 1)).unflatten(0, x_seq.shape[:2]))
+
 
 def fire(neuron: LIF, x: Tensor, active: Active, multi: bool) -> Tensor:
     """Run ``neuron`` multi-step on ``x[T, ...]``, or one step with the token mask

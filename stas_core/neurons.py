@@ -32,7 +32,7 @@ from .errors import ConfigError, check_choice
 
 __all__ = [
     "Sigmoid", "ATan", "SURROGATES", "make_surrogate", "LIF", "IF", "BACKENDS",
-    "reset_net", "set_step_mode", "lif_multistep",
+    "reset_net", "set_step_mode", "lif_multistep", "lif_bn_multistep",
 ]
 
 BACKENDS = ("fused", "sinabs")
@@ -160,7 +160,8 @@ class _KernelNeuronFn(torch.autograd.Function):
     def forward(ctx, x_seq: Tensor, v0: Optional[Tensor], decay: float, scale: float,
                 bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
                 kind: int, alpha: float) -> tuple[Tensor, Tensor]:
-        s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset)
+        s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset,
+                                               None, None)
         if any(ctx.needs_input_grad[:2]):  # the backward recomputes the membranes from these
             ctx.save_for_backward(x_seq, v0)
         ctx.params = (decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha,
@@ -173,8 +174,56 @@ class _KernelNeuronFn(torch.autograd.Function):
         decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha, has_v0 = ctx.params
         grad_x, grad_v0 = _kernels.load().lif_backward(x_seq, v0, grad_s, grad_v, decay, scale,
                                                       bias, v_th, v_reset, detach_reset, kind,
-                                                      alpha)
+                                                      alpha, None, None)
         return grad_x, (grad_v0 if has_v0 else None), *([None] * 8)
+
+
+class _KernelBNNeuronFn(torch.autograd.Function):
+    """A BatchNorm and :class:`_KernelNeuronFn` in one pass over memory: the kernel reads
+    the BatchNorm's input ``x`` (channels innermost) and charges the neuron with
+    ``y = x * ca + cb``, ``ca = weight * invstd``, ``cb = bias - mean * ca``, so the
+    normalised activation is never written, read back or saved. ``mean`` and ``invstd`` are
+    the batch statistics (``training``) or the running ones, given without a graph.
+
+    The backward returns the BatchNorm's gradients: the neuron kernel also sums ``gy`` and
+    ``gy * x`` per channel while it writes ``gy`` (the gradient of ``y``), which saves the
+    BatchNorm backward's own reduction pass; one more pass turns ``gy`` into the input
+    gradient in place (``kernels.bn_backward_input``)."""
+
+    @staticmethod
+    def forward(ctx, x_seq: Tensor, v0: Optional[Tensor], weight: Tensor, bias_bn: Tensor,
+                mean: Tensor, invstd: Tensor, training: bool, decay: float, scale: float,
+                bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
+                kind: int, alpha: float) -> tuple[Tensor, Tensor]:
+        ca = weight.detach() * invstd
+        cb = bias_bn.detach() - mean * ca
+        s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset,
+                                               ca, cb)
+        ctx.save_for_backward(x_seq, v0, weight, mean, invstd, ca, cb)
+        ctx.params = (training, decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha,
+                      v0 is not None)
+        return s_seq, v
+
+    @staticmethod
+    def backward(ctx, grad_s: Optional[Tensor], grad_v: Optional[Tensor]):
+        x_seq, v0, weight, mean, invstd, ca, cb = ctx.saved_tensors
+        training, decay, scale, bias, v_th, v_reset, detach_reset, kind, alpha, has_v0 = ctx.params
+        ext = _kernels.load()
+        gy, grad_v0, sum_gy, sum_gyx = ext.lif_backward(x_seq, v0, grad_s, grad_v, decay, scale,
+                                                         bias, v_th, v_reset, detach_reset,
+                                                         kind, alpha, ca, cb)
+        invstd64 = invstd.double()
+        sum_gy_xmu = sum_gyx - mean.double() * sum_gy      # sum(gy * (x - mean)), float64
+        grad_weight = (sum_gy_xmu * invstd64).to(weight.dtype)
+        grad_bias = sum_gy.to(weight.dtype)
+        if training:  # the batch statistics depend on x too
+            rows = x_seq.numel() // mean.numel()
+            k1 = (sum_gy / rows).float()
+            k2 = (sum_gy_xmu * invstd64 * invstd64 / rows).float()
+        else:
+            k1 = k2 = torch.zeros_like(mean)
+        ext.bn_backward_input(gy, x_seq, mean, ca, k1, k2)
+        return (gy, (grad_v0 if has_v0 else None), grad_weight, grad_bias, *([None] * 11))
 
 
 _KERNEL_SURROGATES = {Sigmoid: 0, ATan: 1}
@@ -219,6 +268,43 @@ def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[f
     return _FusedNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                 None if v_reset is None else float(v_reset),
                                 bool(detach_reset), surrogate)
+
+
+def lif_bn_multistep(x_seq: Tensor, bn: nn.Module, channel_dim: int, v0: Optional[Tensor] = None,
+                     *, tau: Optional[float] = 2.0, v_threshold: float = 1.0,
+                     v_reset: Optional[float] = 0.0, detach_reset: bool = True,
+                     surrogate=Sigmoid()) -> Optional[tuple[Tensor, Tensor]]:
+    """:func:`lif_multistep` of ``bn(x_seq)``, the BatchNorm ``bn`` (its channels at
+    ``channel_dim`` of ``x_seq[T, ...]``) folded into the neuron kernel; returns (spikes,
+    last V), or None where that kernel does not run (not a CPU float32 input, a surrogate
+    without a kernel, or a memory order whose innermost dimension is not the channels), so
+    the caller runs the two modules. Training-mode statistics and running-statistics updates
+    are the BatchNorm's own (:func:`stas_core.batchnorm.normalization`)."""
+    from .batchnorm import normalization
+
+    kind = _KERNEL_SURROGATES.get(type(surrogate))
+    if kind is None or torch.onnx.is_in_onnx_export() or not _kernels.usable(
+            x_seq, v0, dtypes=(torch.float32,), autograd=True):
+        return None
+    channel_dim %= x_seq.dim()
+    perm = memory_order(x_seq) or list(range(x_seq.dim()))
+    if channel_dim == 0 or perm[-1] != channel_dim or x_seq.shape[channel_dim] != bn.num_features:
+        return None
+    x_mem = x_seq.permute(perm).contiguous()  # channels innermost (no copy when dense)
+    v_perm = [d - 1 for d in perm[1:]]
+    v0 = None if v0 is None else v0.permute(v_perm).contiguous()
+    mean, invstd = normalization(bn, x_mem)
+    if tau is None:
+        decay, scale, bias = 1.0, 1.0, 0.0
+    else:
+        decay, scale = 1.0 - 1.0 / tau, 1.0 / tau
+        bias = (v_reset or 0.0) / tau
+    s_seq, v = _KernelBNNeuronFn.apply(x_mem, v0, bn.weight, bn.bias, mean, invstd, bn.training,
+                                       decay, scale, bias, float(v_threshold),
+                                       None if v_reset is None else float(v_reset),
+                                       bool(detach_reset), kind, float(surrogate.alpha))
+    back = sorted(range(len(perm)), key=perm.__getitem__)
+    return s_seq.permute(back), v.permute([d - 1 for d in back[1:]])
 
 
 # --------------------------------------------------------------------------- sinabs backend
@@ -333,6 +419,20 @@ class LIF(nn.Module):
         """Run ``x_seq[T, ...]`` from the current state; returns spikes ``[T, ...]``."""
         return self._emit(self._run(x_seq), None)
 
+    def multi_step_bn(self, x_seq: Tensor, bn: nn.Module, channel_dim: int) -> Optional[Tensor]:
+        """:meth:`multi_step` of ``bn(x_seq)`` in one kernel (:func:`lif_bn_multistep`);
+        None where it does not run (the sinabs backend, or see there): the caller then runs
+        ``bn`` and :meth:`multi_step`."""
+        if self._sinabs is not None:
+            return None
+        out = lif_bn_multistep(x_seq, bn, channel_dim, self._initial_state(x_seq), tau=self.tau,
+                               v_threshold=self.v_threshold, v_reset=self.v_reset,
+                               detach_reset=self.detach_reset, surrogate=self.surrogate)
+        if out is None:
+            return None
+        s_seq, self.v = out
+        return self._emit(s_seq, None)
+
     def single_step(self, x: Tensor, active: Optional[Tensor] = None) -> Tensor:
         """One timestep on ``x[B, ...]``; ``active`` (broadcastable bool) freezes the rest."""
         v_old = self._state_tensor(x.shape)
@@ -379,16 +479,20 @@ class LIF(nn.Module):
         if self._sinabs is not None:
             self._sinabs_sync(x_seq.shape[1:], x_seq)
             return self._sinabs(x_seq.movedim(0, 1)).movedim(1, 0).to(x_seq.dtype).contiguous()
+        s_seq, self.v = lif_multistep(x_seq, self._initial_state(x_seq), tau=self.tau, v_threshold=self.v_threshold,
+                                      v_reset=self.v_reset, detach_reset=self.detach_reset,
+                                      surrogate=self.surrogate)
+        return s_seq
+
+    def _initial_state(self, x_seq: Tensor) -> Optional[Tensor]:
+        """The membrane a fused-backend run over ``x_seq[T, ...]`` starts from."""
         v0 = self.v
         if v0 is None and self.v_reset not in (None, 0.0):
             v0 = x_seq.new_full(x_seq.shape[1:], self.v_reset)  # start at rest, as spikingjelly
         elif v0 is not None and v0.shape != x_seq.shape[1:]:
             raise ConfigError(f"neuron state has shape {list(v0.shape)} but the input step has "
                               f"{list(x_seq.shape[1:])}; call reset() before a new sample")
-        s_seq, self.v = lif_multistep(x_seq, v0, tau=self.tau, v_threshold=self.v_threshold,
-                                      v_reset=self.v_reset, detach_reset=self.detach_reset,
-                                      surrogate=self.surrogate)
-        return s_seq
+        return v0
 
     # state access shared by both backends
     def _state_tensor(self, shape) -> Optional[Tensor]:

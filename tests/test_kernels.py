@@ -148,3 +148,126 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("STAS_MALLOC_TUNE", "1")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert kernels.keep_freed_memory() is True
+
+
+def _two_module_run(neuron, bn, x, channel_dim):
+    """The reference: the BatchNorm module, then the neuron."""
+    if channel_dim == -1:
+        return neuron.multi_step(bn(x))
+    return neuron.multi_step(bn(x.flatten(0, 1)).unflatten(0, x.shape[:2]))
+
+
+@pytest.mark.parametrize("kind, tau, v_reset, detach, surrogate, momentum, carried", [
+    ("tokens", 2.0, 0.0, True, Sigmoid(), 0.1, False),
+    ("images", 2.0, None, False, ATan(), None, True),
+    ("tokens", None, 0.0, False, Sigmoid(2.0), None, True),
+    ("images", 3.0, -0.5, False, Sigmoid(), 0.3, False)])
+def test_batchnorm_folded_into_the_lif_kernel_is_the_two_modules(
+        ext, kind, tau, v_reset, detach, surrogate, momentum, carried):
+    """bn_fire (BatchNorm inside the LIF kernel) against BatchNorm then LIF: the same
+    spikes, running statistics and num_batches_tracked; gradients of the input, weight and
+    bias within rounding; in training (two batches, the second from a carried membrane)
+    and in evaluation. Images are channels-last [T, B, C, H, W] (the patch-splitting
+    layout), tokens [T, B, N, C]; 12 x 5 x 9 x 11 elements a step span several tiles."""
+    from torch import nn
+
+    from stas_core.layers import TokenBN, bn_fire
+    from stas_core.neurons import LIF
+
+    g = torch.Generator().manual_seed(5)
+    if kind == "tokens":
+        shape, channel_dim, make = (3, 4, 45, 24), -1, lambda: TokenBN(24, momentum=momentum)
+    else:
+        shape, channel_dim, make = (3, 4, 12, 9, 11), 2, lambda: nn.BatchNorm2d(12, momentum=momentum)
+    bns = [make(), make()]
+    with torch.no_grad():
+        bns[0].weight.copy_(torch.rand(bns[0].num_features, generator=g) + 0.5)
+        bns[0].bias.copy_(torch.randn(bns[0].num_features, generator=g) * 0.3)
+    bns[1].load_state_dict(bns[0].state_dict())
+    lifs = [LIF(tau, v_threshold=0.5, v_reset=v_reset, detach_reset=detach, surrogate=surrogate)
+            for _ in bns]
+    batches = []
+    for _ in range(2):
+        x = torch.randn(*shape, generator=g) * 1.7 + 0.4
+        if kind == "images":
+            x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, shape[:2])
+        batches.append((x, torch.randn(*shape, generator=g)))
+    for step, (x, w) in enumerate(batches):
+        if step and not carried:
+            for n in lifs:
+                n.reset()
+        xs = [x.clone().requires_grad_() for _ in bns]  # clone keeps the layout
+        s_fused = bn_fire(lifs[0], bns[0], xs[0], channel_dim)
+        s_ref = _two_module_run(lifs[1], bns[1], xs[1], channel_dim)
+        assert torch.equal(s_fused, s_ref) and 0.01 < float(s_ref.detach().mean()) < 0.95
+        assert s_fused.stride() == s_ref.stride()
+        assert torch.allclose(lifs[0].v, lifs[1].v, atol=1e-5)
+        for s, n in zip((s_fused, s_ref), lifs):
+            ((s * w).sum() + n.v.square().sum()).backward()
+            n.v = n.v.detach()
+        for a, b in ((xs[0].grad, xs[1].grad), (bns[0].weight.grad, bns[1].weight.grad),
+                     (bns[0].bias.grad, bns[1].bias.grad)):
+            assert float(b.abs().max()) > 0
+            assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+        for n in bns:
+            n.weight.grad = n.bias.grad = None
+        assert torch.allclose(bns[0].running_mean, bns[1].running_mean, atol=1e-6)
+        assert torch.allclose(bns[0].running_var, bns[1].running_var, rtol=1e-5)
+        assert int(bns[0].num_batches_tracked) == int(bns[1].num_batches_tracked) == step + 1
+    for n, lif in zip(bns, lifs):
+        n.eval(), lif.reset()
+    with torch.no_grad():
+        x = batches[0][0]
+        assert torch.equal(bn_fire(lifs[0], bns[0], x, channel_dim),
+                           _two_module_run(lifs[1], bns[1], x, channel_dim))
+    assert int(bns[0].num_batches_tracked) == 2  # evaluation leaves the statistics alone
+
+
+def test_a_vanilla_spikformer_trains_the_same_with_the_batchnorm_folded(ext, monkeypatch):
+    """A training step of a vanilla-SPS Spikformer through the folded BatchNorms (every BN
+    that feeds a LIF: patch splitting and blocks) gives the two-module step's loss and
+    gradients within rounding, and its running statistics."""
+    from stas_core import neurons
+    from stas_core.models import create_model
+
+    folded = []
+    original = neurons._KernelBNNeuronFn.apply
+    monkeypatch.setattr(neurons._KernelBNNeuronFn, "apply",
+                        lambda *a: folded.append(1) or original(*a))
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    runs = []
+    for fold in (True, False):
+        if not fold:
+            monkeypatch.setattr(neurons.LIF, "multi_step_bn", lambda self, *a: None)
+        torch.manual_seed(0)
+        model = create_model("spikformer-2-64", img_size=28, in_chans=1, num_classes=10,
+                             timesteps=2, sps="vanilla")
+        loss = model(x).logsumexp(-1).sum()
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                     {n: b for n, b in model.named_buffers() if "running" in n}))
+        if fold:
+            n_folded = len(folded)
+    (l1, g1, b1), (l0, g0, b0) = runs
+    assert n_folded == 5 + 2 * 6 and len(folded) == n_folded  # 5 in SPS, 6 per block
+    assert torch.allclose(l1, l0, rtol=1e-5)
+    for name in g0:
+        scale = float(g0[name].abs().max()) or 1.0
+        assert float((g1[name] - g0[name]).abs().max()) <= 1e-4 * scale, name
+    assert all(torch.allclose(b1[n], b0[n], rtol=1e-5, atol=1e-6) for n in b0)
+
+
+def test_cross_process_and_hooked_batchnorms_are_not_folded():
+    """A synchronised BatchNorm computes its statistics across processes, and a hooked one
+    expects its forward to run: both stay modules."""
+    from torch import nn
+
+    from stas_core.distributed import SyncBatchNorm2d, SyncTokenBN
+    from stas_core.layers import TokenBN, _foldable
+
+    assert _foldable(TokenBN(4)) and _foldable(nn.BatchNorm2d(4))
+    assert not _foldable(SyncTokenBN(4)) and not _foldable(SyncBatchNorm2d(4))
+    assert not _foldable(nn.BatchNorm2d(4, affine=False))
+    hooked = TokenBN(4)
+    hooked.register_forward_hook(lambda *a: None)
+    assert not _foldable(hooked)

@@ -98,16 +98,19 @@ def test_patch_splitting_runs_channels_last_without_copies(name, monkeypatch):
 
     m = calibrated(name, sps="vanilla")
     seen = []
-    real = neurons.lif_multistep
 
-    def spy(x_seq, *a, **k):
-        s, v = real(x_seq, *a, **k)
-        if x_seq.dim() == 5:  # [T, B, C, H, W]: the patch-splitting neurons
-            seen.append((x_seq[0].is_contiguous(memory_format=torch.channels_last),
-                         s.stride() == x_seq.stride()))
-        return s, v
+    def spy(real):
+        def run(x_seq, *a, **k):
+            out = real(x_seq, *a, **k)  # None: the folded kernel does not run here
+            if out is not None and x_seq.dim() == 5:  # [T, B, C, H, W]: patch splitting
+                seen.append((x_seq[0].is_contiguous(memory_format=torch.channels_last),
+                             out[0].stride() == x_seq.stride()))
+            return out
+        return run
 
-    monkeypatch.setattr(neurons, "lif_multistep", spy)
+    # the neurons alone (Spikingformer) and with their BatchNorm folded in (Spikformer)
+    for fn in ("lif_multistep", "lif_bn_multistep"):
+        monkeypatch.setattr(neurons, fn, spy(getattr(neurons, fn)))
     with torch.no_grad():
         m(images(4))
     assert len(seen) >= 4 and all(cl and same for cl, same in seen), seen

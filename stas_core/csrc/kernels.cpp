@@ -126,14 +126,24 @@ struct LifParams {
   float decay, scale, bias, thr, reset;
 };
 
-template <bool Soft, bool StoreS, bool StoreH>
+// BN: the step's input is first normalised per channel, y = x * ca[j] + cb[j] (the
+// BatchNorm folded to one multiply and one add; ca, cb expanded to the tile, channel
+// innermost), then charged as above.
+template <bool Soft, bool StoreS, bool StoreH, bool BN = false>
 inline void lif_tile_step(const LifParams& p, const float* __restrict xt, float* __restrict v,
-                          float* __restrict st, float* __restrict ht, int64_t len) {
+                          float* __restrict st, float* __restrict ht, int64_t len,
+                          const float* __restrict ca = nullptr,
+                          const float* __restrict cb = nullptr) {
   const float d = p.decay, sc = p.scale, b = p.bias, thr = p.thr, rst = p.reset;
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
+    float xi = xt[j];
+    if (BN) {
+      xi = xi * ca[j];
+      xi = xi + cb[j];
+    }
     float hi = v[j] * d;
-    hi = hi + sc * xt[j];
+    hi = hi + sc * xi;
     hi = hi + b;
     const float si = hi >= thr ? 1.f : 0.f;
     if (StoreH) ht[j] = hi;
@@ -142,13 +152,61 @@ inline void lif_tile_step(const LifParams& p, const float* __restrict xt, float*
   }
 }
 
+// Tiles of whole channel rows. With the channel innermost (a contiguous [..., C], or a
+// channels-last activation in its memory order), a tile of L = C * rows elements that
+// starts at a multiple of L starts at channel 0, so per-channel parameters are expanded
+// once to L entries and every inner loop stays contiguous. Without channels, L = target.
+inline int64_t channel_tile(int64_t channels, int64_t target) {
+  return channels > 0 ? channels * std::max<int64_t>(1, target / channels) : target;
+}
+
+std::vector<float> expand(const at::Tensor& per_channel, int64_t len) {
+  const at::Tensor c = per_channel.contiguous().to(at::kFloat);
+  const float* p = c.data_ptr<float>();
+  const int64_t channels = c.numel();
+  std::vector<float> out(static_cast<size_t>(len));
+  for (int64_t j = 0; j < len; ++j) out[j] = p[j % channels];
+  return out;
+}
+
+// Tiles 0 .. tiles-1 split into `count` consecutive chunks of `per` tiles: a chunk owns its
+// partial sums, so a reduction's result does not depend on how threads pick chunks.
+struct Chunks {
+  int64_t count, per;
+  explicit Chunks(int64_t tiles) {
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(tiles, 4 * at::get_num_threads()));
+    per = tiles > 0 ? (tiles + want - 1) / want : 1;
+    count = tiles > 0 ? (tiles + per - 1) / per : 0;
+  }
+};
+
+// The chunks' partial sums (count x width, float64) added in chunk order: a fixed
+// summation order.
+at::Tensor sum_chunks(const std::vector<double>& part, int64_t count, int64_t width) {
+  at::Tensor sums = at::zeros({width}, at::TensorOptions().dtype(at::kDouble));
+  double* sp = sums.data_ptr<double>();
+  for (int64_t c = 0; c < count; ++c) {
+    for (int64_t i = 0; i < width; ++i) sp[i] += part[c * width + i];
+  }
+  return sums;
+}
+
+void check_channels(const at::Tensor& x, int64_t per_step, int64_t channels, const char* who) {
+  TORCH_CHECK(channels > 0 && per_step % channels == 0, who,
+              ": the channel count must divide the elements of a step (channel innermost)");
+}
+
 // Forward of a LIF/IF over x_seq[T, ...] (stas_core/neurons.py: _FusedNeuronFn.forward):
 // per element the membrane stays in a register across the T steps. Returns
 // (spikes[T, ...], last membrane). Nothing else is written: the backward recomputes the
 // membranes from x_seq (one store per element and step fewer than saving them).
+// With ca, cb ([C], channel innermost) the input is first batch-normalised, x * ca + cb
+// (stas_core/neurons.py: _KernelBNNeuronFn): BatchNorm and neuron in one pass.
 std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& v0_opt,
                                     double decay, double scale, double bias, double v_th,
-                                    c10::optional<double> v_reset) {
+                                    c10::optional<double> v_reset,
+                                    const c10::optional<at::Tensor>& ca_opt,
+                                    const c10::optional<at::Tensor>& cb_opt) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
               "lif_forward: float32 CPU tensors only");
   at::Tensor x = x_in.contiguous();
@@ -156,44 +214,63 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<
   const int64_t n = steps ? x.numel() / steps : 0;
   at::Tensor v0;
   if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
+  const bool bn = ca_opt.has_value() && ca_opt->defined();
+  const int64_t channels = bn ? ca_opt->numel() : 0;
+  if (bn) check_channels(x, n, channels, "lif_forward");
+  const int64_t tile = channel_tile(channels, kTile);
+  const std::vector<float> ea = bn ? expand(*ca_opt, tile) : std::vector<float>();
+  const std::vector<float> eb = bn ? expand(*cb_opt, tile) : std::vector<float>();
   at::Tensor s = at::empty_like(x);
   at::Tensor v_last = at::empty(x.sizes().slice(1), x.options());
   const float* xp = x.data_ptr<float>();
   const float* vp = v0.defined() ? v0.data_ptr<float>() : nullptr;
   float* sp = s.data_ptr<float>();
   float* vl = v_last.data_ptr<float>();
+  const float* pa = ea.data();
+  const float* pb = eb.data();
   const LifParams prm{static_cast<float>(decay), static_cast<float>(scale),
                       static_cast<float>(bias), static_cast<float>(v_th),
                       v_reset.has_value() ? static_cast<float>(*v_reset) : 0.f};
-  auto run = [&](auto soft_tag) {
+  const int64_t tiles = (n + tile - 1) / tile;
+  auto run = [&](auto soft_tag, auto bn_tag) {
     constexpr bool Soft = decltype(soft_tag)::value;
-    at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-      // a tile of membranes stays in cache over the T steps
-      float v[kTile];
-      for (int64_t b0 = begin; b0 < end; b0 += kTile) {
-        const int64_t len = std::min<int64_t>(kTile, end - b0);
+    constexpr bool BN = decltype(bn_tag)::value;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / tile), [=](int64_t tb, int64_t te) {
+      std::vector<float> v(static_cast<size_t>(tile));  // stays in cache over the T steps
+      for (int64_t k = tb; k < te; ++k) {
+        const int64_t b0 = k * tile, len = std::min<int64_t>(tile, n - b0);
         for (int64_t j = 0; j < len; ++j) v[j] = vp ? vp[b0 + j] : 0.f;
         for (int64_t t = 0; t < steps; ++t) {
-          lif_tile_step<Soft, true, false>(prm, xp + t * n + b0, v, sp + t * n + b0, nullptr, len);
+          lif_tile_step<Soft, true, false, BN>(prm, xp + t * n + b0, v.data(), sp + t * n + b0,
+                                               nullptr, len, pa, pb);
         }
         for (int64_t j = 0; j < len; ++j) vl[b0 + j] = v[j];
       }
     });
   };
-  v_reset.has_value() ? run(std::false_type{}) : run(std::true_type{});
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (v_reset.has_value()) bn ? run(N{}, Y{}) : run(N{}, N{});
+  else bn ? run(Y{}, Y{}) : run(Y{}, N{});
   return {s, v_last};
 }
 
 // Backward of lif_forward through time, with the sigmoid (kind 0) or atan (kind 1)
 // surrogate of slope alpha (stas_core/neurons.py: Sigmoid, ATan; _FusedNeuronFn.backward).
 // Per tile, the membranes are first recomputed from the forward's input x (and v0) into a
-// buffer that stays in cache, then walked backwards.
+// buffer that stays in cache, then walked backwards. Returns (grad x, grad v0).
+// With ca, cb (the BatchNorm of lif_forward) the first output is the gradient of the
+// normalised input y = x * ca + cb, and two more follow: its per-channel sums, sum(gy)
+// and sum(gy * x), in float64 (summed in float over a tile's T steps, then in float64:
+// what the BatchNorm's backward reduces over; see bn_backward_input).
 std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional<at::Tensor>& v0_opt,
                                      const c10::optional<at::Tensor>& gs_opt,
                                      const c10::optional<at::Tensor>& gv_opt, double decay,
                                      double scale, double bias, double v_th,
                                      c10::optional<double> v_reset, bool detach_reset,
-                                     int64_t kind, double alpha) {
+                                     int64_t kind, double alpha,
+                                     const c10::optional<at::Tensor>& ca_opt,
+                                     const c10::optional<at::Tensor>& cb_opt) {
   at::Tensor x = x_in.contiguous();
   const int64_t steps = x.size(0);
   const int64_t n = steps ? x.numel() / steps : 0;
@@ -201,6 +278,12 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
   if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
   gs = (gs_opt.has_value() && gs_opt->defined()) ? gs_opt->contiguous() : at::zeros_like(x);
   if (gv_opt.has_value() && gv_opt->defined()) gv = gv_opt->contiguous();
+  const bool bn = ca_opt.has_value() && ca_opt->defined();
+  const int64_t channels = bn ? ca_opt->numel() : 0;
+  if (bn) check_channels(x, n, channels, "lif_backward");
+  const int64_t tile = channel_tile(channels, kTileB);
+  const std::vector<float> ea = bn ? expand(*ca_opt, tile) : std::vector<float>();
+  const std::vector<float> eb = bn ? expand(*cb_opt, tile) : std::vector<float>();
   at::Tensor gx = at::empty_like(x);
   at::Tensor gv0 = at::empty(x.sizes().slice(1), x.options());
   const float* xp = x.data_ptr<float>();
@@ -209,56 +292,96 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
   const float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
   float* gxp = gx.data_ptr<float>();
   float* g0 = gv0.data_ptr<float>();
+  const float* pa = ea.data();
+  const float* pb = eb.data();
   const float fd = decay, fs = scale, th = v_th, a = alpha;
   const bool soft = !v_reset.has_value();
   const float vr = soft ? 0.f : static_cast<float>(*v_reset);
   const LifParams prm{fd, fs, static_cast<float>(bias), th, vr};
   const float half_pi_a = static_cast<float>(M_PI / 2 * alpha), half_a = static_cast<float>(alpha / 2);
-  auto run = [&](auto kind_tag, auto soft_tag, auto detach_tag) {
+  const int64_t tiles = (n + tile - 1) / tile;
+  const Chunks chunks(tiles);
+  std::vector<double> part(bn ? static_cast<size_t>(chunks.count * 2 * channels) : 0, 0.0);
+  double* partp = part.data();
+  auto run = [&](auto kind_tag, auto soft_tag, auto detach_tag, auto bn_tag) {
     constexpr int Kind = decltype(kind_tag)::value;
     constexpr bool Soft = decltype(soft_tag)::value;
     constexpr bool Detach = decltype(detach_tag)::value;
-    at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
+    constexpr bool BN = decltype(bn_tag)::value;
+    at::parallel_for(0, chunks.count, 1, [=](int64_t cb0, int64_t ce) {
       const float d = fd, sc = fs, thr = th, rst = vr, al = a, hpa = half_pi_a, ha = half_a;
-      float g_v[kTileB];
-      std::vector<float> hbuf(static_cast<size_t>(steps) * kTileB);
-      for (int64_t b0 = begin; b0 < end; b0 += kTileB) {
-        const int64_t len = std::min<int64_t>(kTileB, end - b0);
-        for (int64_t j = 0; j < len; ++j) g_v[j] = vp ? vp[b0 + j] : 0.f;  // membranes
-        for (int64_t t = 0; t < steps; ++t) {
-          lif_tile_step<Soft, false, true>(prm, xp + t * n + b0, g_v, nullptr,
-                                            hbuf.data() + t * kTileB, len);
-        }
-        for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;  // now gradients
-        for (int64_t t = steps - 1; t >= 0; --t) {
-          const float* __restrict ht = hbuf.data() + t * kTileB;
-          const float* __restrict gst = gsp + t * n + b0;
-          float* __restrict gxt = gxp + t * n + b0;
+      std::vector<float> g_vbuf(static_cast<size_t>(tile));
+      std::vector<float> hbuf(static_cast<size_t>(steps * tile));
+      // BN sums: float over a tile's T steps, then float64 over the chunk's tiles
+      std::vector<float> tile_g(BN ? tile : 0), tile_gx(BN ? tile : 0);
+      std::vector<double> sum_g(BN ? tile : 0), sum_gx(BN ? tile : 0);
+      float* __restrict g_v = g_vbuf.data();
+      float* __restrict tg = tile_g.data();
+      float* __restrict tgx = tile_gx.data();
+      double* __restrict sg_acc = sum_g.data();
+      double* __restrict sgx_acc = sum_gx.data();
+      for (int64_t c = cb0; c < ce; ++c) {
+        if (BN) std::fill(sum_g.begin(), sum_g.end(), 0.0), std::fill(sum_gx.begin(), sum_gx.end(), 0.0);
+        const int64_t k_end = std::min<int64_t>(tiles, (c + 1) * chunks.per);
+        for (int64_t k = c * chunks.per; k < k_end; ++k) {
+          const int64_t b0 = k * tile, len = std::min<int64_t>(tile, n - b0);
+          for (int64_t j = 0; j < len; ++j) g_v[j] = vp ? vp[b0 + j] : 0.f;  // membranes
+          for (int64_t t = 0; t < steps; ++t) {
+            lif_tile_step<Soft, false, true, BN>(prm, xp + t * n + b0, g_v, nullptr,
+                                                 hbuf.data() + t * tile, len, pa, pb);
+          }
+          for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;  // now gradients
+          if (BN) std::fill(tile_g.begin(), tile_g.end(), 0.f), std::fill(tile_gx.begin(), tile_gx.end(), 0.f);
+          for (int64_t t = steps - 1; t >= 0; --t) {
+            const float* __restrict ht = hbuf.data() + t * tile;
+            const float* __restrict gst = gsp + t * n + b0;
+            const float* __restrict xt = xp + t * n + b0;
+            float* __restrict gxt = gxp + t * n + b0;
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) {
-            const float hi = ht[j];
-            float sg;
-            if (Kind == 0) {
-              const float sig = 1.f / (1.f + fast_exp(-(al * (hi - thr))));
-              sg = al * sig * (1.f - sig);
-            } else {
-              const float u = hpa * (hi - thr);
-              sg = ha / (1.f + u * u);
+            for (int64_t j = 0; j < len; ++j) {
+              const float hi = ht[j];
+              float sg;
+              if (Kind == 0) {
+                const float sig = 1.f / (1.f + fast_exp(-(al * (hi - thr))));
+                sg = al * sig * (1.f - sig);
+              } else {
+                const float u = hpa * (hi - thr);
+                sg = ha / (1.f + u * u);
+              }
+              float g_h = sg * gst[j];
+              if (Soft) {
+                g_h = g_h + g_v[j];
+                if (!Detach) g_h = g_h - (thr * sg) * g_v[j];
+              } else {
+                const float not_spiked = hi < thr ? 1.f : 0.f;
+                g_h = g_h + g_v[j] * not_spiked;
+                if (!Detach) g_h = g_h + g_v[j] * (rst - hi) * sg;
+              }
+              const float g_in = g_h * sc;
+              gxt[j] = g_in;
+              if (BN) {
+                tg[j] += g_in;
+                tgx[j] += g_in * xt[j];
+              }
+              g_v[j] = g_h * d;
             }
-            float g_h = sg * gst[j];
-            if (Soft) {
-              g_h = g_h + g_v[j];
-              if (!Detach) g_h = g_h - (thr * sg) * g_v[j];
-            } else {
-              const float not_spiked = hi < thr ? 1.f : 0.f;
-              g_h = g_h + g_v[j] * not_spiked;
-              if (!Detach) g_h = g_h + g_v[j] * (rst - hi) * sg;
+          }
+          if (BN) {
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) {
+              sg_acc[j] += static_cast<double>(tg[j]);
+              sgx_acc[j] += static_cast<double>(tgx[j]);
             }
-            gxt[j] = g_h * sc;
-            g_v[j] = g_h * d;
+          }
+          for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
+        }
+        if (BN) {  // fold the tile positions onto their channels
+          double* out = partp + c * 2 * channels;
+          for (int64_t j = 0; j < tile; ++j) {
+            out[j % channels] += sg_acc[j];
+            out[channels + j % channels] += sgx_acc[j];
           }
         }
-        for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
       }
     });
   };
@@ -266,20 +389,101 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
   using T1 = std::integral_constant<int, 1>;
   using Y = std::true_type;
   using N = std::false_type;
+  auto by_bn = [&](auto k, auto s, auto d) { bn ? run(k, s, d, Y{}) : run(k, s, d, N{}); };
   if (kind == 0) {
-    if (soft) detach_reset ? run(T0{}, Y{}, Y{}) : run(T0{}, Y{}, N{});
-    else detach_reset ? run(T0{}, N{}, Y{}) : run(T0{}, N{}, N{});
+    if (soft) detach_reset ? by_bn(T0{}, Y{}, Y{}) : by_bn(T0{}, Y{}, N{});
+    else detach_reset ? by_bn(T0{}, N{}, Y{}) : by_bn(T0{}, N{}, N{});
   } else {
-    if (soft) detach_reset ? run(T1{}, Y{}, Y{}) : run(T1{}, Y{}, N{});
-    else detach_reset ? run(T1{}, N{}, Y{}) : run(T1{}, N{}, N{});
+    if (soft) detach_reset ? by_bn(T1{}, Y{}, Y{}) : by_bn(T1{}, Y{}, N{});
+    else detach_reset ? by_bn(T1{}, N{}, Y{}) : by_bn(T1{}, N{}, N{});
   }
-  return {gx, gv0};
+  if (!bn) return {gx, gv0};
+  const at::Tensor sums = sum_chunks(part, chunks.count, 2 * channels).view({2, channels});
+  return {gx, gv0, sums[0], sums[1]};
+}
+
+// Per-channel sum and sum of squares of x (channel innermost), in float64: the batch
+// statistics of a BatchNorm in one read of its input. Returns [2, C] float64.
+at::Tensor channel_moments(const at::Tensor& x_in, int64_t channels) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "channel_moments: float32 CPU tensors only");
+  at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  check_channels(x, n, channels, "channel_moments");
+  const int64_t tile = channel_tile(channels, kTileB);
+  const int64_t tiles = (n + tile - 1) / tile;
+  const Chunks chunks(tiles);
+  std::vector<double> part(static_cast<size_t>(chunks.count * 2 * channels), 0.0);
+  double* partp = part.data();
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, chunks.count, 1, [=](int64_t cb0, int64_t ce) {
+    std::vector<double> s1(tile), s2(tile);
+    double* __restrict a1 = s1.data();
+    double* __restrict a2 = s2.data();
+    for (int64_t c = cb0; c < ce; ++c) {
+      std::fill(s1.begin(), s1.end(), 0.0), std::fill(s2.begin(), s2.end(), 0.0);
+      const int64_t k_end = std::min<int64_t>(tiles, (c + 1) * chunks.per);
+      for (int64_t k = c * chunks.per; k < k_end; ++k) {
+        const int64_t b0 = k * tile, len = std::min<int64_t>(tile, n - b0);
+        const float* __restrict xt = xp + b0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          const double xi = xt[j];
+          a1[j] += xi;
+          a2[j] += xi * xi;
+        }
+      }
+      double* out = partp + c * 2 * channels;
+      for (int64_t j = 0; j < tile; ++j) {
+        out[j % channels] += a1[j];
+        out[channels + j % channels] += a2[j];
+      }
+    }
+  });
+  return sum_chunks(part, chunks.count, 2 * channels).view({2, channels});
+}
+
+// The input gradient of a BatchNorm, in place on gy (channel innermost):
+// gx = (gy - k1 - (x - mean) * k2) * k0 per channel (training: k0 = weight * invstd,
+// k1 = mean of gy, k2 = invstd^2 * mean of gy * (x - mean); evaluation: k1 = k2 = 0).
+void bn_backward_input(at::Tensor& gy, const at::Tensor& x_in, const at::Tensor& mean,
+                       const at::Tensor& k0, const at::Tensor& k1, const at::Tensor& k2) {
+  TORCH_CHECK(gy.is_contiguous() && gy.scalar_type() == at::kFloat && gy.sizes() == x_in.sizes(),
+              "bn_backward_input: gy must be a contiguous float32 tensor shaped like x");
+  at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel(), channels = mean.numel();
+  check_channels(x, n, channels, "bn_backward_input");
+  const int64_t tile = channel_tile(channels, kTileB);
+  const std::vector<float> em = expand(mean, tile), e0 = expand(k0, tile),
+                           e1 = expand(k1, tile), e2 = expand(k2, tile);
+  const float* pm = em.data();
+  const float* p0 = e0.data();
+  const float* p1 = e1.data();
+  const float* p2 = e2.data();
+  const float* xp = x.data_ptr<float>();
+  float* gp = gy.data_ptr<float>();
+  const int64_t tiles = (n + tile - 1) / tile;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / tile), [=](int64_t tb, int64_t te) {
+    for (int64_t k = tb; k < te; ++k) {
+      const int64_t b0 = k * tile, len = std::min<int64_t>(tile, n - b0);
+      const float* __restrict xt = xp + b0;
+      float* __restrict gt = gp + b0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        float g = gt[j] - p1[j];
+        g = g - (xt[j] - pm[j]) * p2[j];
+        gt[j] = g * p0[j];
+      }
+    }
+  });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multi_threshold_fire", &multi_threshold_fire, "one step of the multi-threshold neuron");
-  m.def("lif_forward", &lif_forward, "LIF/IF forward over T steps");
-  m.def("lif_backward", &lif_backward, "LIF/IF backward through time");
+  m.def("lif_forward", &lif_forward, "LIF/IF forward over T steps (optionally after a BatchNorm)");
+  m.def("lif_backward", &lif_backward, "LIF/IF backward through time (optionally with BatchNorm sums)");
+  m.def("channel_moments", &channel_moments, "per-channel sum and sum of squares (float64)");
+  m.def("bn_backward_input", &bn_backward_input, "BatchNorm input gradient, in place");
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import Active, LinearBN, SpikeMatMul, fire, is_rows, mask_tokens
+from ..layers import Active, LinearBN, SpikeMatMul, bn_fire, fire, is_rows, mask_tokens
 from .base import SpikingTransformer
 from .registry import register_family, register_model
 
@@ -50,11 +50,11 @@ class SpikingSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         x = mask_tokens(x, active)
-        q = fire(self.q_lif, self.q(x, active), active, multi)
-        k = fire(self.k_lif, self.k(x, active), active, multi)
-        v = fire(self.v_lif, self.v(x, active), active, multi)
+        q = self.q.fire(self.q_lif, x, active, multi)
+        k = self.k.fire(self.k_lif, x, active, multi)
+        v = self.v.fire(self.v_lif, x, active, multi)
         y = fire(self.attn_lif, self.qkv_attention(q, k, v, active), active, multi)
-        return fire(self.proj_lif, self.proj(y, active), active, multi)
+        return self.proj.fire(self.proj_lif, y, active, multi)
 
 
 class SpikingMLP(nn.Module):
@@ -67,8 +67,8 @@ class SpikingMLP(nn.Module):
 
     def forward(self, x: Tensor, active: Active = None, multi: bool = True) -> Tensor:
         x = mask_tokens(x, active)
-        x = fire(self.lif1, self.fc1(x, active), active, multi)
-        return fire(self.lif2, self.fc2(x, active), active, multi)
+        x = self.fc1.fire(self.lif1, x, active, multi)
+        return self.fc2.fire(self.lif2, x, active, multi)
 
 
 class SPS(nn.Module):
@@ -97,6 +97,11 @@ class SPS(nn.Module):
         return lif.multi_step(y.unflatten(0, (steps, -1))).flatten(0, 1)
 
     @staticmethod
+    def _bn_lif2d(bn: nn.Module, lif, y: Tensor, steps: int) -> Tensor:
+        """``lif(bn(y))`` over ``[T * B, C, H, W]``, the BatchNorm in the neuron's kernel."""
+        return bn_fire(lif, bn, y.unflatten(0, (steps, -1)), channel_dim=2).flatten(0, 1)
+
+    @staticmethod
     def _images(x: Tensor) -> Tensor:
         """``[T, B, C, H, W]`` -> ``[T * B, C, H, W]`` in channels-last memory: convolutions,
         BatchNorms and pools run faster on it on the CPU (measured: the conv stack's forward +
@@ -114,8 +119,8 @@ class SPS(nn.Module):
         steps = x.shape[0]
         y = self._images(x)
         for conv, bn, lif, pool in zip(self.convs, self.bns, self.lifs, self.pools):
-            y = pool(self._lif2d(lif, bn(self._conv(conv, y)), steps))
-        y = y + self._lif2d(self.rpe_lif, self.rpe_bn(self.rpe_conv(y)), steps)
+            y = pool(self._bn_lif2d(bn, lif, self._conv(conv, y), steps))
+        y = y + self._bn_lif2d(self.rpe_bn, self.rpe_lif, self.rpe_conv(y), steps)
         return y.flatten(2).transpose(1, 2).unflatten(0, (steps, -1))
 
 
