@@ -116,6 +116,10 @@ class LinearBN(nn.Module):
         BatchNorm runs inside the neuron's kernel (:func:`bn_fire`)."""
         if multi and active is None:
             return bn_fire(neuron, self.bn, self.linear(x))
+        if is_rows(active) and isinstance(neuron, LIF) and not self.bn.training \
+                and _foldable(self.bn):  # inference on rows: the BatchNorm in the neuron's step
+            return neuron.rows_step(self.linear(x), active.index, active.batch * active.tokens,
+                                    bn=self.bn)
         return fire(neuron, self(x, active), active, multi)
 
 

@@ -195,7 +195,7 @@ class _KernelBNNeuronFn(torch.autograd.Function):
                 mean: Tensor, invstd: Tensor, training: bool, decay: float, scale: float,
                 bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
                 kind: int, alpha: float) -> tuple[Tensor, Tensor]:
-        ca = weight.detach() * invstd
+        ca = weight.detach() * invstd  # as _folded
         cb = bias_bn.detach() - mean * ca
         s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset,
                                                ca, cb)
@@ -239,15 +239,24 @@ def memory_order(x: Tensor) -> Optional[list[int]]:
     return perm if x.permute(perm).is_contiguous() else None
 
 
+def _charge(tau: Optional[float], v_reset: Optional[float]) -> tuple[float, float, float]:
+    """(decay, input scale, bias) of ``H = V * decay + X * scale + bias`` (IF: tau None)."""
+    if tau is None:
+        return 1.0, 1.0, 0.0
+    return 1.0 - 1.0 / tau, 1.0 / tau, (v_reset or 0.0) / tau
+
+
+def _folded(bn: nn.Module, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ca, cb)``: the BatchNorm ``bn`` with these statistics as ``x * ca + cb``."""
+    ca = bn.weight.detach() * invstd
+    return ca, bn.bias.detach() - mean * ca
+
+
 def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[float] = 2.0,
                   v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                   detach_reset: bool = True, surrogate=Sigmoid()) -> tuple[Tensor, Tensor]:
     """Functional fused LIF (``tau=None``: IF) over ``x_seq[T, ...]``; returns (spikes, last V)."""
-    if tau is None:
-        decay, scale, bias = 1.0, 1.0, 0.0
-    else:
-        decay, scale = 1.0 - 1.0 / tau, 1.0 / tau
-        bias = (v_reset or 0.0) / tau
+    decay, scale, bias = _charge(tau, v_reset)
     if torch.onnx.is_in_onnx_export():
         return _traceable_update(x_seq, v0, decay, scale, bias, float(v_threshold), v_reset)
     kind = _KERNEL_SURROGATES.get(type(surrogate))
@@ -294,11 +303,7 @@ def lif_bn_multistep(x_seq: Tensor, bn: nn.Module, channel_dim: int, v0: Optiona
     v_perm = [d - 1 for d in perm[1:]]
     v0 = None if v0 is None else v0.permute(v_perm).contiguous()
     mean, invstd = normalization(bn, x_mem)
-    if tau is None:
-        decay, scale, bias = 1.0, 1.0, 0.0
-    else:
-        decay, scale = 1.0 - 1.0 / tau, 1.0 / tau
-        bias = (v_reset or 0.0) / tau
+    decay, scale, bias = _charge(tau, v_reset)
     s_seq, v = _KernelBNNeuronFn.apply(x_mem, v0, bn.weight, bn.bias, mean, invstd, bn.training,
                                        decay, scale, bias, float(v_threshold),
                                        None if v_reset is None else float(v_reset),
@@ -447,10 +452,16 @@ class LIF(nn.Module):
         self._set_state(v_kept)
         return self._emit(s * active.to(s.dtype), active)
 
-    def rows_step(self, x: Tensor, index: Tensor, total: int) -> Tensor:
+    def rows_step(self, x: Tensor, index: Tensor, total: int, bn: Optional[nn.Module] = None
+                  ) -> Tensor:
         """One timestep on gathered rows ``x[M, ...]``: row i is element ``index[i]`` of a
         state of ``total`` rows; the other rows keep their membrane (token halting,
-        ``gather`` execution). Same spikes and state as :meth:`single_step` with a mask."""
+        ``gather`` execution). Same spikes and state as :meth:`single_step` with a mask.
+
+        At inference on the CPU one kernel charges the rows of the dense membrane where
+        they lie (no gather or scatter of the state). ``bn`` (an evaluation-mode BatchNorm
+        over the channels, the last dim) is applied to ``x`` first, folded into that kernel
+        where it runs."""
         full_shape = (total, *x.shape[1:])
         if self._sinabs is not None:
             self._sinabs_sync(full_shape, x)
@@ -460,6 +471,21 @@ class LIF(nn.Module):
         elif v_full.shape[0] != total:
             raise ConfigError(f"neuron state has shape {list(v_full.shape)} but gathered rows "
                               f"index {total} tokens; call reset() before a new sample")
+        if self._sinabs is None and type(self.surrogate) in _KERNEL_SURROGATES \
+                and v_full.is_contiguous() and _kernels.usable(v_full, x, dtypes=(torch.float32,)) \
+                and (bn is None or (not bn.training and x.shape[-1] == bn.num_features)):
+            fold = (None, None)
+            if bn is not None:
+                from .batchnorm import normalization
+
+                fold = _folded(bn, *normalization(bn, x))
+            decay, scale, bias = _charge(self.tau, self.v_reset)
+            s = _kernels.load().lif_rows_step(v_full, index, x, decay, scale, bias,
+                                              self.v_threshold, self.v_reset, *fold)
+            self.v = v_full
+            return self._emit(s, None)
+        if bn is not None:
+            x = bn(x)
         self._set_state(v_full.index_select(0, index))
         s = self._run(x.unsqueeze(0)).squeeze(0)
         v_rows = self._state_tensor(x.shape)

@@ -9,7 +9,7 @@ from stas_core.layers import TokenRows
 from stas_core.models import create_model
 from stas_core.neurons import LIF
 
-from helpers import calibrate_bn, tiny_converted_vit
+from helpers import calibrate_bn, missing, tiny_converted_vit
 
 CFG = HaltingConfig(alpha=1.0, beta=-0.5, eps=0.1)
 
@@ -132,6 +132,43 @@ def test_rows_step_equals_a_masked_single_step():
         s_rows = gathered.rows_step(rows.gather(x), rows.index, 15)
         assert torch.equal(rows.scatter(s_rows), s_dense)
     assert torch.equal(gathered.v.view(3, 5, 4), dense.v)  # halted tokens' state frozen
+
+
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_rows_step_in_place_kernel_equals_the_torch_ops(monkeypatch, with_bn):
+    """At inference the rows kernel charges the dense membrane's rows where they lie (the
+    same tensor is updated) and may fold an evaluation-mode BatchNorm in: the same spikes
+    and state as the PyTorch-op path (gather, step, scatter; the BatchNorm module first),
+    over steps whose active rows change."""
+    from stas_core import kernels
+    from stas_core.layers import TokenBN
+
+    if kernels.load() is None:
+        missing(f"the C++ kernels did not build: {kernels._state['why']}")
+    g = torch.Generator().manual_seed(3)
+    bn = TokenBN(24).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(24, generator=g) * 0.2)
+        bn.running_var.copy_(torch.rand(24, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(24, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(24, generator=g) * 0.2)
+    steps = [(torch.randn(6, 9, 24, generator=g) * 2, torch.rand(6, 9, generator=g) > p)
+             for p in (0.0, 0.3, 0.6, 0.6)]
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STAS_KERNELS", flag)
+        neuron, out, ptrs = LIF(2.0, v_reset=None, step_mode="s"), [], set()
+        with torch.no_grad():
+            for x, active in steps:
+                rows = TokenRows.from_mask(active)
+                out.append(neuron.rows_step(rows.gather(x), rows.index, 54,
+                                            bn=bn if with_bn else None))
+                ptrs.add(neuron.v.data_ptr())
+        runs[flag] = (out, neuron.v, ptrs)
+    (s1, v1, p1), (s0, v0, _) = runs["1"], runs["0"]
+    assert all(torch.equal(a, b) for a, b in zip(s1, s0)) and 0 < float(s1[0].mean()) < 1
+    assert torch.allclose(v1, v0, atol=1e-6) if with_bn else torch.equal(v1, v0)
+    assert len(p1) == 1  # one membrane tensor, updated in place
 
 
 def test_unknown_execution_is_a_clear_error():

@@ -478,12 +478,66 @@ void bn_backward_input(at::Tensor& gy, const at::Tensor& x_in, const at::Tensor&
   });
 }
 
+// One LIF step on gathered rows, in place (token halting's row execution at inference):
+// row i of x ([M, W]) charges row index[i] of the dense membrane v_full ([rows, W]), which
+// is updated where it lies; returns the spikes [M, W]. The same step as lif_forward with
+// T = 1 on v_full.index_select(0, index), bit for bit, without the gather and scatter of
+// the state. ca, cb ([C], C dividing W): a BatchNorm folded in, as in lif_forward.
+at::Tensor lif_rows_step(at::Tensor v_full, const at::Tensor& index, const at::Tensor& x_in,
+                         double decay, double scale, double bias, double v_th,
+                         c10::optional<double> v_reset, const c10::optional<at::Tensor>& ca_opt,
+                         const c10::optional<at::Tensor>& cb_opt) {
+  TORCH_CHECK(v_full.device().is_cpu() && v_full.scalar_type() == at::kFloat &&
+                  v_full.is_contiguous() && x_in.scalar_type() == at::kFloat,
+              "lif_rows_step: a contiguous float32 CPU membrane and float32 rows only");
+  at::Tensor x = x_in.contiguous();
+  const at::Tensor idx = index.contiguous().to(at::kLong);
+  const int64_t rows = x.size(0), total = v_full.size(0);
+  const int64_t width = rows ? x.numel() / rows : 0;
+  TORCH_CHECK(idx.numel() == rows && (total == 0 || v_full.numel() / total == width),
+              "lif_rows_step: rows, index and membrane rows differ in shape");
+  const bool bn = ca_opt.has_value() && ca_opt->defined();
+  if (bn) check_channels(x, width, ca_opt->numel(), "lif_rows_step");
+  const std::vector<float> ea = bn ? expand(*ca_opt, width) : std::vector<float>();
+  const std::vector<float> eb = bn ? expand(*cb_opt, width) : std::vector<float>();
+  at::Tensor s = at::empty_like(x);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < total, "lif_rows_step: index out of range");
+  }
+  const float* xp = x.data_ptr<float>();
+  float* vp = v_full.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  const float* pa = ea.data();
+  const float* pb = eb.data();
+  const LifParams prm{static_cast<float>(decay), static_cast<float>(scale),
+                      static_cast<float>(bias), static_cast<float>(v_th),
+                      v_reset.has_value() ? static_cast<float>(*v_reset) : 0.f};
+  auto run = [&](auto soft_tag, auto bn_tag) {
+    constexpr bool Soft = decltype(soft_tag)::value;
+    constexpr bool BN = decltype(bn_tag)::value;
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1));
+    at::parallel_for(0, rows, grain, [=](int64_t rb, int64_t re) {
+      for (int64_t i = rb; i < re; ++i) {
+        lif_tile_step<Soft, true, false, BN>(prm, xp + i * width, vp + ip[i] * width,
+                                             sp + i * width, nullptr, width, pa, pb);
+      }
+    });
+  };
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (v_reset.has_value()) bn ? run(N{}, Y{}) : run(N{}, N{});
+  else bn ? run(Y{}, Y{}) : run(Y{}, N{});
+  return s;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multi_threshold_fire", &multi_threshold_fire, "one step of the multi-threshold neuron");
   m.def("lif_forward", &lif_forward, "LIF/IF forward over T steps (optionally after a BatchNorm)");
   m.def("lif_backward", &lif_backward, "LIF/IF backward through time (optionally with BatchNorm sums)");
+  m.def("lif_rows_step", &lif_rows_step, "one LIF step on gathered rows, in place");
   m.def("channel_moments", &channel_moments, "per-channel sum and sum of squares (float64)");
   m.def("bn_backward_input", &bn_backward_input, "BatchNorm input gradient, in place");
 }
