@@ -11,7 +11,9 @@ Backends:
 
 * ``fused`` (default): one autograd Function runs the whole time loop forward and a
   hand-written backward through time, so autograd records one node per call instead of
-  ~6 per timestep. About 2x faster than sinabs on CPU (``bench/neuron_speed.py``).
+  ~6 per timestep; on CPU a single-pass C++ kernel (``stas_core.kernels``), 4-10x faster
+  than sinabs (``bench/neuron_speed.py``). :func:`lif_bn_multistep` runs a preceding
+  BatchNorm inside that kernel (``bench/bn_fold_speed.py``).
 * ``sinabs``: sinabs' ``LIF`` / ``IAF`` layers driven with this module's surrogate and
   reset dataclasses (sinabs accepts any callable for both), giving identical spikes and
   gradients (``tests/test_neurons.py``).
