@@ -136,7 +136,7 @@ def bn_fire(neuron: nn.Module, bn: nn.Module, x_seq: Tensor, channel_dim: int = 
     ``channel_dim`` (tokens ``[T, B, N, D]`` for a :class:`TokenBN`, images ``[T, B, C, H,
     W]`` for a BatchNorm2d). Where the LIF kernel runs, the BatchNorm is folded into its
     input: the normalised activation is never stored, and the backward saves the
-    BatchNorm's reduction pass (measured: see ``bench/train_speed.py``). Elsewhere the two
+    BatchNorm's reduction pass (measured: ``bench/bn_fold_speed.py``). Elsewhere the two
     modules run; the values agree within rounding (tested)."""
     if isinstance(neuron, LIF) and _foldable(bn) and not (
             bn.training and x_seq.numel() < 2 * x_seq.shape[channel_dim]):

@@ -197,8 +197,7 @@ class _KernelBNNeuronFn(torch.autograd.Function):
                 mean: Tensor, invstd: Tensor, training: bool, decay: float, scale: float,
                 bias: float, v_th: float, v_reset: Optional[float], detach_reset: bool,
                 kind: int, alpha: float) -> tuple[Tensor, Tensor]:
-        ca = weight.detach() * invstd  # as _folded
-        cb = bias_bn.detach() - mean * ca
+        ca, cb = _folded(weight, bias_bn, mean, invstd)
         s_seq, v = _kernels.load().lif_forward(x_seq, v0, decay, scale, bias, v_th, v_reset,
                                                ca, cb)
         ctx.save_for_backward(x_seq, v0, weight, mean, invstd, ca, cb)
@@ -248,10 +247,19 @@ def _charge(tau: Optional[float], v_reset: Optional[float]) -> tuple[float, floa
     return 1.0 - 1.0 / tau, 1.0 / tau, (v_reset or 0.0) / tau
 
 
-def _folded(bn: nn.Module, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ca, cb)``: the BatchNorm ``bn`` with these statistics as ``x * ca + cb``."""
-    ca = bn.weight.detach() * invstd
-    return ca, bn.bias.detach() - mean * ca
+def _folded(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ca, cb)``: a BatchNorm with these parameters and statistics as ``x * ca + cb``."""
+    ca = weight.detach() * invstd
+    return ca, bias.detach() - mean * ca
+
+
+def _state_order(perm: list[int]) -> list[int]:
+    """The permutation of a state ``[...]`` (no time dim) matching ``perm`` of ``[T, ...]``."""
+    return [d - 1 for d in perm[1:]]
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    return sorted(range(len(perm)), key=perm.__getitem__)
 
 
 def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[float] = 2.0,
@@ -268,13 +276,13 @@ def lif_multistep(x_seq: Tensor, v0: Optional[Tensor] = None, *, tau: Optional[f
         perm = memory_order(x_seq)
         if perm is not None:
             x_seq = x_seq.permute(perm)
-            v0 = None if v0 is None else v0.permute([d - 1 for d in perm[1:]])
+            v0 = None if v0 is None else v0.permute(_state_order(perm))
         s_seq, v = _KernelNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                          None if v_reset is None else float(v_reset),
                                          bool(detach_reset), kind, float(surrogate.alpha))
         if perm is not None:
-            back = sorted(range(len(perm)), key=perm.__getitem__)
-            s_seq, v = s_seq.permute(back), v.permute([d - 1 for d in back[1:]])
+            back = _inverse(perm)
+            s_seq, v = s_seq.permute(back), v.permute(_state_order(back))
         return s_seq, v
     return _FusedNeuronFn.apply(x_seq, v0, decay, scale, bias, float(v_threshold),
                                 None if v_reset is None else float(v_reset),
@@ -302,16 +310,15 @@ def lif_bn_multistep(x_seq: Tensor, bn: nn.Module, channel_dim: int, v0: Optiona
     if channel_dim == 0 or perm[-1] != channel_dim or x_seq.shape[channel_dim] != bn.num_features:
         return None
     x_mem = x_seq.permute(perm).contiguous()  # channels innermost (no copy when dense)
-    v_perm = [d - 1 for d in perm[1:]]
-    v0 = None if v0 is None else v0.permute(v_perm).contiguous()
+    v0 = None if v0 is None else v0.permute(_state_order(perm))
     mean, invstd = normalization(bn, x_mem)
     decay, scale, bias = _charge(tau, v_reset)
     s_seq, v = _KernelBNNeuronFn.apply(x_mem, v0, bn.weight, bn.bias, mean, invstd, bn.training,
                                        decay, scale, bias, float(v_threshold),
                                        None if v_reset is None else float(v_reset),
                                        bool(detach_reset), kind, float(surrogate.alpha))
-    back = sorted(range(len(perm)), key=perm.__getitem__)
-    return s_seq.permute(back), v.permute([d - 1 for d in back[1:]])
+    back = _inverse(perm)
+    return s_seq.permute(back), v.permute(_state_order(back))
 
 
 # --------------------------------------------------------------------------- sinabs backend
@@ -480,7 +487,7 @@ class LIF(nn.Module):
             if bn is not None:
                 from .batchnorm import normalization
 
-                fold = _folded(bn, *normalization(bn, x))
+                fold = _folded(bn.weight, bn.bias, *normalization(bn, x))
             decay, scale, bias = _charge(self.tau, self.v_reset)
             s = _kernels.load().lif_rows_step(v_full, index, x, decay, scale, bias,
                                               self.v_threshold, self.v_reset, *fold)

@@ -196,6 +196,21 @@ void check_channels(const at::Tensor& x, int64_t per_step, int64_t channels, con
               ": the channel count must divide the elements of a step (channel innermost)");
 }
 
+// A BatchNorm folded into a neuron step (ca, cb given; none: off), expanded to tiles of
+// whole channel rows of about `target` elements (channel_tile).
+struct Fold {
+  bool on;
+  int64_t channels, tile;
+  std::vector<float> a, b;
+  Fold(const c10::optional<at::Tensor>& ca, const c10::optional<at::Tensor>& cb,
+       const at::Tensor& x, int64_t per_step, int64_t target, const char* who)
+      : on(ca.has_value() && ca->defined()), channels(on ? ca->numel() : 0) {
+    if (on) check_channels(x, per_step, channels, who);
+    tile = channel_tile(channels, target);
+    if (on) a = expand(*ca, tile), b = expand(*cb, tile);
+  }
+};
+
 // Forward of a LIF/IF over x_seq[T, ...] (stas_core/neurons.py: _FusedNeuronFn.forward):
 // per element the membrane stays in a register across the T steps. Returns
 // (spikes[T, ...], last membrane). Nothing else is written: the backward recomputes the
@@ -214,20 +229,17 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<
   const int64_t n = steps ? x.numel() / steps : 0;
   at::Tensor v0;
   if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
-  const bool bn = ca_opt.has_value() && ca_opt->defined();
-  const int64_t channels = bn ? ca_opt->numel() : 0;
-  if (bn) check_channels(x, n, channels, "lif_forward");
-  const int64_t tile = channel_tile(channels, kTile);
-  const std::vector<float> ea = bn ? expand(*ca_opt, tile) : std::vector<float>();
-  const std::vector<float> eb = bn ? expand(*cb_opt, tile) : std::vector<float>();
+  const Fold fold(ca_opt, cb_opt, x, n, kTile, "lif_forward");
+  const bool bn = fold.on;
+  const int64_t tile = fold.tile;
   at::Tensor s = at::empty_like(x);
   at::Tensor v_last = at::empty(x.sizes().slice(1), x.options());
   const float* xp = x.data_ptr<float>();
   const float* vp = v0.defined() ? v0.data_ptr<float>() : nullptr;
   float* sp = s.data_ptr<float>();
   float* vl = v_last.data_ptr<float>();
-  const float* pa = ea.data();
-  const float* pb = eb.data();
+  const float* pa = fold.a.data();
+  const float* pb = fold.b.data();
   const LifParams prm{static_cast<float>(decay), static_cast<float>(scale),
                       static_cast<float>(bias), static_cast<float>(v_th),
                       v_reset.has_value() ? static_cast<float>(*v_reset) : 0.f};
@@ -278,12 +290,9 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
   if (v0_opt.has_value() && v0_opt->defined()) v0 = v0_opt->contiguous();
   gs = (gs_opt.has_value() && gs_opt->defined()) ? gs_opt->contiguous() : at::zeros_like(x);
   if (gv_opt.has_value() && gv_opt->defined()) gv = gv_opt->contiguous();
-  const bool bn = ca_opt.has_value() && ca_opt->defined();
-  const int64_t channels = bn ? ca_opt->numel() : 0;
-  if (bn) check_channels(x, n, channels, "lif_backward");
-  const int64_t tile = channel_tile(channels, kTileB);
-  const std::vector<float> ea = bn ? expand(*ca_opt, tile) : std::vector<float>();
-  const std::vector<float> eb = bn ? expand(*cb_opt, tile) : std::vector<float>();
+  const Fold fold(ca_opt, cb_opt, x, n, kTileB, "lif_backward");
+  const bool bn = fold.on;
+  const int64_t channels = fold.channels, tile = fold.tile;
   at::Tensor gx = at::empty_like(x);
   at::Tensor gv0 = at::empty(x.sizes().slice(1), x.options());
   const float* xp = x.data_ptr<float>();
@@ -292,8 +301,8 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
   const float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
   float* gxp = gx.data_ptr<float>();
   float* g0 = gv0.data_ptr<float>();
-  const float* pa = ea.data();
-  const float* pb = eb.data();
+  const float* pa = fold.a.data();
+  const float* pb = fold.b.data();
   const float fd = decay, fs = scale, th = v_th, a = alpha;
   const bool soft = !v_reset.has_value();
   const float vr = soft ? 0.f : static_cast<float>(*v_reset);
@@ -496,10 +505,8 @@ at::Tensor lif_rows_step(at::Tensor v_full, const at::Tensor& index, const at::T
   const int64_t width = rows ? x.numel() / rows : 0;
   TORCH_CHECK(idx.numel() == rows && (total == 0 || v_full.numel() / total == width),
               "lif_rows_step: rows, index and membrane rows differ in shape");
-  const bool bn = ca_opt.has_value() && ca_opt->defined();
-  if (bn) check_channels(x, width, ca_opt->numel(), "lif_rows_step");
-  const std::vector<float> ea = bn ? expand(*ca_opt, width) : std::vector<float>();
-  const std::vector<float> eb = bn ? expand(*cb_opt, width) : std::vector<float>();
+  const Fold fold(ca_opt, cb_opt, x, width, width, "lif_rows_step");  // tile: one row
+  const bool bn = fold.on;
   at::Tensor s = at::empty_like(x);
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
@@ -508,8 +515,8 @@ at::Tensor lif_rows_step(at::Tensor v_full, const at::Tensor& index, const at::T
   const float* xp = x.data_ptr<float>();
   float* vp = v_full.data_ptr<float>();
   float* sp = s.data_ptr<float>();
-  const float* pa = ea.data();
-  const float* pb = eb.data();
+  const float* pa = fold.a.data();
+  const float* pb = fold.b.data();
   const LifParams prm{static_cast<float>(decay), static_cast<float>(scale),
                       static_cast<float>(bias), static_cast<float>(v_th),
                       v_reset.has_value() ? static_cast<float>(*v_reset) : 0.f};
