@@ -21,6 +21,7 @@ set changes.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -246,6 +247,7 @@ class Compensated(_Compilable, nn.Module):
         self.count: Count = 0
         self.emitted: Optional[Tensor] = None
         self._count_t: Optional[tuple[Tensor, int]] = None  # the step count on the device
+        self._owned: Optional[tuple] = None  # weak refs to the sums the kernel may update in place
 
     held_state = ("total", "emitted", "count")  # per-row state under the row execution
 
@@ -256,6 +258,9 @@ class Compensated(_Compilable, nn.Module):
             self.count += 1  # common case: every token active
             self._count_t = _device_count(self._count_t, self.count, x)
             count = self._count_t[0]
+            out = self._kernel_update(x, count)
+            if out is not None:
+                return out
             update = self._fn(compensated_update)
             self.total, self.emitted, out = update(self.fn, self.total, x, count, self.emitted)
             return out
@@ -271,14 +276,36 @@ class Compensated(_Compilable, nn.Module):
         self.count = count
         return out if active is None else out * active.to(out.dtype)
 
+    def _kernel_update(self, x: Tensor, count: Tensor) -> Optional[Tensor]:
+        """The step of :func:`compensated_update` as one pass of the CPU kernel, where ``fn``
+        is the converted GELU and the kernel runs (a compiled model uses it too: nothing
+        beats one pass); None otherwise. Bit for bit the ops form's values. The sums are
+        updated in place once they are the kernel's own (not, e.g., an input kept as the
+        first total, nor rows a compaction made: those are copied once)."""
+        if not getattr(self.fn, "erf_kernel", False) or \
+                not kernels.usable(self.total, x, self.emitted, count, dtypes=(torch.float32,)):
+            return None
+        owned = self._owned is not None and self._owned[0]() is self.total \
+            and self._owned[1]() is self.emitted
+        self.total, self.emitted, out = kernels.load().compensated_gelu(
+            self.total, x, self.emitted, count, owned)
+        self._owned = (weakref.ref(self.total), weakref.ref(self.emitted))
+        return out
+
     def _rows_step(self, x: Tensor) -> Tensor:
         """Every row active; ``count`` is a per-row tensor (rows may have joined late)."""
         if self.total is None:
             self.count = x.new_ones((x.shape[0],) + (1,) * (x.dim() - 1))
+            out = self._kernel_update(x, self.count)
+            if out is not None:
+                return out
             self.total = x
             self.emitted = self.fn(x)
             return self.emitted
         self.count = self.count + 1
+        out = self._kernel_update(x, self.count)
+        if out is not None:
+            return out
         update = self._fn(compensated_update)
         self.total, self.emitted, out = update(self.fn, self.total, x, self.count, self.emitted)
         return out
@@ -519,8 +546,16 @@ def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
 
 
 def gelu_fn(approximate: str = "none") -> Callable[[Tensor], Tensor]:
+    """The GELU of a converted block. The erf form runs as the CPU kernel's vectorised GELU
+    where it can (float32, no autograd, not traced or compiled), in every execution, so the
+    fused compensation step (:meth:`Compensated._kernel_update`) gives the same bits as
+    the ops; it differs from ``F.gelu`` by a few ulp (float32 rounding)."""
     def gelu(x: Tensor) -> Tensor:
-        if approximate == "none" and x.dtype == torch.float64 and torch.onnx.is_in_onnx_export():
-            return gelu_float64(x)  # onnxruntime has no float64 Erf
+        if approximate == "none":
+            if x.dtype == torch.float64 and torch.onnx.is_in_onnx_export():
+                return gelu_float64(x)  # onnxruntime has no float64 Erf
+            if kernels.usable(x, dtypes=(torch.float32,)):
+                return kernels.load().gelu_erf(x)
         return torch.nn.functional.gelu(x, approximate=approximate)
+    gelu.erf_kernel = approximate == "none"
     return gelu

@@ -41,6 +41,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _vector_capability() -> str:
+    """The instruction set PyTorch's own CPU kernels run with here (``AVX512``, ``AVX2``,
+    ``DEFAULT``, ...): ``at::vec`` in the extension is built for the same one."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # an old or unusual build: the portable vectors
+        return "DEFAULT"
+
+
+def _capability_flags(capability: str) -> list[str]:
+    """Defines that select ``at::vec``'s vectors for ``capability`` (x86 only: elsewhere
+    the portable ones, which are correct, only slower)."""
+    if capability in ("AVX512", "AVX2") and platform.machine() in ("x86_64", "AMD64"):
+        return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
 def enabled() -> bool:
     """Whether the kernels may be used (``STAS_KERNELS=0`` turns them off)."""
     return os.environ.get("STAS_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -61,10 +80,12 @@ def load() -> Optional[object]:
 
             log.info("preparing the single-pass neuron kernels "
                      "(about a minute the first time; cached)")
+            capability = _vector_capability()
             _state["module"] = build(
-                name=f"stas_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
+                name=f"stas_kernels_{_cpu_tag()}_{capability.lower()}", sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
-                              "-fno-trapping-math", "-fno-math-errno"],
+                              "-fno-trapping-math", "-fno-math-errno",
+                              *_capability_flags(capability)],
                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as err:  # no compiler, no ninja, a failed build: use torch ops
             _state["why"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}"

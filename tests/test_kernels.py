@@ -4,7 +4,8 @@ import logging
 import pytest
 import torch
 
-from convert.ops import MultiThresholdNeuron, integrate_and_fire
+from convert.ops import (Compensated, HeldRows, MultiThresholdNeuron, compensated_update,
+                         gelu_fn, integrate_and_fire)
 from stas_core import kernels
 from stas_core.neurons import ATan, Sigmoid, lif_multistep
 
@@ -44,6 +45,75 @@ def test_multi_threshold_kernel_is_bitwise_the_reference(ext, dtype):
     s0, v0 = ext.multi_threshold_fire(None, x, float(theta), smallest)  # at rest
     s0_ref, v0_ref = integrate_and_fire(torch.zeros_like(x), x, theta.to(dtype), smallest)
     assert torch.equal(s0, s0_ref) and torch.equal(v0, v0_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_multi_threshold_kernel_reads_views_where_they_lie(ext, dtype):
+    """Chunks of Q/K/V, their heads and a strided slice are read without a copy and give
+    the contiguous input's spikes and membranes (as contiguous tensors)."""
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(3, 7, 3 * 12, generator=g) * 2).to(dtype)
+    views = [qkv.chunk(3, -1)[1], qkv.chunk(3, -1)[2].unflatten(-1, (3, -1)).transpose(-3, -2),
+             qkv[:, ::2], qkv.transpose(0, 1)]
+    for x in views:
+        assert not x.is_contiguous()
+        v = torch.randn(x.shape, generator=g).to(dtype)
+        s, v_new = ext.multi_threshold_fire(v, x, 0.7, 2.0 ** -7)
+        s_ref, v_ref = ext.multi_threshold_fire(v, x.contiguous(), 0.7, 2.0 ** -7)
+        assert torch.equal(s, s_ref) and torch.equal(v_new, v_ref)
+        assert s.is_contiguous() and v_new.is_contiguous() and s.abs().sum() > 0
+
+
+def test_kernel_gelu_is_within_rounding_of_torch(ext):
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(100_003, generator=g) * 4, torch.tensor([0.0, -0.0, 10.0, -10.0])])
+    ref = torch.nn.functional.gelu(x.double())
+    y = ext.gelu_erf(x)
+    assert (y.double() - ref).abs().max() <= 4e-6 * ref.abs().clamp(min=1).max()
+    assert torch.equal(ext.gelu_erf(x[5:17]), y[5:17])  # tails: the same vector code
+
+
+def _gelu_steps(xs, rows_at=None):
+    """Steps of a compensated GELU (dense, or rows with compaction where ``rows_at`` says)."""
+    comp = Compensated(gelu_fn(), "gelu")
+    outs, at_return = [], []
+    for t, x in enumerate(xs):
+        if rows_at is None:
+            outs.append(comp.step(x))
+        else:
+            held = HeldRows([comp]) if t == 0 else held
+            rows = held.update(rows_at[t])
+            outs.append(comp.step(x.reshape(-1, x.shape[-1]).index_select(0, rows.index), rows))
+        at_return.append(outs[-1].clone())
+    assert all(torch.equal(a, b) for a, b in zip(outs, at_return))  # nothing overwritten
+    return outs, comp
+
+
+def test_compensated_gelu_kernel_is_the_ops_form_bit_for_bit(ext, monkeypatch):
+    """The one-pass step equals compensated_update with the same GELU: dense (a step count)
+    and as rows (a count per row, rows that leave), and updating its sums in place never
+    changes an output already returned."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 6, 40, generator=g) * 2 for _ in range(5)]
+    active = [torch.ones(4, 6, dtype=torch.bool)] + [torch.rand(4, 6, generator=g) > 0.2] * 4
+    active[3] = active[3] & (torch.rand(4, 6, generator=g) > 0.4)  # the set only shrinks
+    active[4] = active[3]
+    inputs = [x.clone() for x in xs]
+    for rows_at in (None, active):
+        kernel, comp = _gelu_steps(xs, rows_at)
+        assert all(torch.equal(a, b) for a, b in zip(xs, inputs))
+        monkeypatch.setattr(Compensated, "_kernel_update", lambda self, x, count: None)
+        ops, comp_ops = _gelu_steps(xs, rows_at)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(kernel, ops))
+        assert torch.equal(comp.total, comp_ops.total) and torch.equal(comp.emitted, comp_ops.emitted)
+    # the rows run's counts differ per row: a row that joined late has a smaller one
+    count = torch.tensor([[1.0], [3.0]])
+    x = torch.randn(2, 40, generator=g)
+    total, emitted = torch.randn(2, 40, generator=g), torch.randn(2, 40, generator=g)
+    t_ref, e_ref, o_ref = compensated_update(gelu_fn(), total, x, count, emitted)
+    t_k, e_k, o_k = ext.compensated_gelu(total.clone(), x, emitted.clone(), count, True)
+    assert torch.equal(o_k, o_ref) and torch.equal(t_k, t_ref) and torch.equal(e_k, e_ref)
 
 
 def test_neuron_steps_the_same_with_and_without_the_kernel(ext, monkeypatch):

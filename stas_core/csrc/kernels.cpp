@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>  // Vectorized<float>::erf for the GELU (built for torch's CPU capability)
 
 #include <algorithm>
 #include <cmath>
@@ -48,41 +49,78 @@ inline T nearest_pow2_signed(T u, I half, I keep) {
 }
 
 template <typename T, typename I, bool HasV, bool Grid>
-void fire_loop(const T* __restrict v, const T* __restrict x, T* __restrict s,
-               T* __restrict v_out, int64_t n, T theta, T smallest, I half, I keep) {
-  const T tie = static_cast<T>(1099511627776.0);  // 2^40, see TIE_GRID in convert/ops.py
-  at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-    // locals, not captures: a store through T* could alias a captured T, which would stop
-    // the loop from vectorising
-    const T th = theta, lo = smallest, grid = tie;
-    const I h = half, k = keep;
-    const T* __restrict vv = v;
-    const T* __restrict xv = x;
-    T* __restrict sv = s;
-    T* __restrict vo = v_out;
+inline void fire_span(const T* __restrict vv, const T* __restrict xv, T* __restrict sv,
+                      T* __restrict vo, int64_t len, T theta, T smallest, I half, I keep) {
+  // locals, not captures: a store through T* could alias a captured T, which would stop
+  // the loop from vectorising
+  const T th = theta, lo = smallest, grid = static_cast<T>(1099511627776.0);  // 2^40, see
+  const I h = half, k = keep;                                // TIE_GRID in convert/ops.py
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      T vi = (HasV ? vv[i] : T(0)) + xv[i];
-      T u = vi / th;
-      if (Grid) u = std::nearbyint(u * grid) / grid;
-      T a = std::abs(u);
-      T p = nearest_pow2_signed<T, I>(a, h, k);
-      p = p < lo ? T(0) : p;
-      T whole = std::floor(a);
-      p = p < whole ? whole : p;  // torch.maximum without NaNs
-      T sig = u < T(0) ? -p : p;
-      T si = sig * th;
-      sv[i] = si;
-      vo[i] = vi - si;
+  for (int64_t i = 0; i < len; ++i) {
+    T vi = (HasV ? vv[i] : T(0)) + xv[i];
+    T u = vi / th;
+    if (Grid) u = std::nearbyint(u * grid) / grid;
+    T a = std::abs(u);
+    T p = nearest_pow2_signed<T, I>(a, h, k);
+    p = p < lo ? T(0) : p;
+    T whole = std::floor(a);
+    p = p < whole ? whole : p;  // torch.maximum without NaNs
+    T sig = u < T(0) ? -p : p;
+    T si = sig * th;
+    sv[i] = si;
+    vo[i] = vi - si;
+  }
+}
+
+// x: n elements in rows of ``width`` at element offsets ``row_at`` (null: contiguous);
+// v, s, v_out contiguous.
+template <typename T, typename I, bool HasV, bool Grid>
+void fire_loop(const T* v, const T* x, const int64_t* row_at, int64_t width, T* s, T* v_out,
+               int64_t n, T theta, T smallest, I half, I keep) {
+  if (!row_at) {
+    at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
+      fire_span<T, I, HasV, Grid>(HasV ? v + begin : nullptr, x + begin, s + begin,
+                                  v_out + begin, end - begin, theta, smallest, half, keep);
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1));
+  at::parallel_for(0, n / width, grain, [=](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t o = r * width;
+      fire_span<T, I, HasV, Grid>(HasV ? v + o : nullptr, x + row_at[r], s + o, v_out + o,
+                                  width, theta, smallest, half, keep);
     }
   });
 }
 
 template <typename T, typename I, bool Grid>
-void fire_dispatch(const T* v, const T* x, T* s, T* v_out, int64_t n, T theta, T smallest,
-                   I half, I keep) {
-  if (v) fire_loop<T, I, true, Grid>(v, x, s, v_out, n, theta, smallest, half, keep);
-  else fire_loop<T, I, false, Grid>(v, x, s, v_out, n, theta, smallest, half, keep);
+void fire_dispatch(const T* v, const T* x, const int64_t* row_at, int64_t width, T* s,
+                   T* v_out, int64_t n, T theta, T smallest, I half, I keep) {
+  if (v) fire_loop<T, I, true, Grid>(v, x, row_at, width, s, v_out, n, theta, smallest, half, keep);
+  else fire_loop<T, I, false, Grid>(v, x, row_at, width, s, v_out, n, theta, smallest, half, keep);
+}
+
+// Element offsets of the rows of x (its last dim, contiguous, is a row), or empty when x
+// is contiguous. A view such as a chunk of Q/K/V or its heads is then read where it lies,
+// without the copy .contiguous() would make.
+std::vector<int64_t> row_offsets(const at::Tensor& x) {
+  std::vector<int64_t> at;
+  if (x.is_contiguous() || x.numel() == 0) return at;
+  const int64_t dims = x.dim(), width = x.size(dims - 1), rows = x.numel() / width;
+  at.resize(rows);
+  std::vector<int64_t> idx(dims > 1 ? dims - 1 : 0, 0);
+  int64_t off = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    at[r] = off;
+    for (int64_t d = dims - 2; d >= 0; --d) {  // next row: an odometer over the leading dims
+      off += x.stride(d);
+      if (++idx[d] < x.size(d)) break;
+      off -= x.stride(d) * x.size(d);
+      idx[d] = 0;
+    }
+  }
+  return at;
 }
 
 // One step of the signed multi-threshold neuron (convert/ops.py: integrate_and_fire):
@@ -91,24 +129,28 @@ std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_
                                              const at::Tensor& x_in, double theta,
                                              double smallest) {
   TORCH_CHECK(x_in.device().is_cpu(), "multi_threshold_fire: CPU tensors only");
-  at::Tensor x = x_in.contiguous();
+  // rows of a view are read in place when its last dim is contiguous; else one copy
+  at::Tensor x = x_in.dim() >= 2 && x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  const std::vector<int64_t> rows = row_offsets(x);
+  const int64_t* row_at = rows.empty() ? nullptr : rows.data();
+  const int64_t width = x.dim() ? x.size(-1) : 1;
   at::Tensor v;
   if (v_opt.has_value() && v_opt->defined()) {
     TORCH_CHECK(v_opt->sizes() == x.sizes() && v_opt->scalar_type() == x.scalar_type(),
                 "multi_threshold_fire: membrane and input differ in shape or dtype");
     v = v_opt->contiguous();
   }
-  at::Tensor s = at::empty_like(x);
-  at::Tensor v_out = at::empty_like(x);
+  at::Tensor s = at::empty(x.sizes(), x.options());  // contiguous, as the input's copy was
+  at::Tensor v_out = at::empty(x.sizes(), x.options());
   const int64_t n = x.numel();
   if (x.scalar_type() == at::kFloat) {
     fire_dispatch<float, int32_t, false>(
-        v.defined() ? v.data_ptr<float>() : nullptr, x.data_ptr<float>(), s.data_ptr<float>(),
-        v_out.data_ptr<float>(), n, static_cast<float>(theta), static_cast<float>(smallest),
-        0x00400000, 0x7F800000);
+        v.defined() ? v.data_ptr<float>() : nullptr, x.data_ptr<float>(), row_at, width,
+        s.data_ptr<float>(), v_out.data_ptr<float>(), n, static_cast<float>(theta),
+        static_cast<float>(smallest), 0x00400000, 0x7F800000);
   } else if (x.scalar_type() == at::kDouble) {
     fire_dispatch<double, int64_t, true>(
-        v.defined() ? v.data_ptr<double>() : nullptr, x.data_ptr<double>(),
+        v.defined() ? v.data_ptr<double>() : nullptr, x.data_ptr<double>(), row_at, width,
         s.data_ptr<double>(), v_out.data_ptr<double>(), n, theta, smallest,
         int64_t(1) << 51, INT64_C(0x7FF0000000000000));
   } else {
@@ -538,6 +580,116 @@ at::Tensor lif_rows_step(at::Tensor v_full, const at::Tensor& index, const at::T
   return s;
 }
 
+// ---------------------------------------------------------------------------------------
+// GELU (erf form) and its expectation compensation (convert/ops.py: compensated_update).
+// The GELU is at::vec's vectorised erf on every element, tails included (a masked load),
+// so it does not depend on how the work is split; it differs from torch's own GELU by at
+// most a few ulp, which is why the converted model uses this one everywhere on the CPU.
+using VecF = at::vec::Vectorized<float>;
+
+inline VecF gelu_vec(VecF x) {
+  const VecF alpha(static_cast<float>(M_SQRT1_2)), one(1.f), half(0.5f);
+  return x * half * (one + (x * alpha).erf());
+}
+
+// Apply op(offset, lanes) over [0, n) in vectors, in parallel; ``lanes`` < VecF::size()
+// only for the last vector.
+template <typename Op>
+void for_vectors(int64_t n, const Op& op) {
+  const int64_t width = VecF::size();
+  const int64_t vectors = (n + width - 1) / width;
+  at::parallel_for(0, vectors, kGrain / width, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t o = i * width;
+      op(o, static_cast<int>(std::min<int64_t>(width, n - o)));
+    }
+  });
+}
+
+void check_float_cpu(const at::Tensor& t, const char* who) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              who, ": float32 CPU tensors only");
+}
+
+at::Tensor gelu_erf(const at::Tensor& x_in) {
+  check_float_cpu(x_in, "gelu_erf");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_vectors(x.numel(), [=](int64_t o, int k) {
+    gelu_vec(VecF::loadu(xp + o, k)).store(yp + o, k);
+  });
+  return y;
+}
+
+// One step of GELU's expectation compensation, one pass: total += x;
+// cumulative = gelu(total / count) * count; out = cumulative - emitted; emitted = cumulative.
+// count: one value, or one per row of x ([rows, ...] with count.numel() == rows). With
+// ``in_place`` total and emitted (which must be contiguous and not alias x) are updated
+// where they lie; else (and when undefined: the first step, a sum of nothing) new ones are
+// made. Returns (total, emitted, out), the ops form's values bit for bit (same IEEE
+// operations in the same order, with gelu_erf as the GELU).
+std::vector<at::Tensor> compensated_gelu(const c10::optional<at::Tensor>& total_opt,
+                                         const at::Tensor& x_in,
+                                         const c10::optional<at::Tensor>& emitted_opt,
+                                         const at::Tensor& count_in, bool in_place) {
+  check_float_cpu(x_in, "compensated_gelu");
+  check_float_cpu(count_in, "compensated_gelu");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor count = count_in.contiguous();
+  const int64_t n = x.numel();
+  const int64_t rows = count.numel();
+  TORCH_CHECK(rows >= 1 && n % rows == 0 && (rows == 1 || x.dim() >= 1 && x.size(0) == rows),
+              "compensated_gelu: count must hold one value or one per row of the input");
+  const int64_t inner = n / rows;
+  auto state = [&](const c10::optional<at::Tensor>& t, const char* what) -> at::Tensor {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    check_float_cpu(*t, "compensated_gelu");
+    TORCH_CHECK(t->numel() == n, "compensated_gelu: ", what, " and input differ in size");
+    if (!in_place) return t->contiguous();
+    TORCH_CHECK(t->is_contiguous(), "compensated_gelu: in place needs a contiguous ", what);
+    return *t;
+  };
+  const at::Tensor total = state(total_opt, "total");
+  const at::Tensor emitted = state(emitted_opt, "emitted");
+  const bool keep = in_place && total.defined() && emitted.defined();
+  at::Tensor total_out = keep ? total : at::empty_like(x);
+  at::Tensor emitted_out = keep ? emitted : at::empty_like(x);
+  at::Tensor out = at::empty_like(x);
+  const float* tp = total.defined() ? total.data_ptr<float>() : nullptr;
+  const float* ep = emitted.defined() ? emitted.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const float* cp = count.data_ptr<float>();
+  float* to = total_out.data_ptr<float>();
+  float* eo = emitted_out.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto segment = [=](int64_t o, int64_t len, float c) {
+    const VecF vc(c);
+    for (int64_t j = 0; j < len; j += VecF::size()) {
+      const int k = static_cast<int>(std::min<int64_t>(VecF::size(), len - j));
+      const int64_t i = o + j;
+      const VecF xv = VecF::loadu(xp + i, k);
+      const VecF t = tp ? VecF::loadu(tp + i, k) + xv : xv;
+      const VecF cum = gelu_vec(t / vc) * vc;
+      const VecF y = ep ? cum - VecF::loadu(ep + i, k) : cum;
+      t.store(to + i, k);
+      cum.store(eo + i, k);
+      y.store(op + i, k);
+    }
+  };
+  if (rows == 1) {
+    const float c = cp[0];
+    for_vectors(n, [=](int64_t o, int k) { segment(o, k, c); });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
+    at::parallel_for(0, rows, grain, [=](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) segment(r * inner, inner, cp[r]);
+    });
+  }
+  return {total_out, emitted_out, out};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -547,4 +699,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_rows_step", &lif_rows_step, "one LIF step on gathered rows, in place");
   m.def("channel_moments", &channel_moments, "per-channel sum and sum of squares (float64)");
   m.def("bn_backward_input", &bn_backward_input, "BatchNorm input gradient, in place");
+  m.def("gelu_erf", &gelu_erf, "GELU (erf form), vectorised on every element");
+  m.def("compensated_gelu", &compensated_gelu, "one step of GELU's expectation compensation");
 }
