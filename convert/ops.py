@@ -166,6 +166,7 @@ class MultiThresholdNeuron(_Compilable, nn.Module):
         self.levels = int(levels)
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.v: Optional[Tensor] = None
+        self._owned = None
         self.monitor = None  # callable(neuron, spike counts, active) set by op counters
 
     @property
@@ -177,6 +178,7 @@ class MultiThresholdNeuron(_Compilable, nn.Module):
 
     def reset(self) -> None:
         self.v = None
+        self._owned = None  # a weak ref to the membrane the kernel may update in place
 
     def quantize(self, v: Tensor, *, burst: bool = True) -> Tensor:
         """What one step emits from membrane ``v`` (``burst=False``: at most one spike, as
@@ -193,19 +195,27 @@ class MultiThresholdNeuron(_Compilable, nn.Module):
         full = torch.floor(s.abs() / self.threshold.to(s.dtype))
         return (s != 0).to(s.dtype) + (full - 1).clamp(min=0)
 
-    def _fire(self, v: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    def _fire(self, v: Optional[Tensor], x: Tensor, in_place: bool = False
+              ) -> tuple[Tensor, Tensor]:
         """(emitted, new membrane): the single-pass kernel where it runs (CPU; compiling
         cannot beat one pass, so a compiled model uses it too), else the PyTorch ops,
         compiled when asked; the same values."""
         if kernels.usable(v, x):
-            return kernels.load().multi_threshold_fire(v, x, float(self.threshold),
-                                                       self.smallest)
+            # the membrane is overwritten in place once it is the kernel's own (not a
+            # tensor a masked step or a compaction made, which is replaced once)
+            owned = in_place and v is not None and self._owned is not None \
+                and self._owned() is v
+            s, v = kernels.load().multi_threshold_fire(v, x, float(self.threshold),
+                                                       self.smallest, owned)
+            self._owned = weakref.ref(v)
+            return s, v
         v = v if v is not None else torch.zeros_like(x)
         return self._fn(integrate_and_fire)(v, x, self.threshold.to(x.dtype), self.smallest)
 
     def step(self, x: Tensor, active: Union[None, Tensor, TokenRows] = None) -> Tensor:
-        s, v = self._fire(self.v, x)
-        if active is not None and not is_rows(active):
+        masked = active is not None and not is_rows(active)
+        s, v = self._fire(self.v, x, in_place=not masked)  # masked: the old one is read below
+        if masked:
             s = s * active.to(s.dtype)
             v_old = self.v if self.v is not None else torch.zeros_like(x)
             v = torch.where(active, v_old + x - s, v_old)

@@ -64,6 +64,25 @@ def test_multi_threshold_kernel_reads_views_where_they_lie(ext, dtype):
         assert s.is_contiguous() and v_new.is_contiguous() and s.abs().sum() > 0
 
 
+def test_multi_threshold_membrane_is_updated_in_place_and_stays_exact(ext, monkeypatch):
+    """Unmasked steps write the membrane over itself (one tensor); masked steps, which read
+    the old one, make a new one; either way the values are the PyTorch-op form's."""
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(3, 5, 8, generator=g) * 2 for _ in range(6)]
+    masks = [None, None, torch.rand(3, 5, 1, generator=g) > 0.3, None, None, None]
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STAS_KERNELS", flag)
+        n, ptrs = MultiThresholdNeuron(levels=4, threshold=0.9), []
+        runs.append([n.step(x, m).clone() for x, m in zip(xs, masks)] + [n.v.clone()])
+        ptrs.append(n.v.data_ptr())
+        n.step(xs[0])
+        ptrs.append(n.v.data_ptr())
+        if flag == "1":
+            assert ptrs[0] == ptrs[1]  # the same membrane, written over
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_kernel_gelu_is_within_rounding_of_torch(ext):
     g = torch.Generator().manual_seed(4)
     x = torch.cat([torch.randn(100_003, generator=g) * 4, torch.tensor([0.0, -0.0, 10.0, -10.0])])

@@ -48,7 +48,8 @@ inline T nearest_pow2_signed(T u, I half, I keep) {
   return __builtin_bit_cast(T, static_cast<I>((__builtin_bit_cast(I, u) + half) & keep));
 }
 
-template <typename T, typename I, bool HasV, bool Grid>
+// InPlace: the membrane is read from and written to vo (vv unused).
+template <typename T, typename I, bool HasV, bool Grid, bool InPlace>
 inline void fire_span(const T* __restrict vv, const T* __restrict xv, T* __restrict sv,
                       T* __restrict vo, int64_t len, T theta, T smallest, I half, I keep) {
   // locals, not captures: a store through T* could alias a captured T, which would stop
@@ -57,7 +58,7 @@ inline void fire_span(const T* __restrict vv, const T* __restrict xv, T* __restr
   const I h = half, k = keep;                                // TIE_GRID in convert/ops.py
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    T vi = (HasV ? vv[i] : T(0)) + xv[i];
+    T vi = (InPlace ? vo[i] : HasV ? vv[i] : T(0)) + xv[i];
     T u = vi / th;
     if (Grid) u = std::nearbyint(u * grid) / grid;
     T a = std::abs(u);
@@ -74,12 +75,12 @@ inline void fire_span(const T* __restrict vv, const T* __restrict xv, T* __restr
 
 // x: n elements in rows of ``width`` at element offsets ``row_at`` (null: contiguous);
 // v, s, v_out contiguous.
-template <typename T, typename I, bool HasV, bool Grid>
+template <typename T, typename I, bool HasV, bool Grid, bool InPlace>
 void fire_loop(const T* v, const T* x, const int64_t* row_at, int64_t width, T* s, T* v_out,
                int64_t n, T theta, T smallest, I half, I keep) {
   if (!row_at) {
     at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-      fire_span<T, I, HasV, Grid>(HasV ? v + begin : nullptr, x + begin, s + begin,
+      fire_span<T, I, HasV, Grid, InPlace>(HasV ? v + begin : nullptr, x + begin, s + begin,
                                   v_out + begin, end - begin, theta, smallest, half, keep);
     });
     return;
@@ -88,7 +89,7 @@ void fire_loop(const T* v, const T* x, const int64_t* row_at, int64_t width, T* 
   at::parallel_for(0, n / width, grain, [=](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       const int64_t o = r * width;
-      fire_span<T, I, HasV, Grid>(HasV ? v + o : nullptr, x + row_at[r], s + o, v_out + o,
+      fire_span<T, I, HasV, Grid, InPlace>(HasV ? v + o : nullptr, x + row_at[r], s + o, v_out + o,
                                   width, theta, smallest, half, keep);
     }
   });
@@ -97,8 +98,16 @@ void fire_loop(const T* v, const T* x, const int64_t* row_at, int64_t width, T* 
 template <typename T, typename I, bool Grid>
 void fire_dispatch(const T* v, const T* x, const int64_t* row_at, int64_t width, T* s,
                    T* v_out, int64_t n, T theta, T smallest, I half, I keep) {
-  if (v) fire_loop<T, I, true, Grid>(v, x, row_at, width, s, v_out, n, theta, smallest, half, keep);
-  else fire_loop<T, I, false, Grid>(v, x, row_at, width, s, v_out, n, theta, smallest, half, keep);
+  if (v == v_out) {
+    fire_loop<T, I, true, Grid, true>(nullptr, x, row_at, width, s, v_out, n, theta, smallest,
+                                      half, keep);
+  } else if (v) {
+    fire_loop<T, I, true, Grid, false>(v, x, row_at, width, s, v_out, n, theta, smallest, half,
+                                       keep);
+  } else {
+    fire_loop<T, I, false, Grid, false>(v, x, row_at, width, s, v_out, n, theta, smallest,
+                                        half, keep);
+  }
 }
 
 // Element offsets of the rows of x (its last dim, contiguous, is a row), or empty when x
@@ -124,10 +133,11 @@ std::vector<int64_t> row_offsets(const at::Tensor& x) {
 }
 
 // One step of the signed multi-threshold neuron (convert/ops.py: integrate_and_fire):
-// returns (emitted value, new membrane) for membrane v (None: at rest) and input x.
+// returns (emitted value, new membrane) for membrane v (None: at rest) and input x. With
+// in_place (and a contiguous v) the new membrane is written over v, which is returned.
 std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_opt,
                                              const at::Tensor& x_in, double theta,
-                                             double smallest) {
+                                             double smallest, bool in_place) {
   TORCH_CHECK(x_in.device().is_cpu(), "multi_threshold_fire: CPU tensors only");
   // rows of a view are read in place when its last dim is contiguous; else one copy
   at::Tensor x = x_in.dim() >= 2 && x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
@@ -141,7 +151,8 @@ std::vector<at::Tensor> multi_threshold_fire(const c10::optional<at::Tensor>& v_
     v = v_opt->contiguous();
   }
   at::Tensor s = at::empty(x.sizes(), x.options());  // contiguous, as the input's copy was
-  at::Tensor v_out = at::empty(x.sizes(), x.options());
+  const bool over = in_place && v.defined() && v.is_same(*v_opt);
+  at::Tensor v_out = over ? v : at::empty(x.sizes(), x.options());
   const int64_t n = x.numel();
   if (x.scalar_type() == at::kFloat) {
     fire_dispatch<float, int32_t, false>(
@@ -693,7 +704,9 @@ std::vector<at::Tensor> compensated_gelu(const c10::optional<at::Tensor>& total_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("multi_threshold_fire", &multi_threshold_fire, "one step of the multi-threshold neuron");
+  m.def("multi_threshold_fire", &multi_threshold_fire, "one step of the multi-threshold neuron",
+        py::arg("v"), py::arg("x"), py::arg("theta"), py::arg("smallest"),
+        py::arg("in_place") = false);
   m.def("lif_forward", &lif_forward, "LIF/IF forward over T steps (optionally after a BatchNorm)");
   m.def("lif_backward", &lif_backward, "LIF/IF backward through time (optionally with BatchNorm sums)");
   m.def("lif_rows_step", &lif_rows_step, "one LIF step on gathered rows, in place");
