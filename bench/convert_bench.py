@@ -31,13 +31,16 @@ from stas_core.data import build_datasets
 MARKS = (1, 2, 4, 8, 16, 32)
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _interleaved_times(fns, repeats: int) -> list[list[float]]:
+    """Seconds of each of ``fns`` per round, the calls interleaved round by round, so a
+    machine's slow phase hits every row alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for row, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            row.append(time.perf_counter() - start)
+    return times
 
 
 def state_bytes(model: torch.nn.Module) -> int:
@@ -106,7 +109,6 @@ def main() -> int:
     x = next(iter(loader))[0]
     with torch.no_grad():
         vit(x)
-        ann_s = _median_time(lambda: vit(x), args.repeats)
         snn.reset()
         snn.tokens(x, 0)
 
@@ -115,8 +117,17 @@ def main() -> int:
             for blk in snn.blocks:
                 tok = blk.step(tok)
             snn.readout(tok)
-        one_step()
-        step_s = _median_time(one_step, args.repeats)
+        for _ in range(2):  # the first steps allocate the state
+            one_step()
+        ann_times, step_times = _interleaved_times([lambda: vit(x), one_step], args.repeats)
+        ann_s, step_s = statistics.median(ann_times), statistics.median(step_times)
+        ratios = [s / a for a, s in zip(ann_times, step_times)]
+        # memory bandwidth from a plain copy (256 MiB, far beyond the caches): a step reads
+        # and writes every state tensor once, which alone takes 2 * state / bandwidth
+        src = torch.empty(64 * 2 ** 20)
+        dst = torch.empty_like(src)
+        copy_s = statistics.median(_interleaved_times([lambda: dst.copy_(src)], 7)[0])
+        bandwidth = 2 * src.numel() * src.element_size() / copy_s
 
     ann_top1 = ann_correct / total
     marks = [t for t in MARKS if t <= T]
@@ -130,6 +141,11 @@ def main() -> int:
         "batch_size": args.batch_size, "compiled_kernels": args.compile,
         "ann_forward_s": ann_s, "snn_step_s": step_s,
         "snn_step_cost_vs_ann": step_s / ann_s,
+        "copy_gb_per_s": bandwidth / 1e9,
+        "state_traffic_s": 2 * held / bandwidth,
+        "state_traffic_vs_ann": 2 * held / bandwidth / ann_s,
+        "step_vs_ann_per_round": {"median": statistics.median(ratios), "min": min(ratios),
+                                  "max": max(ratios), "rounds": len(ratios)},
         "calibration_s": calib_s, "eval_s_all_t": eval_s,
         "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "snn_state_mb_at_T": held / 2 ** 20,
