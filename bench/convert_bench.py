@@ -31,6 +31,21 @@ from stas_core.data import build_datasets
 MARKS = (1, 2, 4, 8, 16, 32)
 
 
+def bench_vit(args) -> tuple[str, dict, torch.nn.Module]:
+    """``(timm name, model kwargs, ViT)`` from ``--spec`` (a workload's JSON) or ``--model`` /
+    ``--model-kwargs`` on 28x28 one-channel images, with ``--checkpoint``'s weights."""
+    if args.spec:
+        spec = json.load(open(args.spec))
+        name, kw = spec["timm_model"], dict(spec["create_model_kwargs"])
+    else:
+        name, kw = args.model, {"img_size": 28, "in_chans": 1, "num_classes": 10,
+                                **parse_model_kwargs(args.model_kwargs)}
+    vit = create_vit(name, img_size=kw.pop("img_size"), in_chans=kw.pop("in_chans"),
+                     num_classes=kw.pop("num_classes"), checkpoint=args.checkpoint,
+                     model_kwargs=kw)
+    return name, kw, vit
+
+
 def _interleaved_times(fns, repeats: int) -> list[list[float]]:
     """Seconds of each of ``fns`` per round, the calls interleaved round by round, so a
     machine's slow phase hits every row alike."""
@@ -72,15 +87,7 @@ def main() -> int:
     keep_freed_memory()  # as the CLIs do; the ANN and the SNN share it
 
     train, val, _ = build_datasets("fashion-mnist", augment=False)
-    if args.spec:
-        spec = json.load(open(args.spec))
-        name, kw = spec["timm_model"], dict(spec["create_model_kwargs"])
-    else:
-        name, kw = args.model, {"img_size": 28, "in_chans": 1, "num_classes": 10,
-                                **parse_model_kwargs(args.model_kwargs)}
-    vit = create_vit(name, img_size=kw.pop("img_size"), in_chans=kw.pop("in_chans"),
-                     num_classes=kw.pop("num_classes"), checkpoint=args.checkpoint,
-                     model_kwargs=kw)
+    name, kw, vit = bench_vit(args)
     snn = SpikingViT(vit, levels=args.levels, timesteps=args.timesteps)
     start = time.perf_counter()
     calibrate(snn, DataLoader(Subset(train, range(args.calib_images)), batch_size=args.batch_size),

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Subset
 from convert import ops
 from convert.calibrate import calibrate
 from convert.spiking_vit import SpikingViT
-from convert.timm_models import create_vit, parse_model_kwargs
 from stas_core.data import build_datasets
 from stas_core.kernels import keep_freed_memory
+
+from convert_bench import bench_vit  # bench/ is on the path when run as a script
 
 
 @contextlib.contextmanager
@@ -51,15 +52,8 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory()
     train, val, _ = build_datasets("fashion-mnist", augment=False)
-    if args.spec:
-        spec = json.load(open(args.spec))
-        name, kw = spec["timm_model"], dict(spec["create_model_kwargs"])
-    else:
-        name, kw = args.model, {"img_size": 28, "in_chans": 1, "num_classes": 10,
-                                **parse_model_kwargs(args.model_kwargs)}
-    vit = create_vit(name, img_size=kw.pop("img_size"), in_chans=kw.pop("in_chans"),
-                     num_classes=kw.pop("num_classes"), checkpoint=args.checkpoint,
-                     model_kwargs=kw).eval()
+    name, _, vit = bench_vit(args)
+    vit.eval()
     snn = SpikingViT(vit, levels=8)
     calibrate(snn, DataLoader(Subset(train, range(256)), batch_size=args.batch_size), max_images=256)
     x = next(iter(DataLoader(Subset(val, range(args.batch_size)), batch_size=args.batch_size)))[0]
