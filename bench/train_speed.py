@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer", choices=["auto", "spikingjelly", "none"], default="auto",
                    help="peer implementation timed beside ours (auto: spikingjelly if installed)")
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="training steps per implementation profiled after the timing, for "
+                        "the time in dense GEMMs and convolutions (0: skip)")
     return p
 
 
@@ -70,6 +73,8 @@ def _bench(args: argparse.Namespace) -> int:
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0; got {args.warmup}")
+    if args.profile_steps < 0:
+        raise ConfigError(f"--profile-steps must be >= 0; got {args.profile_steps}")
     if args.threads is not None:
         torch.set_num_threads(check_positive_int("--threads", args.threads))
     from stas_core.kernels import keep_freed_memory
@@ -161,8 +166,40 @@ def _bench(args: argparse.Namespace) -> int:
         for mine in MODES:
             report[f"ratio_{mine}_over_peer"] = {
                 k: results[mine][k] / p[k] for k in ("train_images_per_s", "infer_images_per_s")}
+    if args.profile_steps > 0:
+        report["dense_ops"] = _dense_ops(names, train_step, args.profile_steps)
+        if peer is not None:
+            peer_step = results[PEER]["train_step_s_median"]
+            report["dense_ops"]["train_ratio_bound_over_peer"] = {
+                mine: peer_step / report["dense_ops"][mine]["train_step_s"] for mine in MODES}
     print(json.dumps(report, indent=2))
     return 0
+
+
+# The ops that are the model's dense arithmetic (matrix products and convolutions, forward
+# and backward) whatever the implementation routes them through.
+DENSE_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::mkldnn_convolution",
+             "aten::convolution_backward", "aten::_convolution", "mkldnn::_linear_pointwise",
+             "aten::mkldnn_rnn_layer", "aten::baddbmm")
+
+
+def _dense_ops(names, train_step, steps: int) -> dict:
+    """Seconds per training step in dense GEMMs and convolutions, per implementation (self
+    time under ``torch.profiler``, which slows small ops, not these). No implementation can
+    train faster than its dense ops alone, so ``peer step / our dense ops`` bounds the
+    ratio over the peer that any change to the rest (neurons, BatchNorms, copies) can reach
+    at this arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for mode in names:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(mode)
+        per_op = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()
+                  if e.key in DENSE_OPS}
+        out[mode] = {"train_step_s": sum(per_op.values()), "per_op_s": per_op}
+    return out
 
 
 def _peer(args: argparse.Namespace, ours: nn.Module, device: torch.device):

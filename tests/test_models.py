@@ -445,3 +445,53 @@ def test_registry_none_kwargs_dropped():
     assert (m.img_size, m.in_chans, m.timesteps, m.num_classes, m.sps) == \
         (32, 3, 4, 10, "integrated")
     assert all(n.backend == "fused" for n in m.modules() if isinstance(n, LIF))
+
+
+# --------------------------------------------------------------------------- oneDNN Linear
+def _onednn_calls(monkeypatch):
+    from stas_core import layers
+
+    calls = []
+    real = layers._onednn_forward
+    monkeypatch.setattr(layers, "_onednn_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_matches_f_linear_with_gradients(bias, monkeypatch):
+    """The oneDNN route is taken on CPU float32 and gives F.linear's values and gradients
+    (rounding only) for x, weight and bias, on [T, B, N, D] input."""
+    from stas_core.layers import Linear, _onednn_linear_op
+
+    if _onednn_linear_op() is None:
+        pytest.skip("this PyTorch build has no oneDNN linear; the layer is nn.Linear")
+    calls = _onednn_calls(monkeypatch)
+    torch.manual_seed(0)
+    lin = Linear(24, 40, bias=bias)
+    x = torch.randn(3, 5, 7, 24, requires_grad=True)
+    g = torch.randn(3, 5, 7, 40)
+    lin(x).backward(g)
+    grads = [x.grad.clone(), *(p.grad.clone() for p in lin.parameters())]
+    assert calls, "the oneDNN route was not taken"
+    x.grad = None
+    lin.zero_grad()
+    F.linear(x, lin.weight, lin.bias).backward(g)
+    ref = [x.grad, *(p.grad for p in lin.parameters())]
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: no autograd node, same values
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_onednn_linear_stays_visible_to_flop_counting(monkeypatch):
+    """Under a dispatch mode (the FLOP counter) the layer runs ATen's op, so it is counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from stas_core.layers import Linear
+
+    calls = _onednn_calls(monkeypatch)
+    lin = Linear(16, 8, bias=False)
+    x = torch.randn(10, 16)
+    with FlopCounterMode(display=False) as counter:
+        lin(x)
+    assert counter.get_total_flops() == 2 * 10 * 16 * 8
+    assert not calls
