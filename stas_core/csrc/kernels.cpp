@@ -29,14 +29,14 @@ constexpr int64_t kTileB = 2048;  // backward: T recomputed membranes a tile, ke
 inline float fast_exp(float x) {
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float k = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const float r = std::fma(-k, 1.428606765330187045e-06f, std::fma(-k, 0.693145751953125f, x));
+  float p = 1.f / 720;  // Horner steps as explicit FMAs (the build turns contraction off)
+  p = std::fma(p, r, 1.f / 120);
+  p = std::fma(p, r, 1.f / 24);
+  p = std::fma(p, r, 1.f / 6);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
   return p * scale;
 }
