@@ -16,7 +16,11 @@ Random inputs (speed does not depend on the pixels). Training step: forward on t
 multi-step path, cross-entropy, backward, AdamW step. Inference step: eval-mode forward
 under ``torch.inference_mode``. After ``--warmup`` untimed steps of each kind, the two modes
 are timed alternately step by step (vanilla, integrated, vanilla, ...), so both see the same
-machine load, and the median of ``--steps`` timed steps is reported. Prints one JSON object
+machine load, and the median of ``--steps`` timed steps is reported. Then ``--profile-steps``
+training steps per implementation run under ``torch.profiler``: ``dense_ops`` gives each
+one's seconds per step in matrix products and convolutions, and
+``train_ratio_bound_over_peer`` the peer's step over our dense-op time, the ratio no
+change outside those ops can exceed. Prints one JSON object
 (with the load average: on an oversubscribed CPU box, ``--threads 1`` can be several times
 faster than the default, because every multi-threaded op waits for a descheduled thread).
 """
