@@ -134,9 +134,16 @@ def _onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+            or torch.compiler.is_compiling() or _dispatch_modes() != 0:
         return False
     return _onednn_linear_op() is not None
+
+
+def _dispatch_modes() -> int:
+    """How many ``TorchDispatchMode`` s are active (-1: this torch cannot tell, so the
+    caller keeps to ATen's ops)."""
+    count = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return -1 if count is None else int(count())
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
