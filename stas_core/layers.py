@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .neurons import LIF
@@ -130,7 +131,8 @@ def _onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     and nothing that must see the ATen ops (ONNX export, tracing, compilation, a dispatch
     mode such as the FLOP counter)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or (bias is not None and bias.dtype != torch.float32) or x.dim() < 2:
+            or (bias is not None and bias.dtype != torch.float32) or x.dim() < 2 \
+            or x.numel() == 0:
         return False
     if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing() or torch.jit.is_scripting() \
@@ -158,6 +160,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _onednn_forward(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # no second derivative: a clear error, not a silent zero
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
