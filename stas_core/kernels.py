@@ -60,9 +60,15 @@ def _capability_flags(capability: str) -> list[str]:
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable ``variable`` turns a default-on setting off
+    (``0``, ``false``, ``off`` or ``no``, any case)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def enabled() -> bool:
     """Whether the kernels may be used (``STAS_KERNELS=0`` turns them off)."""
-    return os.environ.get("STAS_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return not switched_off("STAS_KERNELS")
 
 
 def load() -> Optional[object]:
@@ -132,7 +138,7 @@ def keep_freed_memory() -> bool:
     import ctypes
     import ctypes.util
 
-    if os.environ.get("STAS_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off("STAS_MALLOC_TUNE"):
         return False
     if platform.system() != "Linux":
         return False

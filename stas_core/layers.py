@@ -6,7 +6,6 @@ same module serves the multi-step path (``[T, B, N, D]``) and the single-step pa
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
+from .kernels import switched_off
 from .neurons import LIF
 
 
@@ -102,13 +102,16 @@ class SpikeMatMul(nn.Module):
         return a @ b
 
 
+_ONEDNN: dict = {}  # "op": the checked oneDNN linear, or None; filled on first use
+
+
 def _onednn_linear_op():
     """``torch.ops.mkldnn._linear_pointwise`` where this build has it and it agrees with
     ``F.linear`` on a probe (checked once); None otherwise or with ``STAS_ONEDNN_LINEAR=0``."""
     if "op" in _ONEDNN:
         return _ONEDNN["op"]
     _ONEDNN["op"] = None
-    if os.environ.get("STAS_ONEDNN_LINEAR", "1").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off("STAS_ONEDNN_LINEAR"):
         return None
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
@@ -121,9 +124,6 @@ def _onednn_linear_op():
     except (RuntimeError, TypeError):  # an op of another signature, or not built for this CPU
         pass
     return _ONEDNN["op"]
-
-
-_ONEDNN: dict = {}
 
 
 def _onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
