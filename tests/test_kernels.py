@@ -360,3 +360,54 @@ def test_cross_process_and_hooked_batchnorms_are_not_folded():
     hooked = TokenBN(4)
     hooked.register_forward_hook(lambda *a: None)
     assert not _foldable(hooked)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((6, 5, 9, 11), 3, 2, 1),            # SPS's pool, odd sizes: clipped windows at both ends
+    ((4, 3, 8, 8), 2, 2, 0),
+    ((3, 7, 10, 9), (3, 2), (1, 2), (1, 0)),  # non-square, overlapping rows
+])
+def test_kernel_max_pool_is_atens_bit_for_bit(ext, monkeypatch, shape, kernel, stride, padding):
+    """Spikes make ties the rule: the kernel's maxima, the element each window sends its
+    gradient to (the first maximum in row-major order; NaN wins) and the gradient sums are
+    ATen's exactly, with and without autograd."""
+    from stas_core import layers
+
+    calls = []
+    real = layers._MaxPoolFn.apply
+    monkeypatch.setattr(layers._MaxPoolFn, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    x = (torch.rand(*shape) > 0.6).float()
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1] = -float("inf")                  # a whole channel at -inf: first valid element
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    pool = layers.MaxPool2d(kernel, stride, padding)
+    y = pool(x)
+    want = torch.nn.functional.max_pool2d(ref, kernel, stride, padding)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    assert calls, "the kernel route was not taken"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.nan_to_num(), want.nan_to_num())
+    assert torch.equal(x.grad, ref.grad)
+    with torch.no_grad():
+        assert torch.equal(pool(x).nan_to_num(), want.nan_to_num())
+
+
+def test_kernel_max_pool_leaves_other_layouts_and_options_to_aten(ext, monkeypatch):
+    from stas_core import layers
+
+    def refuse(*args):
+        raise AssertionError("the kernel must not run here")
+
+    monkeypatch.setattr(layers._MaxPoolFn, "apply", refuse)
+    monkeypatch.setattr(ext, "max_pool_forward", refuse, raising=False)
+    x = torch.rand(2, 3, 9, 9, requires_grad=True)           # contiguous NCHW
+    for pool in (layers.MaxPool2d(3, 2, 1), layers.MaxPool2d(3, 2, 1, ceil_mode=True)):
+        torch.testing.assert_close(pool(x), torch.nn.functional.max_pool2d(
+            x, 3, 2, 1, ceil_mode=pool.ceil_mode))
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    y, idx = layers.MaxPool2d(3, 2, 1, return_indices=True)(cl)
+    assert torch.equal(idx, torch.nn.functional.max_pool2d(cl, 3, 2, 1, return_indices=True)[1])

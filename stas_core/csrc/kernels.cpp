@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -592,6 +593,137 @@ at::Tensor lif_rows_step(at::Tensor v_full, const at::Tensor& index, const at::T
 }
 
 // ---------------------------------------------------------------------------------------
+// Max pooling of channels-last float32 images (stas_core/layers.py: MaxPool2d), dilation 1,
+// floor mode. The forward stores, per output, the window offset of its maximum as one byte
+// (kh * kw_size + kw, counted from the unclipped window's corner), not ATen's int64 input
+// index: 8x less to write and read back. The first maximum in the window's row-major
+// order wins, NaN beats everything (ATen's rule, so ties, which spikes make common, go
+// where ATen sends them). The backward gathers: each input element sums the gradients of
+// the windows whose maximum it is, in increasing output order (ATen's scatter order, so the
+// sums are bitwise ATen's), and is written once: no zero fill, no scatter.
+struct Pool {
+  int64_t kh, kw, sh, sw, ph, pw;
+};
+
+inline void check_pool(const at::Tensor& t, const Pool& p, const char* who) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4, who,
+              ": a float32 CPU [N, C, H, W] tensor only");
+  TORCH_CHECK(p.kh > 0 && p.kw > 0 && p.kh * p.kw <= 255 && p.sh > 0 && p.sw > 0 &&
+                  p.ph >= 0 && p.pw >= 0 && 2 * p.ph <= p.kh && 2 * p.pw <= p.kw,
+              who, ": window of at most 255 elements, padding at most half the window");
+}
+
+// Returns (output, window offsets) channels-last; with_index false: the output only (the
+// offsets left undefined), for inference.
+std::vector<at::Tensor> max_pool_forward(const at::Tensor& x_in, int64_t kh, int64_t kw,
+                                         int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                         bool with_index) {
+  const Pool p{kh, kw, sh, sw, ph, pw};
+  check_pool(x_in, p, "max_pool_forward");
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (w + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(oh > 0 && ow > 0, "max_pool_forward: the window is larger than the padded input");
+  at::Tensor y = at::empty({n, c, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor idx;
+  if (with_index) {
+    idx = at::empty({n, c, oh, ow},
+                    x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  uint8_t* ip = with_index ? idx.data_ptr<uint8_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(ow * c * kh * kw, 1));
+  at::parallel_for(0, n * oh, grain, [=](int64_t rb, int64_t re) {
+    std::vector<int32_t> arg(static_cast<size_t>(c));  // offsets as int32: the compare and
+    int32_t* __restrict a = arg.data();                 // select then vectorise at one width
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t b = r / oh, i = r % oh;
+      const int64_t h0 = i * p.sh - p.ph;
+      const int64_t hs = std::max<int64_t>(h0, 0), he = std::min<int64_t>(h0 + p.kh, h);
+      for (int64_t j = 0; j < ow; ++j) {
+        const int64_t w0 = j * p.sw - p.pw;
+        const int64_t ws = std::max<int64_t>(w0, 0), we = std::min<int64_t>(w0 + p.kw, w);
+        float* __restrict m = yp + (r * ow + j) * c;
+        const int32_t first = static_cast<int32_t>((hs - h0) * p.kw + (ws - w0));
+        for (int64_t ch = 0; ch < c; ++ch) m[ch] = -std::numeric_limits<float>::infinity();
+        for (int64_t ch = 0; ch < c; ++ch) a[ch] = first;
+        for (int64_t u = hs; u < he; ++u) {
+          for (int64_t v = ws; v < we; ++v) {
+            const float* __restrict src = xp + ((b * h + u) * w + v) * c;
+            const int32_t off = static_cast<int32_t>((u - h0) * p.kw + (v - w0));
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float val = src[ch];
+              const bool take = val > m[ch] || val != val;
+              m[ch] = take ? val : m[ch];
+              a[ch] = take ? off : a[ch];
+            }
+          }
+        }
+        if (ip) {
+          uint8_t* __restrict dst = ip + (r * ow + j) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) dst[ch] = static_cast<uint8_t>(a[ch]);
+        }
+      }
+    }
+  });
+  return {y, idx};
+}
+
+// The input gradient [N, C, h, w] (channels-last) of max_pool_forward from the output
+// gradient gy and the window offsets.
+at::Tensor max_pool_backward(const at::Tensor& gy_in, const at::Tensor& idx_in, int64_t h,
+                             int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                             int64_t ph, int64_t pw) {
+  const Pool p{kh, kw, sh, sw, ph, pw};
+  check_pool(gy_in, p, "max_pool_backward");
+  const at::Tensor gy = gy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor idx = idx_in.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(idx.scalar_type() == at::kByte && idx.sizes() == gy.sizes(),
+              "max_pool_backward: offsets must be uint8 and shaped like the gradient");
+  const int64_t n = gy.size(0), c = gy.size(1), oh = gy.size(2), ow = gy.size(3);
+  TORCH_CHECK((h + 2 * ph - kh) / sh + 1 == oh && (w + 2 * pw - kw) / sw + 1 == ow,
+              "max_pool_backward: input size does not give the gradient's size");
+  at::Tensor gx = at::empty({n, c, h, w}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* gp = gy.data_ptr<float>();
+  const uint8_t* ip = idx.data_ptr<uint8_t>();
+  float* xp = gx.data_ptr<float>();
+  // windows i with i * s - p <= u <= i * s - p + k - 1, inside [0, out)
+  auto first_window = [](int64_t u, int64_t k, int64_t s, int64_t pad) {
+    const int64_t lo = u + pad - k + 1;
+    return lo <= 0 ? int64_t(0) : (lo + s - 1) / s;
+  };
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(w * c, 1));
+  at::parallel_for(0, n * h, grain, [=](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t b = r / h, u = r % h;
+      const int64_t is = first_window(u, p.kh, p.sh, p.ph);
+      const int64_t ie = std::min<int64_t>((u + p.ph) / p.sh, oh - 1);
+      for (int64_t v = 0; v < w; ++v) {
+        const int64_t js = first_window(v, p.kw, p.sw, p.pw);
+        const int64_t je = std::min<int64_t>((v + p.pw) / p.sw, ow - 1);
+        float* __restrict g = xp + (r * w + v) * c;
+        for (int64_t ch = 0; ch < c; ++ch) g[ch] = 0.f;
+        for (int64_t i = is; i <= ie; ++i) {
+          for (int64_t j = js; j <= je; ++j) {
+            const int64_t o = ((b * oh + i) * ow + j) * c;
+            const float* __restrict go = gp + o;
+            const uint8_t* __restrict io = ip + o;
+            const uint8_t off = static_cast<uint8_t>((u - (i * p.sh - p.ph)) * p.kw +
+                                                     (v - (j * p.sw - p.pw)));
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) g[ch] += io[ch] == off ? go[ch] : 0.f;
+          }
+        }
+      }
+    }
+  });
+  return gx;
+}
+
+// ---------------------------------------------------------------------------------------
 // GELU (erf form) and its expectation compensation (convert/ops.py: compensated_update).
 // The GELU is at::vec's vectorised erf on every element, tails included (a masked load),
 // so it does not depend on how the work is split; it differs from torch's own GELU by at
@@ -712,6 +844,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_rows_step", &lif_rows_step, "one LIF step on gathered rows, in place");
   m.def("channel_moments", &channel_moments, "per-channel sum and sum of squares (float64)");
   m.def("bn_backward_input", &bn_backward_input, "BatchNorm input gradient, in place");
+  m.def("max_pool_forward", &max_pool_forward, "max pooling, channels-last, with byte window offsets");
+  m.def("max_pool_backward", &max_pool_backward, "max pooling's input gradient, gathered");
   m.def("gelu_erf", &gelu_erf, "GELU (erf form), vectorised on every element");
   m.def("compensated_gelu", &compensated_gelu, "one step of GELU's expectation compensation");
 }

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import Active, LinearBN, SpikeMatMul, bn_fire, fire, is_rows, mask_tokens
+from ..layers import (Active, LinearBN, MaxPool2d, SpikeMatMul, bn_fire, fire, is_rows,
+                      mask_tokens)
 from .base import SpikingTransformer
 from .registry import register_family, register_model
 
@@ -86,7 +87,7 @@ class SPS(nn.Module):
             self.bns.append(nn.BatchNorm2d(c))
             self.lifs.append(neuron_layer())
             pooled = i >= len(chans) - n_pools
-            self.pools.append(nn.MaxPool2d(3, 2, 1) if pooled else nn.Identity())
+            self.pools.append(MaxPool2d(3, 2, 1) if pooled else nn.Identity())
             prev = c
         self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, bias=False)
         self.rpe_bn = nn.BatchNorm2d(embed_dim)
