@@ -22,7 +22,7 @@ namespace {
 
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kTile = 8192;  // membranes kept in cache across the T steps
-constexpr int64_t kTileB = 2048;  // backward: T recomputed membranes a tile, kept in cache
+constexpr int64_t kTileB = 2048;  // backward, moments: per-position sums of a tile kept in cache
 
 // exp(x) for float in plain arithmetic (so loops vectorize): x = k ln2 + r, |r| <= ln2 / 2,
 // a degree-6 polynomial for exp(r) and 2^k through the exponent bits; about 2 ulp. Used for
@@ -40,6 +40,27 @@ inline float fast_exp(float x) {
   p = std::fma(p, r, 1.f);
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
   return p * scale;
+}
+
+using VecF = at::vec::Vectorized<float>;
+
+// fast_exp on a vector: the same operations, so every lane equals fast_exp of it.
+inline VecF fast_exp_vec(VecF x) {
+  x = at::vec::minimum(at::vec::maximum(x, VecF(-87.f)), VecF(88.f));
+  const VecF k = (x * VecF(1.44269504088896341f)).round();
+  const VecF nk = k.neg();
+  const VecF r = at::vec::fmadd(nk, VecF(1.428606765330187045e-06f),
+                                at::vec::fmadd(nk, VecF(0.693145751953125f), x));
+  VecF q(1.f / 720);
+  q = at::vec::fmadd(q, r, VecF(1.f / 120));
+  q = at::vec::fmadd(q, r, VecF(1.f / 24));
+  q = at::vec::fmadd(q, r, VecF(1.f / 6));
+  q = at::vec::fmadd(q, r, VecF(0.5f));
+  q = at::vec::fmadd(q, r, VecF(1.f));
+  q = at::vec::fmadd(q, r, VecF(1.f));
+  using VecI = at::vec::Vectorized<int32_t>;
+  const VecI bits = (at::vec::convert_to_int_of_same_size(k) + VecI(127)) << VecI(23);
+  return q * at::vec::cast<float, int32_t>(bits);
 }
 
 template <typename T, typename I>
@@ -323,8 +344,11 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x_in, const c10::optional<
 
 // Backward of lif_forward through time, with the sigmoid (kind 0) or atan (kind 1)
 // surrogate of slope alpha (stas_core/neurons.py: Sigmoid, ATan; _FusedNeuronFn.backward).
-// Per tile, the membranes are first recomputed from the forward's input x (and v0) into a
-// buffer that stays in cache, then walked backwards. Returns (grad x, grad v0).
+// Per vector of elements, the T membranes are first recomputed from the forward's input x
+// (and v0), then walked backwards with everything else in registers (at::vec, so 16 lanes
+// where torch runs AVX-512; the compiler's own vectorisation of the scalar form used 8 and
+// kept the running gradient in memory: 0.86 -> 0.61 ns per element on [4, 100352, 64]).
+// Returns (grad x, grad v0).
 // With ca, cb (the BatchNorm of lif_forward) the first output is the gradient of the
 // normalised input y = x * ca + cb, and two more follow: its per-channel sums, sum(gy)
 // and sum(gy * x), in float64 (summed in float over a tile's T steps, then in float64:
@@ -372,13 +396,14 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
     constexpr bool Detach = decltype(detach_tag)::value;
     constexpr bool BN = decltype(bn_tag)::value;
     at::parallel_for(0, chunks.count, 1, [=](int64_t cb0, int64_t ce) {
-      const float d = fd, sc = fs, thr = th, rst = vr, al = a, hpa = half_pi_a, ha = half_a;
-      std::vector<float> g_vbuf(static_cast<size_t>(tile));
-      std::vector<float> hbuf(static_cast<size_t>(steps * tile));
+      constexpr int64_t W = VecF::size();
+      const VecF dv(fd), scv(fs), bv(static_cast<float>(prm.bias)), thrv(th), rstv(vr), alv(a),
+          hpav(half_pi_a), hav(half_a), one(1.f), zero(0.f);
+      std::vector<float> hbuf(static_cast<size_t>(steps * W));  // one vector's T membranes
+      float* __restrict hv = hbuf.data();
       // BN sums: float over a tile's T steps, then float64 over the chunk's tiles
       std::vector<float> tile_g(BN ? tile : 0), tile_gx(BN ? tile : 0);
       std::vector<double> sum_g(BN ? tile : 0), sum_gx(BN ? tile : 0);
-      float* __restrict g_v = g_vbuf.data();
       float* __restrict tg = tile_g.data();
       float* __restrict tgx = tile_gx.data();
       double* __restrict sg_acc = sum_g.data();
@@ -388,46 +413,55 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
         const int64_t k_end = std::min<int64_t>(tiles, (c + 1) * chunks.per);
         for (int64_t k = c * chunks.per; k < k_end; ++k) {
           const int64_t b0 = k * tile, len = std::min<int64_t>(tile, n - b0);
-          for (int64_t j = 0; j < len; ++j) g_v[j] = vp ? vp[b0 + j] : 0.f;  // membranes
-          for (int64_t t = 0; t < steps; ++t) {
-            lif_tile_step<Soft, false, true, BN>(prm, xp + t * n + b0, g_v, nullptr,
-                                                 hbuf.data() + t * tile, len, pa, pb);
-          }
-          for (int64_t j = 0; j < len; ++j) g_v[j] = gvp ? gvp[b0 + j] : 0.f;  // now gradients
-          if (BN) std::fill(tile_g.begin(), tile_g.end(), 0.f), std::fill(tile_gx.begin(), tile_gx.end(), 0.f);
-          for (int64_t t = steps - 1; t >= 0; --t) {
-            const float* __restrict ht = hbuf.data() + t * tile;
-            const float* __restrict gst = gsp + t * n + b0;
-            const float* __restrict xt = xp + t * n + b0;
-            float* __restrict gxt = gxp + t * n + b0;
-#pragma omp simd
-            for (int64_t j = 0; j < len; ++j) {
-              const float hi = ht[j];
-              float sg;
-              if (Kind == 0) {
-                const float sig = 1.f / (1.f + fast_exp(-(al * (hi - thr))));
-                sg = al * sig * (1.f - sig);
-              } else {
-                const float u = hpa * (hi - thr);
-                sg = ha / (1.f + u * u);
-              }
-              float g_h = sg * gst[j];
-              if (Soft) {
-                g_h = g_h + g_v[j];
-                if (!Detach) g_h = g_h - (thr * sg) * g_v[j];
-              } else {
-                const float not_spiked = hi < thr ? 1.f : 0.f;
-                g_h = g_h + g_v[j] * not_spiked;
-                if (!Detach) g_h = g_h + g_v[j] * (rst - hi) * sg;
-              }
-              const float g_in = g_h * sc;
-              gxt[j] = g_in;
-              if (BN) {
-                tg[j] += g_in;
-                tgx[j] += g_in * xt[j];
-              }
-              g_v[j] = g_h * d;
+          // One vector of elements at a time: its T membranes recomputed into hv (L1),
+          // then walked backwards with the membrane's gradient and the BatchNorm's sums in
+          // registers. Per element: x and the spikes' gradient read once from memory, the
+          // gradient written once. The same IEEE operations, in the same order, as
+          // lif_tile_step and the scalar form this replaced (the spikes are bitwise the
+          // forward's); a tail is a partial vector, so no lane depends on where it lies.
+          for (int64_t j = 0; j < len; j += W) {
+            const int lanes = static_cast<int>(std::min<int64_t>(W, len - j));
+            const int64_t e = b0 + j;
+            VecF ca, cb;
+            if (BN) ca = VecF::loadu(pa + j, lanes), cb = VecF::loadu(pb + j, lanes);
+            VecF v = vp ? VecF::loadu(vp + e, lanes) : zero;
+            for (int64_t t = 0; t < steps; ++t) {
+              VecF xi = VecF::loadu(xp + t * n + e, lanes);
+              if (BN) xi = xi * ca + cb;
+              const VecF hi = v * dv + scv * xi + bv;
+              hi.store(hv + t * W);
+              v = Soft ? hi - thrv * hi.ge(thrv) : VecF::blendv(hi, rstv, hi >= thrv);
             }
+            VecF g_v = gvp ? VecF::loadu(gvp + e, lanes) : zero;
+            VecF sum_g = zero, sum_gx = zero;
+            for (int64_t t = steps - 1; t >= 0; --t) {
+              const VecF hi = VecF::loadu(hv + t * W);
+              VecF sg;
+              if (Kind == 0) {
+                const VecF sig = one / (one + fast_exp_vec((alv * (hi - thrv)).neg()));
+                sg = alv * sig * (one - sig);
+              } else {
+                const VecF u = hpav * (hi - thrv);
+                sg = hav / (one + u * u);
+              }
+              VecF g_h = sg * VecF::loadu(gsp + t * n + e, lanes);
+              if (Soft) {
+                g_h = g_h + g_v;
+                if (!Detach) g_h = g_h - (thrv * sg) * g_v;
+              } else {
+                g_h = g_h + g_v * hi.lt(thrv);
+                if (!Detach) g_h = g_h + g_v * (rstv - hi) * sg;
+              }
+              const VecF g_in = g_h * scv;
+              g_in.store(gxp + t * n + e, lanes);
+              if (BN) {
+                sum_g = sum_g + g_in;
+                sum_gx = sum_gx + g_in * VecF::loadu(xp + t * n + e, lanes);
+              }
+              g_v = g_h * dv;
+            }
+            g_v.store(g0 + e, lanes);
+            if (BN) sum_g.store(tg + j, lanes), sum_gx.store(tgx + j, lanes);
           }
           if (BN) {
 #pragma omp simd
@@ -436,7 +470,6 @@ std::vector<at::Tensor> lif_backward(const at::Tensor& x_in, const c10::optional
               sgx_acc[j] += static_cast<double>(tgx[j]);
             }
           }
-          for (int64_t j = 0; j < len; ++j) g0[b0 + j] = g_v[j];
         }
         if (BN) {  // fold the tile positions onto their channels
           double* out = partp + c * 2 * channels;
@@ -728,8 +761,6 @@ at::Tensor max_pool_backward(const at::Tensor& gy_in, const at::Tensor& idx_in, 
 // The GELU is at::vec's vectorised erf on every element, tails included (a masked load),
 // so it does not depend on how the work is split; it differs from torch's own GELU by at
 // most a few ulp, which is why the converted model uses this one everywhere on the CPU.
-using VecF = at::vec::Vectorized<float>;
-
 inline VecF gelu_vec(VecF x) {
   const VecF alpha(static_cast<float>(M_SQRT1_2)), one(1.f), half(0.5f);
   return x * half * (one + (x * alpha).erf());
