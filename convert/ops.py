@@ -21,6 +21,7 @@ set changes.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -288,17 +289,25 @@ class Compensated(_Compilable, nn.Module):
 
     def _kernel_update(self, x: Tensor, count: Tensor) -> Optional[Tensor]:
         """The step of :func:`compensated_update` as one pass of the CPU kernel, where ``fn``
-        is the converted GELU and the kernel runs (a compiled model uses it too: nothing
-        beats one pass); None otherwise. Bit for bit the ops form's values. The sums are
-        updated in place once they are the kernel's own (not, e.g., an input kept as the
-        first total, nor rows a compaction made: those are copied once)."""
-        if not getattr(self.fn, "erf_kernel", False) or \
-                not kernels.usable(self.total, x, self.emitted, count, dtypes=(torch.float32,)):
+        is the converted GELU, LayerNorm or softmax and the kernel runs (a compiled model
+        uses it too: nothing beats one pass); None otherwise. Bit for bit the ops form's
+        values (``fn`` runs the kernel's row function there too). The sums are updated in
+        place once they are the kernel's own (not, e.g., an input kept as the first total,
+        nor rows a compaction made: those are copied once)."""
+        gelu = getattr(self.fn, "erf_kernel", False)
+        row = getattr(self.fn, "row_kernel", None)
+        row = row() if row is not None else None
+        if not (gelu or row) or not kernels.usable(self.total, x, self.emitted, count,
+                                                    dtypes=(torch.float32,)):
             return None
         owned = self._owned is not None and self._owned[0]() is self.total \
             and self._owned[1]() is self.emitted
-        self.total, self.emitted, out = kernels.load().compensated_gelu(
-            self.total, x, self.emitted, count, owned)
+        if gelu:
+            self.total, self.emitted, out = kernels.load().compensated_gelu(
+                self.total, x, self.emitted, count, owned)
+        else:
+            self.total, self.emitted, out = kernels.load().compensated_rows(
+                self.total, x, self.emitted, count, owned, *row)
         self._owned = (weakref.ref(self.total), weakref.ref(self.emitted))
         return out
 
@@ -550,9 +559,60 @@ class HeldRows:
             setattr(m, attr, full.index_select(0, new))
 
 
+_LAYER_NORM, _SOFTMAX = 0, 1  # the CPU kernel's row functions (csrc: RowOp)
+
+
 def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
-    """``softmax(scale * x)`` over the last dim."""
-    return lambda x: torch.softmax(x * exact(scale, x), dim=-1)
+    """``softmax(scale * x)`` over the last dim. As with :func:`gelu_fn`, float32 CPU
+    inputs without autograd run the kernel's row softmax in every execution, so the fused
+    compensation step gives the ops form's bits; it differs from ``torch.softmax`` by float32
+    rounding."""
+    def softmax(x: Tensor) -> Tensor:
+        if kernels.usable(x, dtypes=(torch.float32,)):
+            return kernels.load().row_function(x, _SOFTMAX, None, None, float(scale))
+        return torch.softmax(x * exact(scale, x), dim=-1)
+    softmax.row_kernel = lambda: (_SOFTMAX, None, None, float(scale))
+    return softmax
+
+
+class KernelLayerNorm(nn.LayerNorm):
+    """The LayerNorm of a converted block: ``nn.LayerNorm`` (same parameters and keys) whose
+    float32 CPU rows without autograd run the kernel's row LayerNorm, in every execution,
+    so that the fused compensation step (:meth:`Compensated._kernel_update`) gives the ops
+    form's bits; it differs from ``F.layer_norm`` by float32 rounding."""
+
+    @classmethod
+    def of(cls, norm: nn.LayerNorm) -> "KernelLayerNorm":
+        """A copy of ``norm`` (its shape, eps, affine and values)."""
+        new = cls(norm.normalized_shape, eps=norm.eps,
+                  elementwise_affine=norm.elementwise_affine, bias=norm.bias is not None,
+                  device=norm.weight.device if norm.weight is not None else None,
+                  dtype=norm.weight.dtype if norm.weight is not None else None)
+        new.load_state_dict(norm.state_dict())
+        return new
+
+    @staticmethod
+    def converted(norm: nn.Module) -> nn.Module:
+        """A LayerNorm as :class:`KernelLayerNorm`; any other norm copied as it is."""
+        return KernelLayerNorm.of(norm) if isinstance(norm, nn.LayerNorm) else copy.deepcopy(norm)
+
+    def row_kernel(self) -> Optional[tuple]:
+        """``(op, weight, bias, eps)`` for the kernel, or None (a multi-dim shape, or
+        parameters that need their gradient)."""
+        if len(self.normalized_shape) != 1:
+            return None
+        if self.weight is None:
+            return _LAYER_NORM, None, None, float(self.eps)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return None
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight)
+        return _LAYER_NORM, self.weight.detach(), bias.detach(), float(self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        row = self.row_kernel()
+        if row is not None and kernels.usable(x, dtypes=(torch.float32,)):
+            return kernels.load().row_function(x, *row)
+        return super().forward(x)
 
 
 def gelu_fn(approximate: str = "none") -> Callable[[Tensor], Tensor]:

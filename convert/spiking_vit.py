@@ -22,7 +22,7 @@ from halting.protocol import HaltingDefaults
 
 from .errors import ConversionError
 from .ops import (Compensated, CompensatedMatMul, HeldRows, MultiThresholdNeuron, ProductRows,
-                  gelu_fn, padded_slots, softmax_fn)
+                  KernelLayerNorm, gelu_fn, padded_slots, softmax_fn)
 
 Recorder = Optional[Callable[[nn.Module, Tensor], None]]
 HALTED_KV = ("frozen", "drop")
@@ -56,7 +56,7 @@ class ConvertedBlock(nn.Module):
         super().__init__()
         attn, mlp = blk.attn, blk.mlp
         self.num_heads, self.scale = attn.num_heads, float(attn.scale)
-        self.norm1 = Compensated(copy.deepcopy(blk.norm1))
+        self.norm1 = Compensated(KernelLayerNorm.converted(blk.norm1))
         self.in_qkv = MultiThresholdNeuron(levels)
         self.qkv = _events(copy.deepcopy(attn.qkv), self.in_qkv)
         self.n_q, self.n_k, self.n_v = (MultiThresholdNeuron(levels) for _ in range(3))
@@ -66,7 +66,7 @@ class ConvertedBlock(nn.Module):
         self.av = CompensatedMatMul()
         self.in_proj = MultiThresholdNeuron(levels)
         self.proj = _events(_linear_with_scale(attn.proj, blk.ls1), self.in_proj)
-        self.norm2 = Compensated(copy.deepcopy(blk.norm2))
+        self.norm2 = Compensated(KernelLayerNorm.converted(blk.norm2))
         self.in_fc1 = MultiThresholdNeuron(levels)
         self.fc1 = _events(copy.deepcopy(mlp.fc1), self.in_fc1)
         approx = getattr(mlp.act, "approximate", "none")
@@ -208,11 +208,12 @@ class SpikingViT(nn.Module):
             if prefix else None
         self.pos_embed = nn.Parameter(vit.pos_embed.detach().clone(), requires_grad=False)
         self.blocks = nn.ModuleList(ConvertedBlock(b, levels) for b in vit.blocks)
-        self.norm = Compensated(copy.deepcopy(vit.norm))
+        self.norm = Compensated(KernelLayerNorm.converted(vit.norm))
         self.global_pool = vit.global_pool
         self.num_prefix_tokens = vit.num_prefix_tokens
         fc_norm = getattr(vit, "fc_norm", nn.Identity())
-        self.fc_norm = None if isinstance(fc_norm, nn.Identity) else Compensated(copy.deepcopy(fc_norm))
+        self.fc_norm = None if isinstance(fc_norm, nn.Identity) \
+            else Compensated(KernelLayerNorm.converted(fc_norm))
         heads = [vit.head] + ([vit.head_dist] if hasattr(vit, "head_dist") else [])
         self.head_neurons = nn.ModuleList(MultiThresholdNeuron(levels) for _ in heads)
         self.heads = nn.ModuleList(_events(copy.deepcopy(h), n)

@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from convert.ops import (Compensated, HeldRows, MultiThresholdNeuron, compensated_update,
-                         gelu_fn, integrate_and_fire)
+from convert.ops import (Compensated, HeldRows, KernelLayerNorm, MultiThresholdNeuron,
+                         compensated_update, gelu_fn, integrate_and_fire, softmax_fn)
 from stas_core import kernels
 from stas_core.neurons import ATan, Sigmoid, lif_multistep
 
@@ -92,9 +92,24 @@ def test_kernel_gelu_is_within_rounding_of_torch(ext):
     assert torch.equal(ext.gelu_erf(x[5:17]), y[5:17])  # tails: the same vector code
 
 
-def _gelu_steps(xs, rows_at=None):
-    """Steps of a compensated GELU (dense, or rows with compaction where ``rows_at`` says)."""
-    comp = Compensated(gelu_fn(), "gelu")
+def _compensated_fn(kind):
+    """The converted model's GELU, LayerNorm (random affine) or softmax, and its kernel call."""
+    if kind == "gelu":
+        return gelu_fn(), lambda ext, *a: ext.compensated_gelu(*a)
+    if kind == "softmax":
+        fn = softmax_fn(0.3)
+    else:
+        norm = torch.nn.LayerNorm(40)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+        fn = KernelLayerNorm.of(norm).requires_grad_(False)  # as in SpikingViT
+    return fn, lambda ext, *a: ext.compensated_rows(*a, *fn.row_kernel())
+
+
+def _compensated_steps(fn, kind, xs, rows_at=None):
+    """Steps of a compensation (dense, or rows with compaction where ``rows_at`` says)."""
+    comp = Compensated(fn, kind)
     outs, at_return = [], []
     for t, x in enumerate(xs):
         if rows_at is None:
@@ -108,21 +123,33 @@ def _gelu_steps(xs, rows_at=None):
     return outs, comp
 
 
-def test_compensated_gelu_kernel_is_the_ops_form_bit_for_bit(ext, monkeypatch):
-    """The one-pass step equals compensated_update with the same GELU: dense (a step count)
-    and as rows (a count per row, rows that leave), and updating its sums in place never
-    changes an output already returned."""
+@pytest.mark.parametrize("kind", ["gelu", "layernorm", "softmax"])
+def test_compensated_kernels_are_the_ops_form_bit_for_bit(ext, monkeypatch, kind):
+    """The one-pass step equals compensated_update with the same function: dense (a step
+    count) and as rows (a count per row, rows that leave), and updating its sums in place
+    never changes an output already returned."""
+    fn, kernel_step = _compensated_fn(kind)
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(4, 6, 40, generator=g) * 2 for _ in range(5)]
     active = [torch.ones(4, 6, dtype=torch.bool)] + [torch.rand(4, 6, generator=g) > 0.2] * 4
     active[3] = active[3] & (torch.rand(4, 6, generator=g) > 0.4)  # the set only shrinks
     active[4] = active[3]
     inputs = [x.clone() for x in xs]
+    calls = []
+    real = kernels.load
+
+    def counted():
+        calls.append(1)
+        return real()
+
     for rows_at in (None, active):
-        kernel, comp = _gelu_steps(xs, rows_at)
+        monkeypatch.setattr(kernels, "load", counted)
+        kernel, comp = _compensated_steps(fn, kind, xs, rows_at)
+        monkeypatch.undo()
+        assert calls, "the kernel route was not taken"
         assert all(torch.equal(a, b) for a, b in zip(xs, inputs))
         monkeypatch.setattr(Compensated, "_kernel_update", lambda self, x, count: None)
-        ops, comp_ops = _gelu_steps(xs, rows_at)
+        ops, comp_ops = _compensated_steps(fn, kind, xs, rows_at)
         monkeypatch.undo()
         assert all(torch.equal(a, b) for a, b in zip(kernel, ops))
         assert torch.equal(comp.total, comp_ops.total) and torch.equal(comp.emitted, comp_ops.emitted)
@@ -130,9 +157,33 @@ def test_compensated_gelu_kernel_is_the_ops_form_bit_for_bit(ext, monkeypatch):
     count = torch.tensor([[1.0], [3.0]])
     x = torch.randn(2, 40, generator=g)
     total, emitted = torch.randn(2, 40, generator=g), torch.randn(2, 40, generator=g)
-    t_ref, e_ref, o_ref = compensated_update(gelu_fn(), total, x, count, emitted)
-    t_k, e_k, o_k = ext.compensated_gelu(total.clone(), x, emitted.clone(), count, True)
+    t_ref, e_ref, o_ref = compensated_update(fn, total, x, count, emitted)
+    t_k, e_k, o_k = kernel_step(ext, total.clone(), x, emitted.clone(), count, True)
     assert torch.equal(o_k, o_ref) and torch.equal(t_k, t_ref) and torch.equal(e_k, e_ref)
+
+
+def test_kernel_layer_norm_and_softmax_are_within_rounding_of_torch(ext):
+    """The row functions agree with torch's within float32 rounding, on every row length
+    (whole vectors and tails), with and without affine parameters; with autograd (the
+    parameters need their gradient) the LayerNorm is torch's."""
+    g = torch.Generator().manual_seed(6)
+    for width in (1, 7, 16, 40, 192):
+        x = torch.randn(33, width, generator=g) * 3 + 1
+        for affine in (True, False):
+            norm = torch.nn.LayerNorm(width, elementwise_affine=affine)
+            if affine:
+                with torch.no_grad():
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.bias.uniform_(-1, 1)
+            with torch.no_grad():
+                torch.testing.assert_close(KernelLayerNorm.of(norm)(x), norm(x),
+                                           rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(softmax_fn(0.125)(x), torch.softmax(x * 0.125, -1),
+                                       rtol=1e-6, atol=1e-7)
+    norm = KernelLayerNorm(40)
+    x = torch.randn(5, 40, generator=g)
+    assert torch.equal(norm(x), torch.nn.functional.layer_norm(x, (40,), norm.weight, norm.bias))
 
 
 def test_neuron_steps_the_same_with_and_without_the_kernel(ext, monkeypatch):

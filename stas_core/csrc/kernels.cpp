@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -797,6 +798,39 @@ at::Tensor gelu_erf(const at::Tensor& x_in) {
   return y;
 }
 
+// The sums of one compensation step (compensated_gelu, compensated_rows): total and emitted
+// (undefined on the first step, a sum of nothing) read where they lie when in_place (then
+// they must be contiguous, and must not alias x), else from contiguous copies; the new sums
+// are written over them when in_place and both exist, else to new tensors.
+struct CompensationSums {
+  at::Tensor total, emitted, total_out, emitted_out, out;
+  CompensationSums(const c10::optional<at::Tensor>& total_opt,
+                   const c10::optional<at::Tensor>& emitted_opt, const at::Tensor& x,
+                   bool in_place, const char* who) {
+    const int64_t n = x.numel();
+    auto state = [&](const c10::optional<at::Tensor>& t, const char* what) -> at::Tensor {
+      if (!t.has_value() || !t->defined()) return at::Tensor();
+      check_float_cpu(*t, who);
+      TORCH_CHECK(t->numel() == n, who, ": ", what, " and input differ in size");
+      if (!in_place) return t->contiguous();
+      TORCH_CHECK(t->is_contiguous(), who, ": in place needs a contiguous ", what);
+      return *t;
+    };
+    total = state(total_opt, "total");
+    emitted = state(emitted_opt, "emitted");
+    const bool keep = in_place && total.defined() && emitted.defined();
+    total_out = keep ? total : at::empty_like(x);
+    emitted_out = keep ? emitted : at::empty_like(x);
+    out = at::empty_like(x);
+  }
+  // (total, emitted, new total, new emitted, output): null for a sum of nothing
+  std::tuple<const float*, const float*, float*, float*, float*> pointers() const {
+    return {total.defined() ? total.data_ptr<float>() : nullptr,
+            emitted.defined() ? emitted.data_ptr<float>() : nullptr,
+            total_out.data_ptr<float>(), emitted_out.data_ptr<float>(), out.data_ptr<float>()};
+  }
+};
+
 // One step of GELU's expectation compensation, one pass: total += x;
 // cumulative = gelu(total / count) * count; out = cumulative - emitted; emitted = cumulative.
 // count: one value, or one per row of x ([rows, ...] with count.numel() == rows). With
@@ -817,27 +851,10 @@ std::vector<at::Tensor> compensated_gelu(const c10::optional<at::Tensor>& total_
   TORCH_CHECK(rows >= 1 && n % rows == 0 && (rows == 1 || x.dim() >= 1 && x.size(0) == rows),
               "compensated_gelu: count must hold one value or one per row of the input");
   const int64_t inner = n / rows;
-  auto state = [&](const c10::optional<at::Tensor>& t, const char* what) -> at::Tensor {
-    if (!t.has_value() || !t->defined()) return at::Tensor();
-    check_float_cpu(*t, "compensated_gelu");
-    TORCH_CHECK(t->numel() == n, "compensated_gelu: ", what, " and input differ in size");
-    if (!in_place) return t->contiguous();
-    TORCH_CHECK(t->is_contiguous(), "compensated_gelu: in place needs a contiguous ", what);
-    return *t;
-  };
-  const at::Tensor total = state(total_opt, "total");
-  const at::Tensor emitted = state(emitted_opt, "emitted");
-  const bool keep = in_place && total.defined() && emitted.defined();
-  at::Tensor total_out = keep ? total : at::empty_like(x);
-  at::Tensor emitted_out = keep ? emitted : at::empty_like(x);
-  at::Tensor out = at::empty_like(x);
-  const float* tp = total.defined() ? total.data_ptr<float>() : nullptr;
-  const float* ep = emitted.defined() ? emitted.data_ptr<float>() : nullptr;
+  const CompensationSums sums(total_opt, emitted_opt, x, in_place, "compensated_gelu");
+  const auto [tp, ep, to, eo, op] = sums.pointers();
   const float* xp = x.data_ptr<float>();
   const float* cp = count.data_ptr<float>();
-  float* to = total_out.data_ptr<float>();
-  float* eo = emitted_out.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   auto segment = [=](int64_t o, int64_t len, float c) {
     const VecF vc(c);
     for (int64_t j = 0; j < len; j += VecF::size()) {
@@ -861,7 +878,167 @@ std::vector<at::Tensor> compensated_gelu(const c10::optional<at::Tensor>& total_
       for (int64_t r = rb; r < re; ++r) segment(r * inner, inner, cp[r]);
     });
   }
-  return {total_out, emitted_out, out};
+  return {sums.total_out, sums.emitted_out, sums.out};
+}
+
+// ---------------------------------------------------------------------------------------
+// LayerNorm and softmax over the last dim, and their expectation compensation in one pass
+// (convert/ops.py: KernelLayerNorm, softmax_fn, Compensated). As with the GELU, the
+// converted model uses these row functions in every CPU execution (ops form, masked, rows),
+// so the fused step gives the ops form's values bit for bit; they differ from torch's by
+// float32 rounding (another summation order). A row's result depends on its values only.
+enum RowOp : int64_t { kLayerNorm = 0, kSoftmax = 1 };
+
+// Sum of a row: lane-wise over whole vectors, the lanes in order, then the tail.
+inline float row_sum(const float* p, int64_t d) {
+  VecF acc(0.f);
+  int64_t j = 0;
+  for (; j + VecF::size() <= d; j += VecF::size()) acc = acc + VecF::loadu(p + j);
+  float lanes[VecF::size()];
+  acc.store(lanes);
+  float s = 0.f;
+  for (int l = 0; l < VecF::size(); ++l) s += lanes[l];
+  for (; j < d; ++j) s += p[j];
+  return s;
+}
+
+struct RowFn {
+  int64_t op;
+  const float* weight;  // LayerNorm's affine (null: none)
+  const float* bias;
+  float param;          // LayerNorm: eps; softmax: the scale of its input
+};
+
+// y = fn(u) for one row of d elements (y may be u).
+inline void row_fn(const RowFn& f, const float* u, float* y, int64_t d) {
+  const int64_t W = VecF::size();
+  if (f.op == kLayerNorm) {
+    const float mean = row_sum(u, d) / static_cast<float>(d);
+    const VecF vm(mean);
+    VecF acc(0.f);
+    int64_t j = 0;
+    for (; j + W <= d; j += W) {
+      const VecF c = VecF::loadu(u + j) - vm;
+      acc = acc + c * c;
+    }
+    float lanes[VecF::size()];
+    acc.store(lanes);
+    float ss = 0.f;
+    for (int l = 0; l < W; ++l) ss += lanes[l];
+    for (; j < d; ++j) ss += (u[j] - mean) * (u[j] - mean);
+    const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d) + f.param);
+    const VecF vr(rstd);
+    for (j = 0; j < d; j += W) {
+      const int k = static_cast<int>(std::min<int64_t>(W, d - j));
+      VecF out = (VecF::loadu(u + j, k) - vm) * vr;
+      if (f.weight) out = out * VecF::loadu(f.weight + j, k) + VecF::loadu(f.bias + j, k);
+      out.store(y + j, k);
+    }
+  } else {
+    const VecF scale(f.param);
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < d; ++j) m = std::max(m, u[j] * f.param);
+    const VecF vm(m);
+    for (int64_t j = 0; j < d; j += W) {
+      const int k = static_cast<int>(std::min<int64_t>(W, d - j));
+      (VecF::loadu(u + j, k) * scale - vm).exp().store(y + j, k);
+    }
+    const VecF sum(row_sum(y, d));
+    for (int64_t j = 0; j < d; j += W) {
+      const int k = static_cast<int>(std::min<int64_t>(W, d - j));
+      (VecF::loadu(y + j, k) / sum).store(y + j, k);
+    }
+  }
+}
+
+RowFn row_fn_args(int64_t op, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, double param, int64_t d,
+                  at::Tensor& w_keep, at::Tensor& b_keep) {
+  TORCH_CHECK(op == kLayerNorm || op == kSoftmax, "row op: 0 (LayerNorm) or 1 (softmax)");
+  RowFn f{op, nullptr, nullptr, static_cast<float>(param)};
+  if (op == kLayerNorm && weight.has_value() && weight->defined()) {
+    TORCH_CHECK(bias.has_value() && bias->defined() && weight->numel() == d && bias->numel() == d,
+                "layer norm: weight and bias (zeros for none) must both be given, one value per "
+                "element of a row");
+    w_keep = weight->contiguous().to(at::kFloat);
+    b_keep = bias->contiguous().to(at::kFloat);
+    f.weight = w_keep.data_ptr<float>();
+    f.bias = b_keep.data_ptr<float>();
+  }
+  return f;
+}
+
+// fn over the last dim of x (LayerNorm with weight, bias, eps = param; softmax of
+// param * x).
+at::Tensor row_function(const at::Tensor& x_in, int64_t op, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, double param) {
+  check_float_cpu(x_in, "row_function");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t d = x.dim() ? x.size(-1) : 1, rows = d ? x.numel() / d : 0;
+  at::Tensor wk, bk;
+  const RowFn f = row_fn_args(op, weight, bias, param, d, wk, bk);
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(d, 1)),
+                   [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) row_fn(f, xp + r * d, yp + r * d, d);
+  });
+  return y;
+}
+
+// One step of the compensation of a row function, one pass: total += x;
+// cumulative = fn(total / count) * count; out = cumulative - emitted; emitted = cumulative.
+// count and in_place as in compensated_gelu (count: one value, or one per leading row).
+std::vector<at::Tensor> compensated_rows(const c10::optional<at::Tensor>& total_opt,
+                                         const at::Tensor& x_in,
+                                         const c10::optional<at::Tensor>& emitted_opt,
+                                         const at::Tensor& count_in, bool in_place, int64_t op,
+                                         const c10::optional<at::Tensor>& weight,
+                                         const c10::optional<at::Tensor>& bias, double param) {
+  check_float_cpu(x_in, "compensated_rows");
+  check_float_cpu(count_in, "compensated_rows");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor count = count_in.contiguous();
+  const int64_t n = x.numel(), d = x.dim() ? x.size(-1) : 1;
+  const int64_t groups = count.numel();
+  TORCH_CHECK(groups >= 1 && n % groups == 0 && (n / groups) % d == 0 &&
+                  (groups == 1 || x.dim() >= 2 && x.size(0) == groups),
+              "compensated_rows: count must hold one value or one per leading row of the input");
+  at::Tensor wk, bk;
+  const RowFn f = row_fn_args(op, weight, bias, param, d, wk, bk);
+  const CompensationSums sums(total_opt, emitted_opt, x, in_place, "compensated_rows");
+  const auto [tp, ep, to, eo, op_] = sums.pointers();
+  const float* xp = x.data_ptr<float>();
+  const float* cp = count.data_ptr<float>();
+  const int64_t rows = d ? n / d : 0, per_group = groups ? rows / groups : 0;
+  const int64_t W = VecF::size();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(d, 1)),
+                   [&](int64_t rb, int64_t re) {
+    std::vector<float> buf(static_cast<size_t>(d));
+    float* u = buf.data();
+    for (int64_t r = rb; r < re; ++r) {
+      const float c = cp[groups == 1 ? 0 : r / per_group];
+      const VecF vc(c);
+      const int64_t o = r * d;
+      for (int64_t j = 0; j < d; j += W) {
+        const int k = static_cast<int>(std::min<int64_t>(W, d - j));
+        const VecF xv = VecF::loadu(xp + o + j, k);
+        const VecF t = tp ? VecF::loadu(tp + o + j, k) + xv : xv;
+        t.store(to + o + j, k);
+        (t / vc).store(u + j, k);
+      }
+      row_fn(f, u, u, d);
+      for (int64_t j = 0; j < d; j += W) {
+        const int k = static_cast<int>(std::min<int64_t>(W, d - j));
+        const VecF cum = VecF::loadu(u + j, k) * vc;
+        const VecF y = ep ? cum - VecF::loadu(ep + o + j, k) : cum;
+        cum.store(eo + o + j, k);
+        y.store(op_ + o + j, k);
+      }
+    }
+  });
+  return {sums.total_out, sums.emitted_out, sums.out};
 }
 
 }  // namespace
@@ -877,6 +1054,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward_input", &bn_backward_input, "BatchNorm input gradient, in place");
   m.def("max_pool_forward", &max_pool_forward, "max pooling, channels-last, with byte window offsets");
   m.def("max_pool_backward", &max_pool_backward, "max pooling's input gradient, gathered");
+  m.def("row_function", &row_function, "LayerNorm (op 0) or softmax (op 1) over the last dim");
+  m.def("compensated_rows", &compensated_rows, "one step of a row function's expectation compensation");
   m.def("gelu_erf", &gelu_erf, "GELU (erf form), vectorised on every element");
   m.def("compensated_gelu", &compensated_gelu, "one step of GELU's expectation compensation");
 }
