@@ -127,13 +127,20 @@ def _onednn_linear_op():
     return _ONEDNN["op"]
 
 
+#: fewest rows for which :class:`Linear` takes oneDNN: below a few thousand rows its
+#: per-call overhead made it slower than ATen's MKL GEMM (measured on an Intel Xeon, K = 64:
+#: 1.1-2.3x slower at 256-4096 rows, even or faster from 25,088), which is the size of the
+#: halted rows of the gather execution
+ONEDNN_MIN_ROWS = 8192
+
+
 def _onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether :class:`Linear` takes the oneDNN route: float32 CPU tensors, no autocast,
-    and nothing that must see the ATen ops (ONNX export, tracing, compilation, a dispatch
-    mode such as the FLOP counter)."""
+    """Whether :class:`Linear` takes the oneDNN route: float32 CPU tensors of at least
+    :data:`ONEDNN_MIN_ROWS` rows, no autocast, and nothing that must see the ATen ops (ONNX
+    export, tracing, compilation, a dispatch mode such as the FLOP counter)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
             or (bias is not None and bias.dtype != torch.float32) or x.dim() < 2 \
-            or x.numel() == 0:
+            or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] or x.numel() == 0:
         return False
     if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing() or torch.jit.is_scripting() \
@@ -189,7 +196,8 @@ class Linear(nn.Linear):
     AVX-512) runs 1.2-1.7x slower than oneDNN on these shapes ([25088, 128] x [128, 512]:
     88 vs 101-110 GFLOP/s; x [128, 128]: 108 vs 170); the whole spikformer-2-128 training
     step -10%, inference -11%. Elsewhere (CUDA, autocast, export, compilation, FLOP
-    counting) it is ``nn.Linear``. Same parameters and state-dict keys."""
+    counting) and on fewer than :data:`ONEDNN_MIN_ROWS` rows it is ``nn.Linear``. Same
+    parameters and state-dict keys."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not _onednn_applies(x, self.weight, self.bias):

@@ -468,8 +468,8 @@ def test_onednn_linear_matches_f_linear_with_gradients(bias, monkeypatch):
     calls = _onednn_calls(monkeypatch)
     torch.manual_seed(0)
     lin = Linear(24, 40, bias=bias)
-    x = torch.randn(3, 5, 7, 24, requires_grad=True)
-    g = torch.randn(3, 5, 7, 40)
+    x = torch.randn(2, 4, 1030, 24, requires_grad=True)  # 8,240 rows: over ONEDNN_MIN_ROWS
+    g = torch.randn(2, 4, 1030, 40)
     lin(x).backward(g)
     grads = [x.grad.clone(), *(p.grad.clone() for p in lin.parameters())]
     assert calls, "the oneDNN route was not taken"
@@ -486,12 +486,28 @@ def test_onednn_linear_matches_f_linear_with_gradients(bias, monkeypatch):
 def test_onednn_linear_stays_visible_to_flop_counting(monkeypatch):
     """Under a dispatch mode (the FLOP counter) the layer runs ATen's op, so it is counted."""
     from torch.utils.flop_counter import FlopCounterMode
-    from stas_core.layers import Linear
+    from stas_core.layers import Linear, _onednn_linear_op
 
+    if _onednn_linear_op() is None:
+        pytest.skip("this PyTorch build has no oneDNN linear; the layer is nn.Linear")
     calls = _onednn_calls(monkeypatch)
     lin = Linear(16, 8, bias=False)
-    x = torch.randn(10, 16)
+    x = torch.randn(8200, 16)  # enough rows for the oneDNN route outside the mode
     with FlopCounterMode(display=False) as counter:
         lin(x)
-    assert counter.get_total_flops() == 2 * 10 * 16 * 8
+    assert counter.get_total_flops() == 2 * 8200 * 16 * 8
+    assert not calls
+    lin(x)
+    assert calls
+
+
+def test_onednn_linear_leaves_few_rows_to_aten(monkeypatch):
+    """Below ONEDNN_MIN_ROWS (the halted rows of the gather execution) ATen's GEMM runs:
+    oneDNN's per-call overhead made it slower there."""
+    from stas_core.layers import ONEDNN_MIN_ROWS, Linear
+
+    calls = _onednn_calls(monkeypatch)
+    lin = Linear(16, 8)
+    x = torch.randn(ONEDNN_MIN_ROWS - 1, 16)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     assert not calls
