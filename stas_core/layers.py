@@ -139,14 +139,13 @@ def _onednn_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     :data:`ONEDNN_MIN_ROWS` rows, no autocast, and nothing that must see the ATen ops (ONNX
     export, tracing, compilation, a dispatch mode such as the FLOP counter)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or (bias is not None and bias.dtype != torch.float32) or x.dim() < 2 \
-            or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] or x.numel() == 0:
+            or (bias is not None and bias.dtype != torch.float32) or x.dim() < 2:
         return False
     if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing() or torch.jit.is_scripting() \
             or torch.compiler.is_compiling() or _dispatch_modes() != 0:
-        return False
-    return _onednn_linear_op() is not None
+        return False  # before any test of a size: a tracer would turn it into a guard
+    return x.numel() >= max(ONEDNN_MIN_ROWS * x.shape[-1], 1) and _onednn_linear_op() is not None
 
 
 def _dispatch_modes() -> int:
@@ -250,11 +249,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         window = self._window()
-        if window is None or x.dim() != 4 or x.numel() == 0 \
-                or not x.is_contiguous(memory_format=torch.channels_last) \
-                or _dispatch_modes() != 0 \
-                or not _kernels.usable(x, dtypes=(torch.float32,), autograd=True):
-            return super().forward(x)
+        if window is None or x.dim() != 4 or _dispatch_modes() != 0 \
+                or not _kernels.usable(x, dtypes=(torch.float32,), autograd=True) \
+                or x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)  # (sizes tested last: a tracer would guard on them)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPoolFn.apply(x, window)
         return _kernels.load().max_pool_forward(x, *window, False)[0]
