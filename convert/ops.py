@@ -296,9 +296,9 @@ class Compensated(_Compilable, nn.Module):
         nor rows a compaction made: those are copied once)."""
         gelu = getattr(self.fn, "erf_kernel", False)
         row = getattr(self.fn, "row_kernel", None)
-        row = row() if row is not None else None
-        if not (gelu or row) or not kernels.usable(self.total, x, self.emitted, count,
-                                                    dtypes=(torch.float32,)):
+        row = row(x) if row is not None else None
+        if not (gelu or row) or x.numel() == 0 or not kernels.usable(
+                self.total, x, self.emitted, count, dtypes=(torch.float32,)):
             return None
         owned = self._owned is not None and self._owned[0]() is self.total \
             and self._owned[1]() is self.emitted
@@ -571,7 +571,7 @@ def softmax_fn(scale: float) -> Callable[[Tensor], Tensor]:
         if kernels.usable(x, dtypes=(torch.float32,)):
             return kernels.load().row_function(x, _SOFTMAX, None, None, float(scale))
         return torch.softmax(x * exact(scale, x), dim=-1)
-    softmax.row_kernel = lambda: (_SOFTMAX, None, None, float(scale))
+    softmax.row_kernel = lambda x: (_SOFTMAX, None, None, float(scale))
     return softmax
 
 
@@ -596,10 +596,12 @@ class KernelLayerNorm(nn.LayerNorm):
         """A LayerNorm as :class:`KernelLayerNorm`; any other norm copied as it is."""
         return KernelLayerNorm.of(norm) if isinstance(norm, nn.LayerNorm) else copy.deepcopy(norm)
 
-    def row_kernel(self) -> Optional[tuple]:
-        """``(op, weight, bias, eps)`` for the kernel, or None (a multi-dim shape, or
-        parameters that need their gradient)."""
-        if len(self.normalized_shape) != 1:
+    def row_kernel(self, x: Tensor) -> Optional[tuple]:
+        """``(op, weight, bias, eps)`` for the kernel on ``x``, or None (a multi-dim shape,
+        rows of another width, which ``F.layer_norm`` refuses, or parameters that need their
+        gradient)."""
+        if len(self.normalized_shape) != 1 or x.dim() == 0 \
+                or x.shape[-1] != self.normalized_shape[0]:
             return None
         if self.weight is None:
             return _LAYER_NORM, None, None, float(self.eps)
@@ -609,7 +611,7 @@ class KernelLayerNorm(nn.LayerNorm):
         return _LAYER_NORM, self.weight.detach(), bias.detach(), float(self.eps)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        row = self.row_kernel()
+        row = self.row_kernel(x)
         if row is not None and kernels.usable(x, dtypes=(torch.float32,)):
             return kernels.load().row_function(x, *row)
         return super().forward(x)

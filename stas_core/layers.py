@@ -208,7 +208,11 @@ class Linear(nn.Linear):
 
 
 def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    """``k`` or ``(k,)`` or ``(kh, kw)`` as ``(kh, kw)`` (nn.MaxPool2d's argument forms)."""
+    if isinstance(v, int):
+        return int(v), int(v)
+    v = tuple(v)
+    return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
 
 
 class _MaxPoolFn(torch.autograd.Function):
@@ -240,7 +244,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     def _window(self) -> Optional[tuple]:
         kh, kw = _pair(self.kernel_size)
-        sh, sw = _pair(self.stride if self.stride is not None else self.kernel_size)
+        sh, sw = _pair(self.stride if self.stride not in (None, [], ()) else self.kernel_size)
         ph, pw = _pair(self.padding)
         if _pair(self.dilation) != (1, 1) or self.ceil_mode or self.return_indices \
                 or kh * kw > 255:
@@ -251,7 +255,9 @@ class MaxPool2d(nn.MaxPool2d):
         window = self._window()
         if window is None or x.dim() != 4 or _dispatch_modes() != 0 \
                 or not _kernels.usable(x, dtypes=(torch.float32,), autograd=True) \
-                or x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
+                or x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last) \
+                or x.shape[-2] + 2 * window[4] < window[0] \
+                or x.shape[-1] + 2 * window[5] < window[1]:  # ATen says what is wrong
             return super().forward(x)  # (sizes tested last: a tracer would guard on them)
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPoolFn.apply(x, window)

@@ -104,7 +104,7 @@ def _compensated_fn(kind):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-1, 1)
         fn = KernelLayerNorm.of(norm).requires_grad_(False)  # as in SpikingViT
-    return fn, lambda ext, *a: ext.compensated_rows(*a, *fn.row_kernel())
+    return fn, lambda ext, *a: ext.compensated_rows(*a, *fn.row_kernel(a[1]))
 
 
 def _compensated_steps(fn, kind, xs, rows_at=None):
@@ -135,18 +135,14 @@ def test_compensated_kernels_are_the_ops_form_bit_for_bit(ext, monkeypatch, kind
     active[3] = active[3] & (torch.rand(4, 6, generator=g) > 0.4)  # the set only shrinks
     active[4] = active[3]
     inputs = [x.clone() for x in xs]
-    calls = []
-    real = kernels.load
-
-    def counted():
-        calls.append(1)
-        return real()
-
+    name = "compensated_gelu" if kind == "gelu" else "compensated_rows"
+    real = getattr(ext, name)
     for rows_at in (None, active):
-        monkeypatch.setattr(kernels, "load", counted)
+        calls = []
+        monkeypatch.setattr(ext, name, lambda *a: calls.append(1) or real(*a))
         kernel, comp = _compensated_steps(fn, kind, xs, rows_at)
         monkeypatch.undo()
-        assert calls, "the kernel route was not taken"
+        assert len(calls) == len(xs) - (rows_at is None), "the kernel route was not taken"
         assert all(torch.equal(a, b) for a, b in zip(xs, inputs))
         monkeypatch.setattr(Compensated, "_kernel_update", lambda self, x, count: None)
         ops, comp_ops = _compensated_steps(fn, kind, xs, rows_at)
@@ -184,6 +180,11 @@ def test_kernel_layer_norm_and_softmax_are_within_rounding_of_torch(ext):
     norm = KernelLayerNorm(40)
     x = torch.randn(5, 40, generator=g)
     assert torch.equal(norm(x), torch.nn.functional.layer_norm(x, (40,), norm.weight, norm.bias))
+    with torch.no_grad(), pytest.raises(RuntimeError):  # rows of another width: torch's error
+        KernelLayerNorm(40, elementwise_affine=False)(torch.randn(3, 41, generator=g))
+    with pytest.raises(RuntimeError, match="count"):  # empty rows: an error, not a crash
+        ext.compensated_rows(None, torch.zeros(2, 0), None, torch.ones(1), False, 1, None,
+                             None, 1.0)
 
 
 def test_neuron_steps_the_same_with_and_without_the_kernel(ext, monkeypatch):
@@ -430,6 +431,7 @@ def test_kernel_max_pool_is_atens_bit_for_bit(ext, monkeypatch, shape, kernel, s
     torch.manual_seed(0)
     x = (torch.rand(*shape) > 0.6).float()
     x[0, 0, 0, 0] = float("nan")
+    x[2, 0, 1, 2] = float("nan")             # after a window's maximum: NaN still wins
     x[1, 1] = -float("inf")                  # a whole channel at -inf: first valid element
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     ref = x.detach().clone().requires_grad_()
@@ -460,5 +462,7 @@ def test_kernel_max_pool_leaves_other_layouts_and_options_to_aten(ext, monkeypat
         torch.testing.assert_close(pool(x), torch.nn.functional.max_pool2d(
             x, 3, 2, 1, ceil_mode=pool.ceil_mode))
     cl = x.detach().contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="too small"):  # smaller than the window: ATen's error
+        layers.MaxPool2d(3, 2)(cl[:, :, :2])
     y, idx = layers.MaxPool2d(3, 2, 1, return_indices=True)(cl)
     assert torch.equal(idx, torch.nn.functional.max_pool2d(cl, 3, 2, 1, return_indices=True)[1])

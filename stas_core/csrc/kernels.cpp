@@ -45,7 +45,9 @@ inline float fast_exp(float x) {
 
 using VecF = at::vec::Vectorized<float>;
 
-// fast_exp on a vector: the same operations, so every lane equals fast_exp of it.
+// exp(x) on a vector: the polynomial and rounding of the scalar fast_exp, with fmadd as
+// the fused multiply-add (a true FMA with AVX2/AVX-512 vectors, where every lane equals
+// fast_exp of it; the portable DEFAULT vectors round the product first).
 inline VecF fast_exp_vec(VecF x) {
   x = at::vec::minimum(at::vec::maximum(x, VecF(-87.f)), VecF(88.f));
   const VecF k = (x * VecF(1.44269504088896341f)).round();
@@ -656,8 +658,9 @@ std::vector<at::Tensor> max_pool_forward(const at::Tensor& x_in, int64_t kh, int
   check_pool(x_in, p, "max_pool_forward");
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h + 2 * ph >= kh && w + 2 * pw >= kw,
+              "max_pool_forward: the window is larger than the padded input");
   const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (w + 2 * pw - kw) / sw + 1;
-  TORCH_CHECK(oh > 0 && ow > 0, "max_pool_forward: the window is larger than the padded input");
   at::Tensor y = at::empty({n, c, oh, ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor idx;
   if (with_index) {
@@ -718,7 +721,8 @@ at::Tensor max_pool_backward(const at::Tensor& gy_in, const at::Tensor& idx_in, 
   TORCH_CHECK(idx.scalar_type() == at::kByte && idx.sizes() == gy.sizes(),
               "max_pool_backward: offsets must be uint8 and shaped like the gradient");
   const int64_t n = gy.size(0), c = gy.size(1), oh = gy.size(2), ow = gy.size(3);
-  TORCH_CHECK((h + 2 * ph - kh) / sh + 1 == oh && (w + 2 * pw - kw) / sw + 1 == ow,
+  TORCH_CHECK(h + 2 * ph >= kh && w + 2 * pw >= kw &&
+                  (h + 2 * ph - kh) / sh + 1 == oh && (w + 2 * pw - kw) / sw + 1 == ow,
               "max_pool_backward: input size does not give the gradient's size");
   at::Tensor gx = at::empty({n, c, h, w}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* gp = gy.data_ptr<float>();
@@ -960,6 +964,8 @@ RowFn row_fn_args(int64_t op, const c10::optional<at::Tensor>& weight,
     TORCH_CHECK(bias.has_value() && bias->defined() && weight->numel() == d && bias->numel() == d,
                 "layer norm: weight and bias (zeros for none) must both be given, one value per "
                 "element of a row");
+    TORCH_CHECK(weight->device().is_cpu() && bias->device().is_cpu(),
+                "layer norm: weight and bias must be CPU tensors");
     w_keep = weight->contiguous().to(at::kFloat);
     b_keep = bias->contiguous().to(at::kFloat);
     f.weight = w_keep.data_ptr<float>();
@@ -1002,7 +1008,7 @@ std::vector<at::Tensor> compensated_rows(const c10::optional<at::Tensor>& total_
   const at::Tensor count = count_in.contiguous();
   const int64_t n = x.numel(), d = x.dim() ? x.size(-1) : 1;
   const int64_t groups = count.numel();
-  TORCH_CHECK(groups >= 1 && n % groups == 0 && (n / groups) % d == 0 &&
+  TORCH_CHECK(d > 0 && groups >= 1 && n % groups == 0 && (n / groups) % d == 0 &&
                   (groups == 1 || x.dim() >= 2 && x.size(0) == groups),
               "compensated_rows: count must hold one value or one per leading row of the input");
   at::Tensor wk, bk;
