@@ -20,13 +20,15 @@ machine load, and the median of ``--steps`` timed steps is reported. Then ``--pr
 training steps per implementation run under ``torch.profiler``: ``dense_ops`` gives each
 one's seconds per step in matrix products and convolutions, and
 ``train_ratio_bound_over_peer`` the peer's step over our dense-op time, the ratio no
-change outside those ops can exceed. Prints one JSON object
+change outside those ops can exceed; ``kernels_ms_per_step`` times our C++ kernels' calls
+over the same steps (the profiler does not see them). Prints one JSON object
 (with the load average: on an oversubscribed CPU box, ``--threads 1`` can be several times
 faster than the default, because every multi-threaded op waits for a descheduled thread).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -176,8 +178,46 @@ def _bench(args: argparse.Namespace) -> int:
             peer_step = results[PEER]["train_step_s_median"]
             report["dense_ops"]["train_ratio_bound_over_peer"] = {
                 mine: peer_step / report["dense_ops"][mine]["train_step_s"] for mine in MODES}
+        report["kernels_ms_per_step"] = _kernel_times(MODES, train_step, args.profile_steps)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _kernel_times(modes, train_step, steps: int) -> dict:
+    """Milliseconds per training step in each single-pass kernel of ours (LIF forward and
+    backward, BatchNorm moments, pooling, ...): calls into the C++ extension, which
+    ``torch.profiler`` does not see. Each call is timed through a stand-in for the loaded
+    extension; empty when it is not built."""
+    from stas_core import kernels
+
+    real = kernels.load()
+    if real is None:
+        return {}
+    out = {}
+    for mode in modes:
+        spent: dict = collections.defaultdict(float)
+
+        class Timed:
+            def __getattr__(self, name):
+                fn = getattr(real, name)
+
+                def timed(*a, **kw):
+                    start = time.perf_counter()
+                    try:
+                        return fn(*a, **kw)
+                    finally:
+                        spent[name] += time.perf_counter() - start
+                return timed
+
+        kernels._state["module"] = Timed()
+        try:
+            for _ in range(steps):
+                train_step(mode)
+        finally:
+            kernels._state["module"] = real
+        ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+        out[mode] = {name: 1e3 * s / steps for name, s in ranked}
+    return out
 
 
 # The ops that are the model's dense arithmetic (matrix products and convolutions, forward
