@@ -893,15 +893,21 @@ std::vector<at::Tensor> compensated_gelu(const c10::optional<at::Tensor>& total_
 // float32 rounding (another summation order). A row's result depends on its values only.
 enum RowOp : int64_t { kLayerNorm = 0, kSoftmax = 1 };
 
+// The lanes of a vector summed in order.
+inline float lane_sum(const VecF& acc) {
+  float lanes[VecF::size()];
+  acc.store(lanes);
+  float s = 0.f;
+  for (int l = 0; l < VecF::size(); ++l) s += lanes[l];
+  return s;
+}
+
 // Sum of a row: lane-wise over whole vectors, the lanes in order, then the tail.
 inline float row_sum(const float* p, int64_t d) {
   VecF acc(0.f);
   int64_t j = 0;
   for (; j + VecF::size() <= d; j += VecF::size()) acc = acc + VecF::loadu(p + j);
-  float lanes[VecF::size()];
-  acc.store(lanes);
-  float s = 0.f;
-  for (int l = 0; l < VecF::size(); ++l) s += lanes[l];
+  float s = lane_sum(acc);
   for (; j < d; ++j) s += p[j];
   return s;
 }
@@ -925,10 +931,7 @@ inline void row_fn(const RowFn& f, const float* u, float* y, int64_t d) {
       const VecF c = VecF::loadu(u + j) - vm;
       acc = acc + c * c;
     }
-    float lanes[VecF::size()];
-    acc.store(lanes);
-    float ss = 0.f;
-    for (int l = 0; l < W; ++l) ss += lanes[l];
+    float ss = lane_sum(acc);
     for (; j < d; ++j) ss += (u[j] - mean) * (u[j] - mean);
     const float rstd = 1.f / std::sqrt(ss / static_cast<float>(d) + f.param);
     const VecF vr(rstd);
@@ -1017,7 +1020,7 @@ std::vector<at::Tensor> compensated_rows(const c10::optional<at::Tensor>& total_
   const auto [tp, ep, to, eo, op_] = sums.pointers();
   const float* xp = x.data_ptr<float>();
   const float* cp = count.data_ptr<float>();
-  const int64_t rows = d ? n / d : 0, per_group = groups ? rows / groups : 0;
+  const int64_t rows = n / d, per_group = rows / groups;  // d, groups >= 1: checked
   const int64_t W = VecF::size();
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(d, 1)),
                    [&](int64_t rb, int64_t re) {
