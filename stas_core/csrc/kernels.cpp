@@ -763,12 +763,34 @@ at::Tensor max_pool_backward(const at::Tensor& gy_in, const at::Tensor& idx_in, 
 
 // ---------------------------------------------------------------------------------------
 // GELU (erf form) and its expectation compensation (convert/ops.py: compensated_update).
-// The GELU is at::vec's vectorised erf on every element, tails included (a masked load),
-// so it does not depend on how the work is split; it differs from torch's own GELU by at
-// most a few ulp, which is why the converted model uses this one everywhere on the CPU.
+// The GELU runs the same vector code on every element, tails included (a masked load), so
+// it does not depend on how the work is split; it differs from torch's own GELU by float32
+// rounding, which is why the converted model uses this one everywhere on the CPU.
+
+// erf(x) as an odd rational function x P(x^2) / Q(x^2) of degrees 13 / 8 on [-4, 4] (the
+// minimax fit Eigen and XLA use; float32 erf is +-1 beyond), clamped to [-1, 1]: absolute
+// error under 1.5e-7 (tested against float64), one division and 12 multiply-adds, about
+// half the time of at::vec's erf (an exponential per element) in the compensated GELU.
+inline VecF erf_vec(VecF x) {
+  const VecF one(1.f), minus_one(-1.f);
+  x = at::vec::minimum(at::vec::maximum(x, VecF(-4.f)), VecF(4.f));
+  const VecF x2 = x * x;
+  VecF p = at::vec::fmadd(x2, VecF(-2.72614225801306e-10f), VecF(2.77068142495902e-08f));
+  p = at::vec::fmadd(x2, p, VecF(-2.10102402082508e-06f));
+  p = at::vec::fmadd(x2, p, VecF(-5.69250639462346e-05f));
+  p = at::vec::fmadd(x2, p, VecF(-7.34990630326855e-04f));
+  p = at::vec::fmadd(x2, p, VecF(-2.95459980854025e-03f));
+  p = at::vec::fmadd(x2, p, VecF(-1.60960333262415e-02f));
+  VecF q = at::vec::fmadd(x2, VecF(-1.45660718464996e-05f), VecF(-2.13374055278905e-04f));
+  q = at::vec::fmadd(x2, q, VecF(-1.68282697438203e-03f));
+  q = at::vec::fmadd(x2, q, VecF(-7.37332916720468e-03f));
+  q = at::vec::fmadd(x2, q, VecF(-1.42647390514189e-02f));
+  return at::vec::minimum(at::vec::maximum(x * p / q, minus_one), one);
+}
+
 inline VecF gelu_vec(VecF x) {
   const VecF alpha(static_cast<float>(M_SQRT1_2)), one(1.f), half(0.5f);
-  return x * half * (one + (x * alpha).erf());
+  return x * half * (one + erf_vec(x * alpha));
 }
 
 // Apply op(offset, lanes) over [0, n) in vectors, in parallel; ``lanes`` < VecF::size()
