@@ -71,6 +71,20 @@ def enabled() -> bool:
     return not switched_off("STAS_KERNELS")
 
 
+def build(source: Path, name: str = "stas_kernels") -> object:
+    """Compile ``source`` (a version of ``csrc/kernels.cpp``) into a module named ``name``
+    plus this CPU's tags, with the flags every build uses (``bench/kernel_ab.py`` builds an
+    earlier revision beside the current one this way). Raises when the build fails."""
+    from torch.utils.cpp_extension import load as compile_extension
+
+    capability = _vector_capability()
+    return compile_extension(
+        name=f"{name}_{_cpu_tag()}_{capability.lower()}", sources=[str(source)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
+                      "-fno-trapping-math", "-fno-math-errno", *_capability_flags(capability)],
+        extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def load() -> Optional[object]:
     """The compiled extension, building it on the first call; None when unavailable."""
     if not enabled():
@@ -82,17 +96,9 @@ def load() -> Optional[object]:
             return _state["module"]
         _state["tried"] = True
         try:
-            from torch.utils.cpp_extension import load as build
-
             log.info("preparing the single-pass neuron kernels "
                      "(about a minute the first time; cached)")
-            capability = _vector_capability()
-            _state["module"] = build(
-                name=f"stas_kernels_{_cpu_tag()}_{capability.lower()}", sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
-                              "-fno-trapping-math", "-fno-math-errno",
-                              *_capability_flags(capability)],
-                extra_ldflags=["-fopenmp"], verbose=False)
+            _state["module"] = build(_SOURCE)
         except Exception as err:  # no compiler, no ninja, a failed build: use torch ops
             _state["why"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}"
             log.warning("single-pass neuron kernels unavailable (%s); using PyTorch ops",
