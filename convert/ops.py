@@ -33,6 +33,8 @@ from halting.numeric import exact
 from stas_core import kernels
 from stas_core.errors import ConfigError
 from stas_core.layers import TokenRows, is_rows
+
+from .errors import ConversionError
 from stas_core.onnx_float64 import gelu_float64
 
 Count = Union[int, Tensor]
@@ -518,6 +520,10 @@ class HeldRows:
         self.mask: Optional[Tensor] = None   # [B * N] bool: the held tokens
         self.rows: Optional[TokenRows] = None
         self.parked: dict = {}               # (module index, attr) -> [(flat index, rows)]
+        #: False: the caller promised that no stopped token becomes active again in this
+        #: sample (see ``SpikingViT.set_halting_refills``), so stopped rows are dropped, not
+        #: parked: a compaction copies the staying rows only
+        self.refills = True
 
     def _states(self):
         for i, m in enumerate(self.modules):
@@ -536,10 +542,16 @@ class HeldRows:
         if self.mask is not None:
             old = self.rows.index
             if bool((flat & ~self.mask).any()):
+                if not self.refills:
+                    raise ConversionError(
+                        "a stopped token became active again after set_halting_refills(False) "
+                        "promised it would not; call set_halting_refills(True) (the default "
+                        "after reset()) for runs whose active set can grow")
                 self._refill(old, new.index, batch * tokens)
             else:
                 keep = flat.index_select(0, old)
-                stay, gone = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+                stay = keep.nonzero().squeeze(1)
+                gone = (~keep).nonzero().squeeze(1) if self.refills else stay[:0]
                 for i, m, attr, value in self._states():
                     if gone.numel():
                         self.parked.setdefault((i, attr), []).append(

@@ -307,6 +307,15 @@ class SpikingViT(nn.Module):
                 m.compiled = bool(enabled)
         return self
 
+    def set_halting_refills(self, refills: bool) -> None:
+        """Halting protocol hint, for this sample (``reset()`` restores True): False
+        promises that no stopped token becomes active again (accumulation ``'both'`` and
+        ``'time'``), so the row execution drops a stopped token's state instead of parking
+        it for a return that never comes. A broken promise is an error, never a wrong
+        result."""
+        for blk in self.blocks:
+            blk.held.refills = bool(refills)
+
     def set_halted_kv(self, mode: str) -> "SpikingViT":
         """What the other tokens see of a halted token: ``'frozen'`` (default) keeps its
         running-mean key/value in attention, not recomputed; ``'drop'`` removes it from the

@@ -169,6 +169,9 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     steps = model.timesteps if timesteps is None else timesteps
     depth = len(model.blocks)
     model.reset()
+    hint = getattr(model, "set_halting_refills", None)
+    if hint is not None:  # outside 'block' mode the active set only shrinks
+        hint(cfg.accumulate == "block")
     fractions = []  # per (t, l): a 0-d tensor on the model's device (no host sync)
     history = []
     mask = H = R = N = None

@@ -57,6 +57,10 @@ class HaltableModel(Protocol):
     def readout(self, per_token_out: Tensor) -> Tensor:
         """Logits ``[B, classes]`` from per-token outputs ``[B, N, D]``."""
 
+    # Optional: ``set_halting_refills(refills: bool) -> None``, called by the plugin right
+    # after ``reset()``. ``False`` promises that in this sample a token that stops is never
+    # active again (every accumulation but 'block'), so a model may drop its state.
+
 
 def run_stepwise(model: HaltableModel, x: Tensor, timesteps: Optional[int] = None, *,
                  on_timestep: Optional[Callable[[int], None]] = None,

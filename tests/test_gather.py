@@ -106,6 +106,37 @@ def test_compacted_rows_equal_the_masked_execution(mode, halted_kv):
         assert (mask[0].active_fraction[:, 0] == 1).all()
 
 
+@pytest.mark.parametrize("mode", ["both", "time", "block"])
+def test_stopped_rows_are_parked_only_where_tokens_can_return(mode):
+    """Outside 'block' mode the plugin promises the active set only shrinks, and the
+    compaction drops stopped rows instead of copying them aside; 'block' keeps them."""
+    snn, x = tiny_converted_vit(images=3, timesteps=4, depth=2)
+    cfg = HaltingConfig(alpha=1.0, beta=0.5, eps=0.3, score="mean", accumulate=mode)
+    with torch.no_grad():
+        mask = run_halting(snn, x, cfg, execution="mask")
+        gather = run_halting(snn, x, cfg, execution="gather")
+    assert torch.equal(mask.logits, gather.logits) and 0 < gather.token_ratio < 1
+    parked = [bool(blk.held.parked) for blk in snn.blocks]
+    assert any(parked) if mode == "block" else not any(parked)
+
+
+def test_a_broken_no_refill_promise_is_an_error():
+    snn, x = tiny_converted_vit(images=2)
+    tokens = snn.pos_embed.shape[1]
+    blk, some = snn.blocks[0], torch.ones(2, tokens, dtype=torch.bool)
+    some[:, 1:] = False
+    with torch.no_grad():
+        snn.reset()
+        snn.set_halting_refills(False)
+        h = snn.tokens(x, 0)
+        blk.step(h, torch.ones_like(some), gather=True)
+        blk.step(h, some, gather=True)
+        with pytest.raises(ConversionError, match="set_halting_refills"):
+            blk.step(h, torch.ones_like(some), gather=True)
+        snn.reset()  # the promise lasts one sample
+        assert all(b.held.refills for b in snn.blocks)
+
+
 def test_one_sample_runs_under_one_execution():
     snn, x = tiny_converted_vit(images=2)
     active = torch.ones(2, snn.pos_embed.shape[1], dtype=torch.bool)
