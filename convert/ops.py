@@ -519,6 +519,7 @@ class HeldRows:
     def reset(self) -> None:
         self.mask: Optional[Tensor] = None   # [B * N] bool: the held tokens
         self.rows: Optional[TokenRows] = None
+        self.padded: Optional[tuple[int, Tensor]] = None  # padded_slots(rows), made once
         self.parked: dict = {}               # (module index, attr) -> [(flat index, rows)]
         #: False: the caller promised that no stopped token becomes active again in this
         #: sample (see ``SpikingViT.set_halting_refills``), so stopped rows are dropped, not
@@ -533,7 +534,8 @@ class HeldRows:
                     yield i, m, attr, value
 
     def update(self, active: Tensor) -> TokenRows:
-        """The rows of ``active`` ``[B, N]``, with every module's state compacted to them."""
+        """The rows of ``active`` ``[B, N]``, with every module's state compacted to them
+        (and :attr:`padded`, their :func:`padded_slots`)."""
         flat = active.reshape(-1)
         if self.mask is not None and torch.equal(flat, self.mask):
             return self.rows
@@ -557,7 +559,7 @@ class HeldRows:
                         self.parked.setdefault((i, attr), []).append(
                             (old.index_select(0, gone), value.index_select(0, gone)))
                     setattr(m, attr, value.index_select(0, stay))
-        self.mask, self.rows = flat, new
+        self.mask, self.rows, self.padded = flat, new, padded_slots(new)
         return new
 
     def _refill(self, old: Tensor, new: Tensor, total: int) -> None:

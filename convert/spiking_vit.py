@@ -22,7 +22,7 @@ from halting.protocol import HaltingDefaults
 
 from .errors import ConversionError
 from .ops import (Compensated, CompensatedMatMul, HeldRows, MultiThresholdNeuron, ProductRows,
-                  KernelLayerNorm, gelu_fn, padded_slots, softmax_fn)
+                  KernelLayerNorm, gelu_fn, softmax_fn)
 
 Recorder = Optional[Callable[[nn.Module, Tensor], None]]
 HALTED_KV = ("frozen", "drop")
@@ -163,8 +163,7 @@ class ConvertedBlock(nn.Module):
             return x
         dim = x.shape[-1]
         key_count = self.key_count.reshape(-1, 1).clamp(min=1)
-        padded = padded_slots(rows)
-        ctx = {kind: ProductRows(kind, rows, self.num_heads, dim, key_count, padded)
+        ctx = {kind: ProductRows(kind, rows, self.num_heads, dim, key_count, self.held.padded)
                for kind in ("qk", "av")}
         xr = rows.gather(x)                                               # [M, D]
         h = self.in_qkv.step(self.norm1(xr, rows), rows)
