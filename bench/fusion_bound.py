@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from convert_bench import _interleaved_times  # bench/ is on the path when run
 from convert.ops import integrate_and_fire
 from convert.pipeline import load_converted
 from stas_core import kernels
@@ -38,18 +38,13 @@ from stas_core.data import build_datasets
 
 
 def _interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each function, the functions alternating round by round (a noisy
-    machine then moves all of them alike)."""
+    """Median milliseconds of each function, after 3 warm-up calls, timed round by round
+    (``convert_bench``'s interleaving)."""
     for fn in fns.values():
         for _ in range(3):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    times = _interleaved_times(list(fns.values()), repeats)
+    return {name: statistics.median(t) * 1e3 for name, t in zip(fns, times)}
 
 
 class _Site(nn.Module):
@@ -87,12 +82,11 @@ def main() -> int:
     _, val, _ = build_datasets("fashion-mnist", augment=False)
     x = torch.stack([val[i][0] for i in range(args.images)])
 
-    counts: dict[str, list[int]] = {}
-    linears: dict[str, nn.Linear] = {}
+    counts: dict[str, list[int]] = {}  # kind (qkv, ..., summed over blocks): [non-zero, all]
 
-    def hook(name: str):
+    def hook(kind: str):
         def record(module, inputs, output):
-            c = counts.setdefault(name, [0, 0])
+            c = counts.setdefault(kind, [0, 0])
             c[0] += int((inputs[0] != 0).sum())
             c[1] += inputs[0].numel()
         return record
@@ -100,20 +94,15 @@ def main() -> int:
     handles = []
     for name, m in snn.named_modules():
         if getattr(m, "stas_input", None) == "events":
-            handles.append(m.register_forward_hook(hook(name)))
-            linears[name] = m
+            parts = name.split(".")  # blocks.3.qkv -> qkv
+            kind = ".".join(parts[2:]) if parts[0] == "blocks" else name
+            handles.append(m.register_forward_hook(hook(kind)))
     with torch.inference_mode():
         snn.reset()
         snn(x, timesteps=args.timesteps)
         tokens = snn.tokens(x, 0).shape[1]
     for h in handles:
         h.remove()
-    by_kind: dict[str, list[int]] = {}
-    for name, (nz, total) in counts.items():
-        parts = name.split(".")  # blocks.3.qkv -> qkv, summed over the blocks
-        k = by_kind.setdefault(".".join(parts[2:]) if parts[0] == "blocks" else name, [0, 0])
-        k[0] += nz
-        k[1] += total
 
     ext = kernels.load()
     rows = args.images * tokens
@@ -147,7 +136,7 @@ def main() -> int:
         "images": args.images,
         "timesteps": args.timesteps,
         "tokens": tokens,
-        "spike_density": {k: nz / total for k, (nz, total) in by_kind.items()},
+        "spike_density": {k: nz / total for k, (nz, total) in counts.items()},
         "sites": sites,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
