@@ -113,6 +113,9 @@ class HaltingResult:
     image_ratio: Tensor              # [B]: each image's share of token-steps computed
     history: list = field(default_factory=list)  # per step (t, l): (H, R, N, mask) copies
     config: Optional[HaltingConfig] = None  # the config as run (output, score filled in)
+    #: [T, B, classes] with ``anytime=True``: entry t is the answer had the image stopped
+    #: after t + 1 timesteps (every token still active halting there), else None
+    logits_per_t: Optional[Tensor] = None
 
     @property
     def token_ratio(self) -> float:
@@ -153,7 +156,8 @@ def check_execution(execution: str) -> str:
 def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
                 timesteps: Optional[int] = None, record: bool = False,
                 execution: str = DEFAULT_EXECUTION,
-                on_timestep: Optional[Callable[[int], None]] = None) -> HaltingResult:
+                on_timestep: Optional[Callable[[int], None]] = None,
+                anytime: bool = False) -> HaltingResult:
     """Run ``model`` on ``x`` with token halting.
 
     ``execution='gather'`` (default) asks the blocks to compute the active tokens only
@@ -162,7 +166,10 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     ``cfg`` come from the model (:meth:`HaltingConfig.for_model`). A halted token enters
     later timesteps with the value it halted with (not with fresh input tokens), so
     ``output='last'`` reads out what it stopped with. ``on_timestep(t)`` is called before
-    each timestep (op counters).
+    each timestep (op counters). ``anytime=True`` also returns ``logits_per_t``: the
+    readout had the whole image stopped after each timestep, every token still active
+    halting there with its remainder (per-image early exit on top of token halting); its
+    last entry equals ``logits``.
     """
     gather = check_execution(execution) == "gather"
     cfg = cfg.for_model(model)
@@ -177,6 +184,7 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
     mask = H = R = N = None
     mean_field = None
     logits_sum = None
+    stopped_here = []  # anytime: the readout of an image stopped after each timestep
     image_active = 0.0
     signal_sums = [None] * depth  # running sums of the score signal, per block
     per_step = cfg.accumulate == "block" or cfg.output == "last"  # read out every timestep
@@ -234,12 +242,18 @@ def run_halting(model: HaltableModel, x: Tensor, cfg: HaltingConfig, *,
             out = model.readout(h if cfg.output == "last" else mean_field)
             logits_sum = out if logits_sum is None else logits_sum + out
             mean_field = None
+            if anytime:
+                stopped_here.append(logits_sum / (t + 1))
+        elif anytime:  # tokens still active take their remainder on this step's output
+            rest = ((1.0 - H) * mask.to(h.dtype)).unsqueeze(-1) * h
+            stopped_here.append(model.readout(rest if mean_field is None else mean_field + rest))
     logits = logits_sum / steps if per_step else model.readout(mean_field)
     ponder = (N + R).mean()
     fractions = torch.stack(fractions).detach().float().reshape(steps, depth).cpu()
     return HaltingResult(logits=logits, ponder_loss=ponder, active_fraction=fractions,
                          depth=N, remainder=R, image_ratio=image_active / (steps * depth),
-                         history=history, config=cfg)
+                         history=history, config=cfg,
+                         logits_per_t=torch.stack(stopped_here) if anytime else None)
 
 
 class Halted(nn.Module):

@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, check_positive_int
 __all__ = [
     "DatasetInfo", "DATASETS", "ALIASES", "SYSTEM_FASHION_MNIST_DIR", "get_dataset_info",
     "default_data_dir", "TensorImageDataset", "load_fashion_mnist", "build_datasets",
-    "build_loaders",
+    "build_loaders", "SPLITS", "SPLIT_SEED", "default_holdout", "split_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -332,45 +332,127 @@ def _build_events(info: DatasetInfo, data_dir: Optional[PathLike], download: boo
 
 
 # --------------------------------------------------------------------------- public builders
-def _subset(ds: Dataset, n: Optional[int], seed: int, what: str) -> Dataset:
-    """Fixed seeded subset of ``n`` items (None or n >= len(ds): the whole set)."""
-    if n is None:
-        return ds
-    if n > len(ds):
+#: The splits an evaluation set is drawn from: ``"val"`` (held-out training images, where
+#: every choice is made) and ``"test"`` (the dataset's test split, which only reports).
+SPLITS = ("val", "test")
+#: Seed of everything that fixes *which* images a split holds (the validation hold-out, the
+#: evaluation subset, CIFAR10-DVS's train/test split): the same for every run seed, so every
+#: seed and variant of a comparison is measured on the same images.
+SPLIT_SEED = 0
+#: Training images held out as the validation split: a tenth, at most this many.
+MAX_VAL_HOLDOUT = 5000
+
+
+def default_holdout(train_size: int) -> int:
+    """Images of a training set of ``train_size`` held out for validation."""
+    return min(MAX_VAL_HOLDOUT, max(1, train_size // 10)) if train_size > 1 else 0
+
+
+def _holdout_split(n: int, holdout: int) -> tuple[list[int], list[int]]:
+    """(validation indices, training indices) of a training set of ``n``: a fixed
+    permutation seeded by :data:`SPLIT_SEED`, independent of the run seed."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return sorted(order[:holdout]), sorted(order[holdout:])
+
+
+def _subset(ds: Dataset, n: Optional[int], seed: int, what: str) -> Subset:
+    """Fixed seeded subset of ``n`` items (None or n >= len(ds): all of them, in order)."""
+    if n is not None and n > len(ds):
         logger.warning("%s=%d exceeds the %d available samples; using all of them", what, n, len(ds))
-    if n >= len(ds):
-        return ds
+    if n is None or n >= len(ds):
+        return Subset(ds, list(range(len(ds))))
     g = torch.Generator().manual_seed(seed)
-    return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
+    return Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
+
+
+def _base_indices(ds: Dataset) -> list[int]:
+    """Indices of ``ds`` in the dataset under its chain of Subsets."""
+    idx = list(range(len(ds)))
+    while isinstance(ds, Subset):
+        idx = [int(ds.indices[i]) for i in idx]
+        ds = ds.dataset
+    return idx
+
+
+def split_record(ds: Dataset) -> dict:
+    """What a results file says of the images it was measured on: dataset, split
+    (``val``: held out of the training set; ``test``), count and a SHA-256 of their indices
+    in the source split (:func:`build_datasets` tags its evaluation sets)."""
+    import hashlib
+
+    tag = dict(getattr(ds, "stas_split", {}) or {})
+    idx = _base_indices(ds)
+    digest = hashlib.sha256(",".join(map(str, idx)).encode()).hexdigest()
+    return {"dataset": tag.get("dataset"), "split": tag.get("split"),
+            "source": tag.get("source"), "images": len(idx), "indices_sha256": digest}
 
 
 def build_datasets(name: str, *, data_dir: Optional[PathLike] = None,
                    train_subset: Optional[int] = None, val_subset: Optional[int] = None,
                    seed: int = 0, download: bool = True, augment: bool = True,
-                   frames: Optional[int] = None) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """Build ``(train_dataset, val_dataset, info)`` for dataset ``name``.
+                   frames: Optional[int] = None, split: str = "test",
+                   holdout: Optional[int] = None) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Build ``(train_dataset, eval_dataset, info)`` for dataset ``name``.
 
-    ``train_subset`` / ``val_subset`` pick a fixed random subset (seeded by ``seed``);
-    ``augment=False`` gives the train split the validation transform. ``frames``: time
-    bins of an event set (default :data:`DEFAULT_FRAMES`; ignored for image sets). Event
-    sets are not augmented (a flip changes what a gesture means).
+    The training set never holds the validation images: ``holdout`` training images
+    (default :func:`default_holdout`, a fixed choice seeded by :data:`SPLIT_SEED`) are set
+    aside. ``split`` picks the evaluation set: ``"test"`` (the dataset's test split; it only
+    reports) or ``"val"`` (the held-out training images, with the evaluation transform;
+    every choice is made there). ``val_subset`` takes a fixed subset of that set, seeded by
+    :data:`SPLIT_SEED` (the same images for every run seed); ``train_subset`` a subset of
+    the remaining training images seeded by ``seed``. ``augment=False`` gives the train
+    split the evaluation transform. ``frames``: time bins of an event set (default
+    :data:`DEFAULT_FRAMES`; ignored for image sets). Event sets are not augmented (a flip
+    changes what a gesture means). The evaluation set carries ``stas_split`` for
+    :func:`split_record`.
     """
     info = get_dataset_info(name)
     for what, n in (("train_subset", train_subset), ("val_subset", val_subset)):
         if n is not None:
             check_positive_int(what, n)
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int)
+                                or holdout < 0):
+        raise ConfigError(f"holdout must be an integer >= 0 (training images kept for "
+                          f"validation); got {holdout!r}")
+    plain = None  # the training images with the evaluation transform (the val split)
     if info.events:
-        train, val = _build_events(info, data_dir, download,
-                                   check_positive_int("frames", frames or DEFAULT_FRAMES), seed)
+        train, test = _build_events(info, data_dir, download,
+                                    check_positive_int("frames", frames or DEFAULT_FRAMES),
+                                    SPLIT_SEED)
+        plain = train
     elif info.name == "fashion-mnist":
         (xt, yt), (xv, yv) = load_fashion_mnist(data_dir, download)
         train = TensorImageDataset(xt, yt, info.mean, info.std, augment=augment, padding=2)
-        val = TensorImageDataset(xv, yv, info.mean, info.std, augment=False)
+        test = TensorImageDataset(xv, yv, info.mean, info.std, augment=False)
+        if split == "val":
+            plain = train if not augment else TensorImageDataset(xt, yt, info.mean, info.std,
+                                                                 augment=False)
     elif info.name in ("cifar10", "cifar100"):
-        train, val = _build_cifar(info, data_dir, download, augment)
+        train, test = _build_cifar(info, data_dir, download, augment)
+        if split == "val":
+            plain = train if not augment else _build_cifar(info, data_dir, download, False)[0]
     else:
-        train, val = _build_imagenet(info, data_dir, augment)
-    return _subset(train, train_subset, seed, "train_subset"), _subset(val, val_subset, seed, "val_subset"), info
+        train, test = _build_imagenet(info, data_dir, augment)
+        if split == "val":
+            plain = train if not augment else _build_imagenet(info, data_dir, False)[0]
+    n_hold = default_holdout(len(train)) if holdout is None else holdout
+    if n_hold >= len(train):
+        raise ConfigError(f"holdout={n_hold} leaves no training images of the {len(train)} "
+                          f"in {info.name}'s training split; hold out fewer")
+    val_idx, train_idx = _holdout_split(len(train), n_hold)
+    if split == "val":
+        if not val_idx:
+            raise ConfigError("split='val' needs held-out training images; got holdout=0")
+        source = Subset(plain, val_idx)
+    else:
+        source = test
+    evaluation = _subset(source, val_subset, SPLIT_SEED, "val_subset")
+    evaluation.stas_split = {"dataset": info.name, "split": split,
+                             "source": "train" if split == "val" else "test"}
+    return (_subset(Subset(train, train_idx), train_subset, seed, "train_subset"),
+            evaluation, info)
 
 
 def build_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, workers: int = 0,

@@ -154,7 +154,15 @@ def test_system_fashion_mnist_build_and_subsets(system_fmnist, monkeypatch):
     assert isinstance(tr, Subset) and tr.indices == tr_again.indices
     assert tr.indices != tr_other.indices
     full_tr, full_va, _ = D.build_datasets("fmnist")
-    assert (len(full_tr), len(full_va)) == (60000, 10000)
+    assert (len(full_tr), len(full_va)) == (60000 - 5000, 10000)  # validation held out
+    _, va_seed2, _ = D.build_datasets("fmnist", val_subset=50, seed=2)
+    assert va_seed2.indices == va.indices  # the test images do not follow the run seed
+    _, val, _ = D.build_datasets("fmnist", split="val", holdout=300)
+    assert len(val) == 300 and D.split_record(val)["split"] == "val"
+    with pytest.raises(D.ConfigError, match="split must be one of"):
+        D.build_datasets("fmnist", split="train")
+    with pytest.raises(D.ConfigError, match="leaves no training images"):
+        D.build_datasets("fmnist", holdout=60000)
 
 
 def test_real_loader_reads_system_dir(monkeypatch, tmp_path):
@@ -163,7 +171,7 @@ def test_real_loader_reads_system_dir(monkeypatch, tmp_path):
     monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
     tr, va, _ = D.build_datasets("fashion-mnist", data_dir=tmp_path, download=False,
                                  train_subset=8, val_subset=8)
-    assert len(tr.dataset) == 60000 and len(va.dataset) == 10000
+    assert len(tr.dataset.dataset) == 60000 and len(va.dataset) == 10000
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -171,7 +179,7 @@ def test_fabricated_idx_from_data_dir(tmp_path, no_system_fmnist, gz):
     arrays = _write_idx_set(tmp_path / "d", gz=gz)
     tr, va, info = D.build_datasets("fashion-mnist", data_dir=tmp_path / "d", download=False,
                                     augment=False)
-    assert (len(tr), len(va)) == (12, 6)
+    assert (len(tr), len(va)) == (12 - 1, 6)  # one training image held out for validation
     x, y = va[3]
     expect = (torch.from_numpy(arrays["t10k-images-idx3-ubyte"][3]).float() / 255 - 0.2860) / 0.3530
     assert torch.allclose(x[0], expect, atol=1e-6)
@@ -181,11 +189,11 @@ def test_fabricated_idx_from_data_dir(tmp_path, no_system_fmnist, gz):
 def test_torchvision_layout_and_env_override(tmp_path, no_system_fmnist, monkeypatch):
     _write_idx_set(tmp_path / "tv" / "FashionMNIST" / "raw", n_train=5)
     tr, _, _ = D.build_datasets("fmnist", data_dir=tmp_path / "tv", download=False)
-    assert len(tr) == 5
+    assert len(tr) == 5 - 1  # minus the validation hold-out
     _write_idx_set(tmp_path / "env", n_train=7)
     monkeypatch.setenv(D.FASHION_MNIST_ENV, str(tmp_path / "env"))
     tr, _, _ = D.build_datasets("fmnist", data_dir=tmp_path / "nowhere", download=False)
-    assert len(tr) == 7
+    assert len(tr) == 7 - 1  # minus the validation hold-out
 
 
 def test_subset_larger_than_set_warns(tmp_path, no_system_fmnist, caplog):
@@ -193,7 +201,7 @@ def test_subset_larger_than_set_warns(tmp_path, no_system_fmnist, caplog):
     with caplog.at_level(logging.WARNING, logger="stas_core.data"):
         tr, va, _ = D.build_datasets("fmnist", data_dir=tmp_path / "d", download=False,
                                      train_subset=1000, val_subset=3)
-    assert len(tr) == 12 and len(va) == 3
+    assert len(tr) == 12 - 1 and len(va) == 3
     assert "train_subset=1000 exceeds" in caplog.text
 
 
@@ -228,13 +236,13 @@ def test_fabricated_cifar10(tmp_path):
     assert (len(tr), len(va), info.num_classes) == (7, 4, 10)
     x, y = tr[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
-    assert va.classes[0] == "c0"
+    assert va.dataset.classes[0] == "c0"
 
 
 def test_fabricated_cifar100(tmp_path):
     _write_cifar100(tmp_path)
     tr, va, info = D.build_datasets("cifar100", data_dir=tmp_path, download=False, augment=False)
-    assert (len(tr), len(va), info.num_classes) == (5, 5, 100)
+    assert (len(tr), len(va), info.num_classes) == (5 - 1, 5, 100)
     x, y = va[1]
     assert x.shape == (3, 32, 32) and 0 <= y < 100
 
@@ -264,9 +272,9 @@ def test_fabricated_imagenet(tmp_path):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
     tr, va, info = D.build_datasets("imagenet", data_dir=tmp_path)
-    assert (len(tr), len(va)) == (6, 4)
+    assert (len(tr), len(va)) == (6 - 1, 4)
     assert tr[0][0].shape == (3, 224, 224) and va[3][0].shape == (3, 224, 224)
-    assert va[3][1] == 1 and tr.classes == ["n01", "n02"]
+    assert va[3][1] == 1 and tr.dataset.dataset.classes == ["n01", "n02"]
 
 
 def test_missing_imagenet(tmp_path):
@@ -290,7 +298,7 @@ def test_build_loaders(tmp_path, no_system_fmnist):
     tr, va, _ = D.build_datasets("fmnist", data_dir=tmp_path / "d", download=False)
     train_loader, val_loader = D.build_loaders(tr, va, batch_size=4, seed=3)
     sizes = [len(y) for _, y in train_loader]
-    assert sizes == [4, 4, 2]  # drop_last=False
+    assert sizes == [4, 4, 1]  # drop_last=False (9: one image held out for validation)
     x, y = next(iter(val_loader))
     assert x.shape == (4, 1, 28, 28) and y.dtype == torch.int64
     order = lambda: torch.cat([y for _, y in D.build_loaders(tr, va, batch_size=4, seed=3)[0]])

@@ -1,0 +1,274 @@
+"""The baselines an adaptive-computation figure must beat, per image and under both ledgers.
+
+A *policy* decides, image by image, how long a model runs; its cost is the mean energy of
+what each image ran, its accuracy the share of images it gets right. Families of policies
+form curves:
+
+* **fewer timesteps**: every image stopped after t = 1..T;
+* **per-image early exit** (SEENN-I, Li et al., NeurIPS 2023): an image stops at the first
+  t whose softmax confidence of the accumulated output clears a threshold, swept;
+* **token halting** (the halted model stopped after t), and **token halting + early
+  exit** (the halted model's images stopped by confidence).
+
+Running a fraction of the images under one policy and the rest under another reaches every
+point on the straight line between the two, so a point is measured against a curve's
+**upper convex hull** at its own energy. The comparison is paired: each image's
+correctness under the point minus its expected correctness under the hull's mixture, with
+a bootstrap 95% interval over the images (:func:`stas_core.stats.paired_bootstrap`).
+
+Energy per image is booked by what the image ran: an image stopped after t costs the
+model's mean per-image energy over its first t timesteps (counted on the energy images
+under each ledger), so a policy's energy is ``mean_i E(t_i)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .stats import paired_bootstrap
+
+__all__ = ["LEDGERS", "AnytimeRun", "Curve", "upper_hull", "hull_mixture", "fewer_timesteps",
+           "early_exit", "versus_curve", "halting_baselines", "DEFAULT_THRESHOLDS",
+           "collect_anytime"]
+
+#: The two ledgers a policy's energy is booked under: name -> key of the energy figure.
+LEDGERS = {"conventional": "energy_mj", "full": "full_energy_mj"}
+#: Confidence thresholds of the early-exit sweep (0.3 .. 1 - 1e-6: from "most images stop
+#: at t = 1" to "almost none stop before T").
+DEFAULT_THRESHOLDS = tuple(float(v) for v in np.concatenate(
+    [np.linspace(0.3, 0.9, 7), 1.0 - np.logspace(-1.3, -6, 14)]))
+
+
+@dataclass
+class AnytimeRun:
+    """Per-image answers of a model stopped after every t = 1..T, with the mean
+    per-image energy of its first t timesteps under each ledger."""
+
+    labels: np.ndarray          #: [N] int
+    pred: np.ndarray            #: [T, N] argmax of the accumulated output after t + 1 steps
+    confidence: np.ndarray      #: [T, N] its largest softmax probability
+    energy_mj: np.ndarray       #: [T] conventional, cumulative
+    full_energy_mj: np.ndarray  #: [T] full ledger, cumulative
+
+    @property
+    def correct(self) -> np.ndarray:
+        """[T, N] bool: image n right when stopped after t + 1 timesteps."""
+        return self.pred == self.labels[None, :]
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.pred.shape[0])
+
+    def energy(self, ledger: str) -> np.ndarray:
+        return np.asarray(getattr(self, LEDGERS[ledger]), dtype=np.float64)
+
+
+@dataclass
+class Curve:
+    """A family of policies: per point, each image's correctness and the mean energy."""
+
+    name: str
+    correct: np.ndarray          #: [K, N] float (0/1 or expected correctness)
+    energy: dict                 #: ledger -> [K] mean energy per image (mJ)
+    params: list                 #: per point: what it is (t, or a threshold)
+    mean_timesteps: np.ndarray   #: [K] mean timesteps per image
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self.correct.mean(axis=1)
+
+    def summary(self, ledger_hulls: bool = True) -> dict:
+        out = {"name": self.name, "points": [
+            {"param": p, "top1": float(a), "mean_timesteps": float(m),
+             **{LEDGERS[k]: float(v[i]) for k, v in self.energy.items()}}
+            for i, (p, a, m) in enumerate(zip(self.params, self.top1, self.mean_timesteps))]}
+        if ledger_hulls:
+            out["hull"] = {k: upper_hull(v, self.top1) for k, v in self.energy.items()}
+        return out
+
+
+def upper_hull(energy: Sequence[float], top1: Sequence[float]) -> list[int]:
+    """Indices of the points on the upper convex hull of ``(energy, top1)``, by energy,
+    up to the most accurate point (spending more than it buys nothing)."""
+    e = np.asarray(energy, dtype=np.float64)
+    a = np.asarray(top1, dtype=np.float64)
+    order = sorted(range(len(e)), key=lambda i: (e[i], -a[i]))
+    hull: list[int] = []
+    for i in order:
+        if hull and e[i] == e[hull[-1]]:
+            continue  # same energy, not more accurate (sorted)
+        while len(hull) >= 2:
+            j, k = hull[-2], hull[-1]  # drop k when it lies on or under the line j -> i
+            if (a[k] - a[j]) * (e[i] - e[j]) <= (a[i] - a[j]) * (e[k] - e[j]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    best = max(range(len(hull)), key=lambda n: (a[hull[n]], -n))
+    return [int(i) for i in hull[:best + 1]]
+
+
+def hull_mixture(energy: Sequence[float], top1: Sequence[float],
+                 budget: float) -> Optional[list[tuple[int, float]]]:
+    """The mixture of two hull points that spends ``budget`` per image: ``[(index,
+    weight), ...]`` (one point at weight 1 past the most accurate point); None when
+    ``budget`` is below the cheapest point (the curve says nothing there)."""
+    hull = upper_hull(energy, top1)
+    e = np.asarray(energy, dtype=np.float64)
+    if budget < e[hull[0]]:
+        return None
+    if budget >= e[hull[-1]]:
+        return [(hull[-1], 1.0)]
+    for j, k in zip(hull, hull[1:]):
+        if e[j] <= budget <= e[k]:
+            w = float((budget - e[j]) / (e[k] - e[j]))
+            return [(j, 1.0 - w), (k, w)]
+    raise AssertionError("unreachable: budget inside the hull's range")
+
+
+def fewer_timesteps(run: AnytimeRun, name: str = "fewer_timesteps") -> Curve:
+    """Every image stopped after t = 1..T."""
+    T = run.timesteps
+    return Curve(name, run.correct.astype(np.float64),
+                 {k: run.energy(k) for k in LEDGERS}, list(range(1, T + 1)),
+                 np.arange(1, T + 1, dtype=np.float64))
+
+
+def early_exit(run: AnytimeRun, thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+               name: str = "early_exit") -> Curve:
+    """SEENN-I: each image stops at the first t whose confidence is at least the
+    threshold (at T otherwise); one point per threshold."""
+    thresholds = [float(v) for v in thresholds]
+    correct, steps = [], []
+    energies = {k: [] for k in LEDGERS}
+    cols = np.arange(run.pred.shape[1])
+    for thr in thresholds:
+        clears = run.confidence >= thr
+        clears[-1] = True
+        stop = clears.argmax(axis=0)  # first t that clears (0-based)
+        correct.append(run.correct[stop, cols].astype(np.float64))
+        steps.append(float(stop.mean() + 1))
+        for k in LEDGERS:
+            energies[k].append(float(run.energy(k)[stop].mean()))
+    return Curve(name, np.stack(correct), {k: np.asarray(v) for k, v in energies.items()},
+                 thresholds, np.asarray(steps))
+
+
+def versus_curve(correct: Sequence[float], energy: float, curve: Curve, ledger: str, *,
+                 resamples: int = 2000, seed: int = 0) -> dict:
+    """A point (each image's correctness, mean energy under ``ledger``) against ``curve``'s
+    upper hull at the same energy: the paired top-1 difference with its 95% interval, and
+    the mixture it was taken against. ``difference`` None: the point is cheaper than the
+    curve's cheapest point."""
+    e = curve.energy[ledger]
+    mix = hull_mixture(e, curve.top1, energy)
+    if mix is None:
+        return {"difference": None, "ci95": None, "excludes_zero": None,
+                "note": "cheaper than the curve's cheapest point"}
+    base = sum(w * curve.correct[i] for i, w in mix)
+    res = paired_bootstrap(correct, base, resamples=resamples, seed=seed)
+    res["curve_top1_at_energy"] = float(base.mean())
+    res["mixture"] = [{"param": curve.params[i], "weight": float(w)} for i, w in mix]
+    res["beats"] = bool(res["ci95"][0] > 0)
+    return res
+
+
+def halting_baselines(unhalted: AnytimeRun, halted: AnytimeRun, *,
+                      thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+                      resamples: int = 2000, seed: int = 0) -> dict:
+    """The ``baselines`` block of every halting report: the halted model (run for all T)
+    against the unhalted model's fewer-timesteps hull and early-exit hull, and early exit
+    on top of token halting against each alone, under both ledgers, on the same images."""
+    if unhalted.labels.shape != halted.labels.shape or (unhalted.labels != halted.labels).any():
+        raise ValueError("the halted and unhalted runs must answer the same images")
+    thresholds = list(thresholds)
+    curves = {"fewer_timesteps": fewer_timesteps(unhalted),
+              "early_exit": early_exit(unhalted, thresholds),
+              "token_halting": fewer_timesteps(halted, "token_halting"),
+              "token_halting+early_exit": early_exit(halted, thresholds,
+                                                     "token_halting+early_exit")}
+    point = halted.correct[-1].astype(np.float64)
+    kw = dict(resamples=resamples, seed=seed)
+    out = {"images": int(point.size), "resamples": resamples,
+           "halted": {"top1": float(point.mean()),
+                      **{LEDGERS[k]: float(halted.energy(k)[-1]) for k in LEDGERS}},
+           "curves": {n: c.summary() for n, c in curves.items()}, "vs": {}, "combination": {}}
+    for ledger in LEDGERS:
+        e_point = float(halted.energy(ledger)[-1])
+        out["vs"][ledger] = {n: versus_curve(point, e_point, curves[n], ledger, **kw)
+                             for n in ("fewer_timesteps", "early_exit")}
+        combo = curves["token_halting+early_exit"]
+        rows = []
+        for i in range(len(combo.params)):
+            e_i = float(combo.energy[ledger][i])
+            rows.append({"param": combo.params[i], "top1": float(combo.top1[i]),
+                         LEDGERS[ledger]: e_i,
+                         **{f"vs_{n}": versus_curve(combo.correct[i], e_i, curves[n], ledger,
+                                                    **kw)
+                            for n in ("early_exit", "token_halting")}})
+
+        def worst(r):  # the smaller of its two gains (None: not comparable)
+            g = [r[f"vs_{n}"]["difference"] for n in ("early_exit", "token_halting")]
+            return -1.0 if None in g else min(g)
+
+        best = max(range(len(rows)), key=lambda i: worst(rows[i]))
+        out["combination"][ledger] = {
+            "points": rows, "best": best,
+            "beats_both_somewhere": any(
+                r["vs_early_exit"].get("beats") and r["vs_token_halting"].get("beats")
+                for r in rows)}
+    return out
+
+
+# ------------------------------------------------------------------------ collecting runs
+def _answers(cum: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    prob = torch.softmax(cum.float(), dim=-1)
+    conf, pred = prob.max(dim=-1)
+    return pred.cpu().numpy(), conf.cpu().numpy()
+
+
+@torch.no_grad()
+def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.device, *,
+                    timesteps: Optional[int] = None, halting=None, execution: str = "gather",
+                    energy_images: int = 256, costs=None) -> AnytimeRun:
+    """Run ``model`` (with token ``halting`` or without) over ``loader`` and keep every
+    image's answer after each t, with the cumulative per-image energy of t timesteps under
+    both ledgers (counted on the first ``energy_images`` images)."""
+    from halting import run_halting
+    from halting.protocol import run_stepwise
+
+    from .evaluate import measure_energy
+
+    model.eval()
+    steps = int(timesteps or model.timesteps)
+    labels, preds, confs = [], [], []
+    for x, y in loader:
+        x = x.to(device)
+        if halting is None:
+            cum = run_stepwise(model, x, steps, cumulative=True)
+        else:
+            cum = run_halting(model, x, halting, timesteps=steps, execution=execution,
+                              anytime=True).logits_per_t
+        p, c = _answers(cum)
+        preds.append(p)
+        confs.append(c)
+        labels.append(np.asarray(y))
+    if not labels:
+        from .errors import ConfigError
+
+        raise ConfigError("the evaluation set is empty; check --val-subset")
+    e = measure_energy(model, loader, device, max_images=energy_images, costs=costs,
+                       halting=halting, execution=execution, timesteps=steps)
+    conv = np.zeros(steps)
+    full = np.zeros(steps)
+    for entry in e["per_timestep"]:
+        if entry["t"] is not None:
+            conv[entry["t"]] += entry["energy_mj"]
+    for entry in e["ledger"]["per_timestep"]:
+        if entry["t"] is not None:
+            full[entry["t"]] += entry["full_mj"]
+    return AnytimeRun(np.concatenate(labels), np.concatenate(preds, axis=1),
+                      np.concatenate(confs, axis=1), np.cumsum(conv), np.cumsum(full))
