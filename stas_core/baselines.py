@@ -52,6 +52,7 @@ class AnytimeRun:
     confidence: np.ndarray      #: [T, N] its largest softmax probability
     energy_mj: np.ndarray       #: [T] conventional, cumulative
     full_energy_mj: np.ndarray  #: [T] full ledger, cumulative
+    depth: Optional[np.ndarray] = None  #: [N, tokens] scored steps per token (halted runs)
 
     @property
     def correct(self) -> np.ndarray:
@@ -244,14 +245,16 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
 
     model.eval()
     steps = int(timesteps or model.timesteps)
-    labels, preds, confs = [], [], []
+    labels, preds, confs, depths = [], [], [], []
     for x, y in loader:
         x = x.to(device)
         if halting is None:
             cum = run_stepwise(model, x, steps, cumulative=True)
         else:
-            cum = run_halting(model, x, halting, timesteps=steps, execution=execution,
-                              anytime=True).logits_per_t
+            res = run_halting(model, x, halting, timesteps=steps, execution=execution,
+                              anytime=True)
+            cum = res.logits_per_t
+            depths.append(res.depth.cpu().numpy().astype(np.float32))
         p, c = _answers(cum)
         preds.append(p)
         confs.append(c)
@@ -271,4 +274,5 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
         if entry["t"] is not None:
             full[entry["t"]] += entry["full_mj"]
     return AnytimeRun(np.concatenate(labels), np.concatenate(preds, axis=1),
-                      np.concatenate(confs, axis=1), np.cumsum(conv), np.cumsum(full))
+                      np.concatenate(confs, axis=1), np.cumsum(conv), np.cumsum(full),
+                      np.concatenate(depths) if depths else None)
