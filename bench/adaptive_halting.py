@@ -1,17 +1,20 @@
-"""Does halting on a converted ViT adapt per token, and does it beat running fewer timesteps?
+"""Token halting on a converted ViT against the baselines a reviewer names, chosen on a
+validation split and reported on a fixed test split.
 
     python bench/adaptive_halting.py --model runs/convert/model.safetensors [-T 8] \\
-        [--screen-images 500] [--val-images 2000] [--finalists 3] [--out runs/adaptive]
+        [--val-images 512] [--test-images 2000] [--finalists 3] [--out runs/adaptive]
 
-The trivial baseline is the same SNN without halting stopped after t = 1..T (top-1 on the
-validation images, energy per image under both ledgers). Candidates: the published
-constant-score point (alpha 0: ``sigmoid(beta)`` for every token, a uniform truncation)
-and a grid of the convergence score (``HaltingConfig(score='convergence')``: how settled
-each token's running mean is). Every candidate is screened on the first
-``--screen-images`` images against the baseline on the same images; the ``--finalists``
-with the largest top-1 gain at equal energy are measured on ``--val-images`` images, with
-the standard deviation of per-token depth and a depth heat map. Prints one JSON object,
-writes ``adaptive_halting.json`` and ``adaptive_halting.png`` to ``--out``.
+Candidates: the published constant-score point (alpha 0: ``sigmoid(beta)`` for every
+token, a uniform truncation) and a grid of the convergence score. Every candidate runs on
+``--val-images`` held-out *training* images (never trained on, never reported); the
+``--finalists`` with the largest smaller-of-two gains (against the fewer-timesteps hull and
+against the early-exit hull, conventional ledger) go on, with the published point, to
+``--test-images`` test images (the same for every model and seed), where each is reported
+by :func:`stas_core.baselines.halting_baselines`: paired 95% intervals against the convex
+hull of fewer timesteps and against per-image early exit (SEENN-I), and early exit on top
+of token halting against each alone, under both ledgers. Per-image answers go to
+``predictions.npz``. Prints one JSON object, writes ``adaptive_halting.json`` and
+``adaptive_halting.png`` to ``--out``; a finished run's JSON is not redone (``--force``).
 """
 from __future__ import annotations
 
@@ -22,138 +25,148 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from halting import HaltingConfig, run_halting
+from halting import HaltingConfig
+from stas_core.baselines import (collect_anytime, early_exit, fewer_timesteps,
+                                 halting_baselines, versus_curve)
 from stas_core.checkpoint import atomic_write, atomic_write_text
-from stas_core.data import build_datasets
-from stas_core.evaluate import against_baseline, save_depth_heatmap, timestep_baseline
+from stas_core.data import build_datasets, split_record
+from stas_core.provenance import provenance, save_predictions
 
 DEVICE = torch.device("cpu")
+PUBLISHED = "constant score (alpha 0, beta -3.25, published)"
 
 
-@torch.no_grad()
-def evaluate(snn, batches, cfg: HaltingConfig, energy_images: int) -> dict:
-    """Top-1, token ratio, per-token depth statistics, energy (both ledgers)."""
-    from stas_core.energy import OpCounter
-
-    correct = total = 0
-    ratio = 0.0
-    depths = []
-    counter = OpCounter(snn)
-    for x, y in batches:
-        if counter.images < energy_images:
-            with counter:
-                res = run_halting(snn, x, cfg, on_timestep=counter.set_timestep)
-            counter.add_images(len(y))
-        else:
-            res = run_halting(snn, x, cfg)
-        correct += int((res.logits.argmax(-1) == y).sum())
-        total += len(y)
-        ratio += res.token_ratio * len(y)
-        prefix = int(snn.num_prefix_tokens)
-        depths.append(res.depth[:, prefix:].float())  # patch tokens (the class token never halts)
-    depth = torch.cat(depths)
-    s = counter.summary()
-    return {"top1": correct / total, "images": total, "token_ratio": ratio / total,
-            "energy_mj": s["energy_mj"], "full_energy_mj": s["ledger"]["full_mj"],
-            "depth_mean": float(depth.mean()), "depth_min": float(depth.min()),
-            "depth_max": float(depth.max()),
-            "depth_std_over_tokens": float(depth.std()),  # all patch tokens of all images
-            "depth_std_within_image": float(depth.std(dim=1).mean())}
+def _depth(run, prefix: int) -> dict:
+    d = run.depth[:, prefix:]  # patch tokens (the class token never halts)
+    return {"depth_mean": float(d.mean()), "depth_min": float(d.min()),
+            "depth_max": float(d.max()), "depth_std_over_tokens": float(d.std()),
+            "depth_std_within_image": float(d.std(axis=1).mean())}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("-T", "--timesteps", type=int, default=None)
-    p.add_argument("--screen-images", type=int, default=500)
-    p.add_argument("--val-images", type=int, default=2000)
+    p.add_argument("--val-images", type=int, default=512)
+    p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--energy-images", type=int, default=256)
     p.add_argument("--finalists", type=int, default=3)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--betas", type=float, nargs="+", default=[-8.0, -6.0, -4.0])
     p.add_argument("--eps", type=float, default=0.01)
-    p.add_argument("--score", default="convergence", choices=["convergence", "mean", "current"],
-                   help="the score of the grid (mean: channel 0's running mean, e.g. after "
-                        "stas-convert --halting-finetune)")
+    p.add_argument("--score", default="convergence", choices=["convergence", "mean", "current"])
+    p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--out", default="runs/adaptive")
+    p.add_argument("--force", action="store_true", help="redo a finished run")
     args = p.parse_args()
     from convert.pipeline import load_converted
 
+    out = Path(args.out)
+    if (out / "adaptive_halting.json").is_file() and not args.force:
+        print((out / "adaptive_halting.json").read_text())
+        return 0
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     snn = load_converted(args.model).set_halted_kv("frozen")
     steps = args.timesteps or snn.timesteps
     snn.timesteps = steps
-    _, val, _ = build_datasets("fashion-mnist", val_subset=args.val_images, augment=False)
-    batches = list(DataLoader(val, batch_size=128, shuffle=False))
-    n_screen = max(1, args.screen_images // 128)
-    screen = batches[:n_screen]
-    candidates = {"constant score (alpha 0, beta -3.25, published)":
-                  HaltingConfig(alpha=0.0, beta=-3.25, eps=0.01)}
+    prefix = int(snn.num_prefix_tokens)
+    _, val, _ = build_datasets("fashion-mnist", split="val", val_subset=args.val_images,
+                               augment=False)
+    _, test, _ = build_datasets("fashion-mnist", split="test", val_subset=args.test_images,
+                                augment=False)
+    loaders = {name: DataLoader(ds, batch_size=128, shuffle=False)
+               for name, ds in (("val", val), ("test", test))}
+    candidates = {PUBLISHED: HaltingConfig(alpha=0.0, beta=-3.25, eps=0.01)}
     for a, b in itertools.product(args.alphas, args.betas):
         candidates[f"{args.score} (alpha {a:g}, beta {b:g})"] = HaltingConfig(
             alpha=a, beta=b, eps=args.eps, score=args.score)
-    base_screen = timestep_baseline(snn, screen, DEVICE, energy_images=args.energy_images)
+    run = lambda split, cfg=None: collect_anytime(  # noqa: E731
+        snn, loaders[split], DEVICE, timesteps=steps, halting=cfg,
+        energy_images=args.energy_images)
+
+    # ---- selection: the validation split only
+    base_val = run("val")
+    curves_val = {"fewer_timesteps": fewer_timesteps(base_val), "early_exit": early_exit(base_val)}
     screened = {}
     for name, cfg in candidates.items():
-        r = evaluate(snn, screen, cfg, args.energy_images)
-        r["vs_baseline"] = against_baseline(r["top1"], r["energy_mj"], base_screen)
-        screened[name] = r
-        print(json.dumps({name: {k: r[k] for k in ("top1", "energy_mj", "token_ratio",
-                                                   "depth_std_over_tokens")}}),
-              file=sys.stderr, flush=True)
+        r = run("val", cfg)
+        point = r.correct[-1].astype(np.float64)
+        vs = {n: versus_curve(point, float(r.energy_mj[-1]), c, "conventional",
+                              resamples=args.resamples)
+              for n, c in curves_val.items()}
+        gains = [v["difference"] for v in vs.values()]
+        screened[name] = {"top1": float(point.mean()), "energy_mj": float(r.energy_mj[-1]),
+                          "full_energy_mj": float(r.full_energy_mj[-1]),
+                          "vs": {n: {k: v.get(k) for k in ("difference", "ci95")}
+                                 for n, v in vs.items()},
+                          "selection_score": None if None in gains else min(gains)}
+        print(json.dumps({name: screened[name]}), file=sys.stderr, flush=True)
+    ranked = sorted(screened, key=lambda n: -1.0 if screened[n]["selection_score"] is None
+                    else screened[n]["selection_score"], reverse=True)
+    finalists = ranked[:args.finalists]
+    if PUBLISHED not in finalists:
+        finalists.append(PUBLISHED)
 
-    def gain(item):
-        g = item[1]["vs_baseline"]["top1_gain_at_equal_energy"]
-        return -1.0 if g is None else g
-
-    finalists = [n for n, _ in sorted(screened.items(), key=gain, reverse=True)[:args.finalists]]
-    published = next(iter(candidates))
-    if published not in finalists:
-        finalists.append(published)
-    base = timestep_baseline(snn, batches, DEVICE, energy_images=args.energy_images)
-    final = {}
-    out = Path(args.out)
+    # ---- report: the test split, the same images for every model and seed
+    base_test = run("test")
+    final, runs = {}, {"unhalted": base_test}
     for i, name in enumerate(finalists):
-        r = evaluate(snn, batches, candidates[name], args.energy_images)
-        r["vs_baseline"] = against_baseline(r["top1"], r["energy_mj"], base)
-        r["vs_baseline_full"] = against_baseline(r["top1"], r["full_energy_mj"], base,
-                                                 energy_key="full_energy_mj")
-        r["depth_map"] = save_depth_heatmap(snn, batches, DEVICE, candidates[name],
-                                            out / f"depth_{i}.png")
-        r["config"] = candidates[name].__dict__
-        final[name] = r
-    full_t = base["top1"][-1]
-    result = {"bench": "adaptive_halting", "model": args.model, "timesteps": steps,
-              "screen_images": sum(len(y) for _, y in screen),
-              "baseline_screen": base_screen, "screened": screened,
-              "baseline": base, "final": final, "full_T_top1": full_t,
-              "wall_s": round(time.perf_counter() - start, 1)}
+        r = run("test", candidates[name])
+        runs[f"finalist{i}"] = r
+        final[name] = {"config": candidates[name].__dict__, "predictions_key": f"finalist{i}",
+                       **_depth(r, prefix),
+                       **halting_baselines(base_test, r, resamples=args.resamples)}
+    preds = save_predictions(out / "predictions.npz", base_test.labels, runs)
+    result = {
+        "bench": "adaptive_halting", "timesteps": steps,
+        "selection": {"split": "val", "rule": "largest min(gain vs fewer-timesteps hull, gain "
+                                              "vs early-exit hull), conventional ledger",
+                      "screened": screened, "finalists": finalists},
+        "reported_on": "test", "final": final, "predictions": preds,
+        "provenance": provenance(checkpoints=[args.model], images={"val": val, "test": test},
+                                 chose="val", reported="test"),
+        "wall_s": round(time.perf_counter() - start, 1)}
     _plot(result, out / "adaptive_halting.png")
     atomic_write_text(out / "adaptive_halting.json", json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("final", "full_T_top1")}, indent=2))
+    print(json.dumps({n: {"top1": f["halted"]["top1"], "energy_mj": f["halted"]["energy_mj"],
+                          "vs": {led: {k: v["difference"] for k, v in f["vs"][led].items()}
+                                 for led in f["vs"]}}
+                      for n, f in final.items()}, indent=2))
     return 0
 
 
 def _plot(result: dict, path: Path) -> None:
+    """Test split: the baselines' curves (hulls dashed) and each finalist, conventional
+    ledger on the left, full ledger on the right."""
     from matplotlib.figure import Figure
 
-    from halting.plots import draw_baseline
-
-    fig = Figure(figsize=(7, 4.6))
-    ax = fig.subplots()
-    draw_baseline(ax, result["baseline"])
-    for i, (name, r) in enumerate(result["final"].items()):
-        ax.scatter([r["energy_mj"]], [100 * r["top1"]], marker="*", s=150, color=f"C{i}",
-                   zorder=3, label=f"{name}: depth std {r['depth_std_over_tokens']:.2f}")
-    ax.set(xlabel="energy per image (mJ, conventional)", ylabel="top-1 (%)",
-           title=f"converted ViT, T={result['timesteps']}, "
-                 f"{result['baseline']['images']} images")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    fig = Figure(figsize=(12, 4.6))
+    axes = fig.subplots(1, 2)
+    first = next(iter(result["final"].values()))
+    for ax, (ledger, key) in zip(axes, (("conventional", "energy_mj"), ("full", "full_energy_mj"))):
+        for j, (name, style) in enumerate((("fewer_timesteps", "o-"), ("early_exit", ".-"))):
+            c = first["curves"][name]
+            e = [pt[key] for pt in c["points"]]
+            a = [100 * pt["top1"] for pt in c["points"]]
+            ax.plot(e, a, style, color=f"C{j}", ms=4, label=name.replace("_", " "))
+            h = c["hull"][ledger]
+            ax.plot([e[i] for i in h], [a[i] for i in h], "--", color=f"C{j}", lw=0.8)
+        for i, (name, f) in enumerate(result["final"].items()):
+            combo = f["curves"]["token_halting+early_exit"]["points"]
+            ax.plot([pt[key] for pt in combo], [100 * pt["top1"] for pt in combo], ":",
+                    color=f"C{i + 2}", lw=1)
+            ax.scatter([f["halted"][key]], [100 * f["halted"]["top1"]], marker="*", s=140,
+                       color=f"C{i + 2}", zorder=3, label=name)
+        ax.set(xlabel=f"energy per image (mJ, {ledger} ledger)", ylabel="top-1 (%)",
+               title=f"converted ViT, T={result['timesteps']}, test split, "
+                     f"{first['images']} images")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
