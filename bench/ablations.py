@@ -159,9 +159,9 @@ def converted_vs_direct(runs: Runs) -> dict:
     plot_compare(pair, runs.root / "converted_vs_direct.png")
     atomic_write_text(runs.root / "converted_vs_direct.md", to_markdown(table))
     return {"converted": {k: report.get(k) for k in ("ann_top1", "snn_top1", "energy_mj",
-                                                     "ann_energy_mj", "val_images")},
+                                                     "ann_energy_mj", "test_images")},
             "direct": {k: direct.get(k) for k in ("top1", "top1_per_t", "energy_per_timestep",
-                                                  "energy_mj", "val_images")},
+                                                  "energy_mj", "test_images")},
             "compare": table}
 
 
@@ -352,7 +352,7 @@ def _record(summary: dict) -> dict:
             cum[str(e["t"] + 1)] = running
     return {"top1": summary["top1"], "energy_mj": summary["energy_mj"],
             "token_ratio": summary.get("token_ratio"), "top1_per_t": summary.get("top1_per_t"),
-            "energy_cum_mj": cum, "val_images": summary.get("val_images"),
+            "energy_cum_mj": cum, "test_images": summary.get("test_images"),
             "checkpoint": summary["checkpoint"]}
 
 

@@ -82,16 +82,16 @@ def _binomial_std(p: float, n: int) -> float:
 
 
 def _stage1_record(s: dict) -> dict:
-    return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["val_images"]),
-            "val_images": s["val_images"], "energy_mj": s["energy_mj"],
+    return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["test_images"]),
+            "test_images": s["test_images"], "energy_mj": s["energy_mj"],
             "full_mj": s["energy"]["full_mj"], "top1_per_t": s.get("top1_per_t"),
             "train_s": sum(h["epoch_s"] for h in s["history"]), "checkpoint": _rel(s["checkpoint"])}
 
 
 def _stage2_record(s: dict) -> dict:
     base = s["baseline"]["without_halting"]
-    return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["val_images"]),
-            "val_images": s["val_images"], "energy_mj": s["energy_mj"],
+    return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["test_images"]),
+            "test_images": s["test_images"], "energy_mj": s["energy_mj"],
             "full_mj": s["energy"]["full_mj"], "token_ratio": s["token_ratio"],
             "fewer_timesteps": {k: base[k] for k in ("t", "top1", "energy_mj", "full_energy_mj")},
             "vs_fewer_timesteps": base["vs_halted"],

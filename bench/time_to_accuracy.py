@@ -40,7 +40,7 @@ def main() -> int:
     reached = next((c for c in curve if c["val_top1"] >= args.target), None)
     print(json.dumps({
         "bench": "time_to_accuracy", "recipe": RECIPE, "epochs": args.epochs,
-        "dataset": "fashion-mnist", "val_images": summary["val_images"],
+        "dataset": "fashion-mnist", "test_images": summary["test_images"],
         "target_top1": args.target, "budget_s": args.budget_s,
         "reached_target": reached is not None,
         "time_to_target_s": reached["elapsed_s"] if reached else None,

@@ -16,16 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, HaltingConfigError
 from halting.protocol import run_stepwise
+from stas_core.baselines import AnytimeRun, answers, collect_anytime, halting_baselines
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, ann_macs
 from stas_core.errors import check_positive_int
+from stas_core.provenance import provenance, save_predictions
 from stas_core.timing import Stopwatch
 from stas_core.evaluate import (against_baseline, energy_report, evaluate_halting,
                                 save_depth_heatmap)
@@ -249,7 +252,8 @@ def _vit_kwargs(vit: nn.Module, cfg: ConvertConfig) -> dict:
 @torch.no_grad()
 def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, timesteps: int,
                           device, *, progress: Optional[bool] = None) -> dict:
-    """ANN and SNN over ``loader``: SNN top-1 at every t in one pass, agreement, speed."""
+    """ANN and SNN over ``loader``: SNN top-1 at every t in one pass, agreement, speed;
+    ``answers``: labels, and every image's prediction and confidence after each t."""
     vit.eval()
     snn.eval()
     correct = torch.zeros(timesteps, dtype=torch.float64)
@@ -257,6 +261,7 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
     ann_correct = total = 0
     ann_watch, snn_watch = Stopwatch(device), Stopwatch(device)
     err = torch.zeros(timesteps, dtype=torch.float64)
+    labels, preds, confs = [], [], []
     bar = progress_bar(progress, len(loader), "evaluating", True)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -264,6 +269,10 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
             a = vit(x)
         with snn_watch:
             cum = run_stepwise(snn, x, timesteps, cumulative=True)
+        p, c = answers(cum)
+        labels.append(y.cpu().numpy())
+        preds.append(p)
+        confs.append(c)
         pred = cum.argmax(-1)
         ann_correct += int((a.argmax(-1) == y).sum())
         correct += (pred == y).sum(-1).double().cpu()
@@ -277,7 +286,9 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
     ts = range(1, timesteps + 1)
     ann_s, snn_s = ann_watch.seconds, snn_watch.seconds
     return {
-        "val_images": total,
+        "test_images": total,
+        "answers": (np.concatenate(labels), np.concatenate(preds, axis=1),
+                    np.concatenate(confs, axis=1)),  # per image, after every t (not JSON)
         "ann_top1": ann_correct / total,
         "snn_top1": {str(t): float(correct[t - 1] / total) for t in ts},
         "agreement": {str(t): float(agree[t - 1] / total) for t in ts},
@@ -408,6 +419,11 @@ def convert(cfg: ConvertConfig) -> dict:
     energy = snn_energy(snn, val_loader, cfg.timesteps, device, cfg.energy_images, costs)
     first = next(iter(val_loader))[0][: min(cfg.energy_images, cfg.batch_size)].to(device)
     ann_e = ann_energy(vit, first, costs)
+    labels, pred, conf = ev.pop("answers")
+    runs = {"unhalted": AnytimeRun(
+        labels, pred, conf, np.array([energy["energy_mj"][str(t)]
+                                      for t in range(1, cfg.timesteps + 1)]),
+        np.array([p["full_mj"] for p in energy["energy"]["per_t"]]))}
     halting_cfg = cfg.halting_config()
     halted = {}
     if halting_cfg is not None:
@@ -423,7 +439,12 @@ def convert(cfg: ConvertConfig) -> dict:
         curve = {"t": ts, "top1": [ev["snn_top1"][str(t)] for t in ts],
                  "energy_mj": [energy["energy_mj"][str(t)] for t in ts],
                  "full_energy_mj": [p["full_mj"] for p in energy["energy"]["per_t"]],
-                 "images": ev["val_images"]}
+                 "images": ev["test_images"]}
+        runs["halted"] = collect_anytime(snn, val_loader, device, timesteps=cfg.timesteps,
+                                         halting=halting_cfg, execution=cfg.execution,
+                                         energy_images=cfg.energy_images, costs=costs)
+        halted["baselines"] = {"reference": "without_halting",
+                               **halting_baselines(runs["unhalted"], runs["halted"])}
         halted["baseline"] = {"without_halting": curve, "vs_halted": {
             t: {"conventional": against_baseline(halted["halted_top1"][t],
                                                  halted["halted_energy_mj"][t], curve),
@@ -435,7 +456,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),
         **{k: ev[k] for k in ("ann_top1", "snn_top1", "agreement", "logit_error",
-                              "val_images", "ann_images_per_s", "snn_images_per_s",
+                              "test_images", "ann_images_per_s", "snn_images_per_s",
                               "snn_step_cost_vs_ann")},
         "energy_mj": energy["energy_mj"], "ann_energy_mj": ann_e["energy_mj"],
         "ann_macs": ann_e["macs"], "sops": energy["sops_at_T"], "macs": energy["macs_at_T"],
@@ -447,6 +468,11 @@ def convert(cfg: ConvertConfig) -> dict:
         "ann_training": history,
         **({"halting_finetune": finetune} if finetune else {}),
         **halted,
+        "predictions": save_predictions(out / "predictions.npz", labels, runs),
+        "provenance": provenance(
+            seeds=[cfg.seed], checkpoints=[c for c in (cfg.checkpoint, cfg.pretrained_file)
+                                           if c] + [model_path],
+            images={"test": val_ds}, reported="test"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": time.perf_counter() - start,
         "config": dataclasses.asdict(cfg),

@@ -32,7 +32,7 @@ from .stats import paired_bootstrap
 
 __all__ = ["LEDGERS", "AnytimeRun", "Curve", "upper_hull", "hull_mixture", "fewer_timesteps",
            "early_exit", "versus_curve", "halting_baselines", "DEFAULT_THRESHOLDS",
-           "collect_anytime"]
+           "collect_anytime", "answers"]
 
 #: The two ledgers a policy's energy is booked under: name -> key of the energy figure.
 LEDGERS = {"conventional": "energy_mj", "full": "full_energy_mj"}
@@ -225,7 +225,8 @@ def halting_baselines(unhalted: AnytimeRun, halted: AnytimeRun, *,
 
 
 # ------------------------------------------------------------------------ collecting runs
-def _answers(cum: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def answers(cum: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, largest softmax probability) of accumulated logits ``[T, B, classes]``."""
     prob = torch.softmax(cum.float(), dim=-1)
     conf, pred = prob.max(dim=-1)
     return pred.cpu().numpy(), conf.cpu().numpy()
@@ -234,10 +235,12 @@ def _answers(cum: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.device, *,
                     timesteps: Optional[int] = None, halting=None, execution: str = "gather",
-                    energy_images: int = 256, costs=None) -> AnytimeRun:
+                    energy_images: int = 256, costs=None,
+                    energy: Optional[tuple] = None) -> AnytimeRun:
     """Run ``model`` (with token ``halting`` or without) over ``loader`` and keep every
     image's answer after each t, with the cumulative per-image energy of t timesteps under
-    both ledgers (counted on the first ``energy_images`` images)."""
+    both ledgers (counted on the first ``energy_images`` images, or given as ``energy``:
+    ``(conventional [T], full [T])`` already counted for this model and images)."""
     from halting import run_halting
     from halting.protocol import run_stepwise
 
@@ -255,7 +258,7 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
                               anytime=True)
             cum = res.logits_per_t
             depths.append(res.depth.cpu().numpy().astype(np.float32))
-        p, c = _answers(cum)
+        p, c = answers(cum)
         preds.append(p)
         confs.append(c)
         labels.append(np.asarray(y))
@@ -263,16 +266,21 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
         from .errors import ConfigError
 
         raise ConfigError("the evaluation set is empty; check --val-subset")
-    e = measure_energy(model, loader, device, max_images=energy_images, costs=costs,
-                       halting=halting, execution=execution, timesteps=steps)
-    conv = np.zeros(steps)
-    full = np.zeros(steps)
-    for entry in e["per_timestep"]:
-        if entry["t"] is not None:
-            conv[entry["t"]] += entry["energy_mj"]
-    for entry in e["ledger"]["per_timestep"]:
-        if entry["t"] is not None:
-            full[entry["t"]] += entry["full_mj"]
+    if energy is None:
+        e = measure_energy(model, loader, device, max_images=energy_images, costs=costs,
+                           halting=halting, execution=execution, timesteps=steps)
+        conv, full = np.zeros(steps), np.zeros(steps)
+        for entry in e["per_timestep"]:
+            if entry["t"] is not None:
+                conv[entry["t"]] += entry["energy_mj"]
+        for entry in e["ledger"]["per_timestep"]:
+            if entry["t"] is not None:
+                full[entry["t"]] += entry["full_mj"]
+        energy = (np.cumsum(conv), np.cumsum(full))
+    conv_cum, full_cum = (np.asarray(v, dtype=np.float64) for v in energy)
+    if conv_cum.shape != (steps,) or full_cum.shape != (steps,):
+        raise ValueError(f"energy must hold {steps} cumulative values per ledger; got shapes "
+                         f"{conv_cum.shape} and {full_cum.shape}")
     return AnytimeRun(np.concatenate(labels), np.concatenate(preds, axis=1),
-                      np.concatenate(confs, axis=1), np.cumsum(conv), np.cumsum(full),
+                      np.concatenate(confs, axis=1), conv_cum, full_cum,
                       np.concatenate(depths) if depths else None)

@@ -31,9 +31,9 @@ from halting.plugin import DEFAULT_EXECUTION
 
 from .batchnorm import batches_for, frozen_batchnorms, recalibrate_batchnorm
 from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
-from .data import build_datasets, build_loaders, get_dataset_info
+from .data import SPLITS, build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import (accuracy_per_timestep, baseline_section, energy_report, evaluate,
+from .evaluate import (baseline_section, energy_report, evaluate,
                        save_depth_heatmap, timestep_baseline)
 from .models import create_model
 from .models.base import SpikingTransformer
@@ -86,6 +86,8 @@ class TrainConfig:
     bn_images: int = 2048          # training images that recompute BatchNorm statistics
     #                                after every epoch (0: keep the running averages)
     amp: Optional[bool] = None     # mixed precision; None: on CUDA (float16), off on CPU
+    report_split: str = "test"     # where summary.json reports ('val': a stas-tune trial,
+    #                                whose figures make a choice, never sees the test split)
     halting: bool = False          # stage 2 of STAS: train with token halting
     alpha: float = 1.0
     beta: float = -2.0
@@ -102,6 +104,9 @@ class TrainConfig:
         if self.timesteps is not None:
             check_positive_int("timesteps", self.timesteps)
         check_positive_int("epochs", self.epochs)
+        if self.report_split not in SPLITS:
+            raise ConfigError(f"report_split must be one of {', '.join(SPLITS)}; got "
+                              f"{self.report_split!r}")
         if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) \
                 or self.bn_images < 0:
             raise ConfigError(f"bn_images must be an integer >= 0 (0: no BatchNorm "
@@ -322,10 +327,15 @@ def train(cfg: TrainConfig, *,
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
 
+    # every epoch is validated on held-out training images; the test split only reports
     train_ds, val_ds, info = build_datasets(cfg.dataset, data_dir=cfg.data_dir,
                                             train_subset=cfg.train_subset,
                                             val_subset=cfg.val_subset, seed=cfg.seed,
-                                            augment=cfg.augment, frames=cfg.timesteps)
+                                            augment=cfg.augment, frames=cfg.timesteps,
+                                            split="val")
+    _, test_ds, _ = build_datasets(cfg.dataset, data_dir=cfg.data_dir, augment=False,
+                                   val_subset=cfg.val_subset, frames=cfg.timesteps,
+                                   split=cfg.report_split)
     train_loader, val_loader = build_loaders(train_ds, val_ds,
                                              batch_size=max(1, cfg.batch_size // d.world),
                                              workers=cfg.workers, distributed=d.enabled,
@@ -465,8 +475,9 @@ def train(cfg: TrainConfig, *,
 
     summary = None
     if d.main:
-        summary = _summarise(cfg, model, runner, val_loader if not d.enabled else None, val_ds,
-                             device, ckpt_path, history, start_wall, amp, amp_dtype)
+        summary = _summarise(cfg, model, runner, test_ds, device, ckpt_path, history,
+                             start_wall, amp, amp_dtype,
+                             images={"val": val_ds, cfg.report_split: test_ds})
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if d.enabled:
         dist.barrier()
@@ -474,39 +485,67 @@ def train(cfg: TrainConfig, *,
     return summary
 
 
-def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, val_loader, val_ds,
-               device, ckpt_path, history, start_wall, amp, amp_dtype) -> dict:
+def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, device,
+               ckpt_path, history, start_wall, amp, amp_dtype, *, images: dict) -> dict:
+    """The run's summary, reported on ``cfg.report_split`` (the test split unless a
+    choice is made on it; epochs were validated on the held-out training images)."""
     from torch.utils.data import DataLoader
 
-    if val_loader is None:  # DDP: evaluate the whole val set on rank 0
-        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False)
+    from .baselines import collect_anytime, halting_baselines
+    from .provenance import provenance, save_predictions
+
+    test_loader = DataLoader(test_ds, batch_size=cfg.batch_size, shuffle=False)
     halting_cfg = cfg.halting_config()
-    ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
-    per_t = {} if halting_cfg else accuracy_per_timestep(model, val_loader, device)
-    energy = energy_report(model, val_loader, device, max_images=cfg.energy_images,
+    ev = evaluate(runner, test_loader, device, amp=amp, amp_dtype=amp_dtype)
+    energy = energy_report(model, test_loader, device, max_images=cfg.energy_images,
                            costs=cfg.costs(), halting=halting_cfg, execution=cfg.execution)
     depth = {} if halting_cfg is None else save_depth_heatmap(
-        model, val_loader, device, halting_cfg, Path(cfg.out) / "halting_depth.png",
+        model, test_loader, device, halting_cfg, Path(cfg.out) / "halting_depth.png",
         execution=cfg.execution)
     baseline = {}
+    checkpoints = [ckpt_path]
+    anytime = dict(energy_images=cfg.energy_images, costs=cfg.costs())
     if halting_cfg is not None:  # what running fewer timesteps gives without halting
         curves = {"without_halting": timestep_baseline(
-            model, val_loader, device, energy_images=cfg.energy_images, costs=cfg.costs())}
+            model, test_loader, device, energy_images=cfg.energy_images, costs=cfg.costs())}
+        reference = model  # the unhalted model the halted one must beat
         if cfg.init_from:
             stage1, _ = load_trained_model(cfg.init_from, device)
-            curves["stage1"] = timestep_baseline(stage1, val_loader, device,
+            curves["stage1"] = timestep_baseline(stage1, test_loader, device,
                                                  energy_images=cfg.energy_images,
                                                  costs=cfg.costs())
+            reference = stage1
+            checkpoints.append(cfg.init_from)
         baseline = {"baseline": baseline_section(
             curves, ev["top1"], energy["energy_mj"], energy["energy"]["full_mj"],
             Path(cfg.out) / "halting_vs_baseline.png",
             title=f"{cfg.model}: STAS against fewer timesteps")}
+        unhalted = collect_anytime(reference, test_loader, device, **anytime)
+        halted = collect_anytime(model, test_loader, device, halting=halting_cfg,
+                                 execution=cfg.execution, **anytime)
+        baseline["baselines"] = {
+            "reference": "stage1" if cfg.init_from else "without_halting",
+            **halting_baselines(unhalted, halted)}
+        runs = {"unhalted": unhalted, "halted": halted}
+    else:  # top-1 and energy after every t, from one stepwise pass
+        per_step = energy["energy"]["per_t"]
+        run = collect_anytime(model, test_loader, device, energy=(
+            [p["conventional_mj"] for p in per_step], [p["full_mj"] for p in per_step]))
+        runs = {"model": run}
+    per_t = {} if halting_cfg else {str(t + 1): float(c.mean())
+                                    for t, c in enumerate(run.correct)}
+    baseline["predictions"] = save_predictions(Path(cfg.out) / "predictions.npz",
+                                               next(iter(runs.values())).labels, runs)
+    baseline["provenance"] = provenance(seeds=[cfg.seed], checkpoints=checkpoints,
+                                        images=images, chose="val",
+                                        reported=cfg.report_split)
     return {
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
         "timesteps": cfg.timesteps, "epochs": len(history),
         "top1": ev["top1"], **({"top1_per_t": per_t} if per_t else {}),
-        "val_images": ev["images"],
+        "test_images" if cfg.report_split == "test" else "val_images": ev["images"],
+        "reported_on": cfg.report_split,
         "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
         "energy_per_timestep": energy["per_timestep"],
         "energy": energy["energy"],

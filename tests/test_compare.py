@@ -17,7 +17,7 @@ REPORT = {
     "snn_top1": {"1": 0.40, "2": 0.70, "4": 0.785, "8": 0.79},
     "energy_mj": {"1": 0.05, "2": 0.1, "4": 0.2, "8": 0.4},
     "ann_energy_mj": 0.6, "agreement": {"1": 0.5}, "snn_images_per_s": 50.0,
-    "ann_images_per_s": 160.0, "val_images": 2000, "model_path": "runs/convert/model.safetensors",
+    "ann_images_per_s": 160.0, "test_images": 2000, "model_path": "runs/convert/model.safetensors",
 }
 SUMMARY = {
     "model": "spikformer-2-128", "dataset": "fashion-mnist", "timesteps": 4, "top1": 0.88,

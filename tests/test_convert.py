@@ -3,6 +3,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -313,7 +314,7 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
     out = tmp_path / "h"
     code = convert_main(["vit_tiny", "--model-kwargs", "patch_size=7,depth=2,embed_dim=48,num_heads=3",
                          "--checkpoint", str(path), "--val-subset", "32", "-T", "4",
-                         "--calib-images", "16", "--energy-images", "16", "--halting",
+                         "--calib-images", "16", "--energy-images", "32", "--halting",
                          "--alpha", "1", "--beta", "0", "--eps", "0.2", "--out", str(out),
                          "--no-progress"])
     captured = capsys.readouterr()
@@ -327,6 +328,22 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
     assert report["halting"]["score"] == "mean" and report["halting"]["execution"] == "gather"
     assert (out / "halting_depth.png").stat().st_size > 0
     assert 1 <= report["depth_min"] <= report["depth_mean"] <= report["depth_max"] <= 4 * 2
+    # the baselines a reviewer names, on the same 32 test images, under both ledgers
+    b = report["baselines"]
+    assert b["images"] == 32 and b["halted"]["top1"] == pytest.approx(report["halted_top1"]["4"])
+    assert b["halted"]["energy_mj"] == pytest.approx(report["halted_energy_mj"]["4"], rel=1e-6)
+    fewer = b["curves"]["fewer_timesteps"]["points"]
+    assert [p["top1"] for p in fewer] == pytest.approx([report["snn_top1"][str(t)]
+                                                        for t in range(1, 5)])
+    for ledger in ("conventional", "full"):
+        vs = b["vs"][ledger]["fewer_timesteps"]
+        assert vs["difference"] is None or vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]
+        assert "early_exit" in b["vs"][ledger] and b["combination"][ledger]["points"]
+    assert report["provenance"]["reported_on"] == "test"
+    assert [c["name"] for c in report["provenance"]["checkpoints"]] == ["w.safetensors",
+                                                                         "model.safetensors"]
+    saved = np.load(out / "predictions.npz")
+    assert saved["unhalted.pred"].shape == (4, 32) and saved["halted.pred"].shape == (4, 32)
 
 
 def test_halting_finetune_teaches_channel_0_to_stop_tokens():

@@ -374,7 +374,7 @@ def test_export_and_infer_feed_the_frames_the_model_was_trained_on(tmp_path, mon
                        "--out", str(tmp_path / "inf")]) == 0
     report = json.loads((tmp_path / "inf" / "report.json").read_text())
     torch_eval = evaluate(model, DataLoader(val, batch_size=24), torch.device("cpu"))
-    assert report["val_images"] == 24
+    assert report["test_images"] == 24
     assert report["top1"] == pytest.approx(torch_eval["correct"] / torch_eval["images"])
 
 

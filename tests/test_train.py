@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -35,8 +36,8 @@ def test_short_training_learns_and_reports(tmp_path, monkeypatch):
 
     trained = {}
     summarise = T._summarise
-    monkeypatch.setattr(T, "_summarise", lambda cfg, model, *a: trained.setdefault(
-        "model", model) and summarise(cfg, model, *a))
+    monkeypatch.setattr(T, "_summarise", lambda cfg, model, *a, **k: trained.setdefault(
+        "model", model) and summarise(cfg, model, *a, **k))
     cfg = TrainConfig(model="spikformer-2-64", timesteps=2, batch_size=64, epochs=2, lr=3e-3,
                       train_subset=2000, val_subset=500, out=str(tmp_path / "run"),
                       progress=False, energy_images=64, warmup_epochs=0.1)
@@ -61,6 +62,15 @@ def test_short_training_learns_and_reports(tmp_path, monkeypatch):
     assert on_disk["top1_per_t"]["2"] == pytest.approx(on_disk["top1"], abs=1 / 500)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    # epochs validated on held-out training images, the summary reported on the test split
+    prov = on_disk["provenance"]
+    assert prov["chose_on"] == "val" and prov["reported_on"] == "test"
+    assert prov["images"]["val"]["source"] == "train" and prov["images"]["test"]["images"] == 500
+    assert prov["seeds"] == [0] and prov["checkpoints"][0]["sha256"]
+    saved = np.load(tmp_path / "run" / "predictions.npz")
+    assert saved["model.pred"].shape == (2, 500)
+    assert (saved["model.pred"][-1] == saved["labels"]).mean() == pytest.approx(
+        on_disk["top1_per_t"]["2"])
     # the checkpoint reloads into a model that reproduces the evaluated model's logits
     model, loaded_cfg = load_trained_model(on_disk["checkpoint"])
     assert loaded_cfg.model == "spikformer-2-64" and not model.training

@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 #: Multi-objective best.json: the cheapest Pareto point within this much top-1 of the
 #: front's most accurate one (when no --min-top1 floor is given).
 TOP1_SLACK = 0.01
+#: The energy a study minimises (conventional or full ledger, by the study's
+#: ``energy_model``); ``energy_mj`` stays the conventional figure.
+OBJ = "objective_energy_mj"
 
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -29,14 +32,14 @@ def pareto_front(records: Sequence[dict]) -> list[dict]:
     """The complete trials no other complete trial beats on both top-1 (higher) and energy
     (lower), cheapest first."""
     done = [r for r in records if r.get("state") == "COMPLETE" and r.get("top1") is not None
-            and r.get("energy_mj") is not None]
+            and r.get(OBJ) is not None]
 
     def dominated(r: dict) -> bool:
-        return any(o["top1"] >= r["top1"] and o["energy_mj"] <= r["energy_mj"]
-                   and (o["top1"] > r["top1"] or o["energy_mj"] < r["energy_mj"]) for o in done)
+        return any(o["top1"] >= r["top1"] and o[OBJ] <= r[OBJ]
+                   and (o["top1"] > r["top1"] or o[OBJ] < r[OBJ]) for o in done)
 
     return sorted((r for r in done if not dominated(r)),
-                  key=lambda r: (r["energy_mj"], -r["top1"], r["number"]))
+                  key=lambda r: (r[OBJ], -r["top1"], r["number"]))
 
 
 def choose_best(records: Sequence[dict], objective: str,
@@ -59,25 +62,27 @@ def choose_best(records: Sequence[dict], objective: str,
     if not ok:
         logger.warning("no trial reached top-1 %.4f; best.json holds the most accurate one",
                        floor)
-        return max(front, key=lambda r: (r["top1"], -r["energy_mj"]))
-    return min(ok, key=lambda r: (r["energy_mj"], -r["top1"]))
+        return max(front, key=lambda r: (r["top1"], -r[OBJ]))
+    return min(ok, key=lambda r: (r[OBJ], -r["top1"]))
 
 
 def _row(r: dict, knobs: Sequence[str]) -> dict:
     return {"number": r["number"], **{k: r["params"].get(k) for k in knobs},
-            "top1": r["top1"], "energy_mj": r["energy_mj"], "token_ratio": r.get("token_ratio")}
+            "top1": r["top1"], OBJ: r[OBJ], "energy_mj": r.get("energy_mj"),
+            "token_ratio": r.get("token_ratio")}
 
 
 def write_pareto(out: Path, front: Sequence[dict], knobs: Sequence[str], meta: dict) -> None:
     """``pareto.json`` (``meta`` plus the front) and ``pareto.csv`` (one row per point)."""
     rows = [_row(r, knobs) for r in front]
     doc = {**meta, "pareto": [{"number": r["number"], "params": r["params"], "top1": r["top1"],
-                               "energy_mj": r["energy_mj"], "token_ratio": r.get("token_ratio")}
-                              for r in front]}
+                               OBJ: r[OBJ], "energy_mj": r.get("energy_mj"),
+                               "full_energy_mj": r.get("full_energy_mj"),
+                               "token_ratio": r.get("token_ratio")} for r in front]}
     atomic_write_text(out / "pareto.json", json.dumps(doc, indent=2) + "\n")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["number", *knobs, "top1", "energy_mj", "token_ratio"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["number", *knobs, "top1", OBJ, "energy_mj",
+                                             "token_ratio"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "pareto.csv", buf.getvalue())
@@ -103,13 +108,13 @@ def plot_trials(path: Path, records: Sequence[dict], front: Sequence[dict],
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.scatter([r["energy_mj"] for r in done], [100 * r["top1"] for r in done], s=18,
+    ax.scatter([r[OBJ] for r in done], [100 * r["top1"] for r in done], s=18,
                color="0.6", label=f"trials ({len(done)})")
     if front:
-        ax.plot([r["energy_mj"] for r in front], [100 * r["top1"] for r in front], "o-",
+        ax.plot([r[OBJ] for r in front], [100 * r["top1"] for r in front], "o-",
                 color="tab:red", drawstyle="steps-post", label=f"Pareto front ({len(front)})")
     if best is not None:
-        ax.scatter([best["energy_mj"]], [100 * best["top1"]], marker="*", s=180,
+        ax.scatter([best[OBJ]], [100 * best["top1"]], marker="*", s=180,
                    color="tab:blue", zorder=3, label=f"best.json (trial {best['number']})")
     if baseline:
         from halting.plots import draw_baseline

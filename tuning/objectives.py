@@ -96,7 +96,7 @@ class DirectTrial:
             train_subset=train_subset, val_subset=val_subset,
             batch_size=batch_size or saved.batch_size, timesteps=timesteps or saved.timesteps,
             energy_images=energy_images, energy_costs=energy_costs, seed=seed, device=device,
-            workers=0,
+            workers=0, report_split="val",  # a trial's figures choose: never the test split
             out=str(self.out / "trials" / "0")).validate().resolved()
         # fail here (before any trial exists) on missing data, not inside a trial
         build_datasets(self.base.dataset, data_dir=data_dir, train_subset=train_subset,
@@ -133,10 +133,27 @@ class DirectTrial:
         device = resolve_device(b.device)
         model, _ = load_trained_model(b.init_from, device)
         _, val_ds, _ = build_datasets(b.dataset, data_dir=b.data_dir, val_subset=b.val_subset,
-                                      seed=b.seed, augment=False, frames=b.timesteps)
+                                      seed=b.seed, augment=False, frames=b.timesteps,
+                                      split="val")
         return timestep_baseline(model, DataLoader(val_ds, batch_size=b.batch_size), device,
                                  timesteps=b.timesteps, energy_images=b.energy_images,
                                  costs=b.costs())
+
+    def on_test(self, best: dict) -> dict:
+        """The chosen trial's stage-2 model on the test split, against the stage-1 model."""
+        from stas_core.train import CHECKPOINT_NAME, load_trained_model, resolve_device
+
+        b = dataclasses.replace(self.base, **best["params"])
+        device = resolve_device(b.device)
+        ckpt = Path(best["trial_dir"]) / CHECKPOINT_NAME
+        halted, _ = load_trained_model(ckpt, device)
+        stage1, _ = load_trained_model(b.init_from, device)
+        _, test_ds, _ = build_datasets(b.dataset, data_dir=b.data_dir, val_subset=b.val_subset,
+                                       augment=False, frames=b.timesteps, split="test")
+        return held_out_report(stage1, halted, b.halting_config(), test_ds, device,
+                               batch_size=b.batch_size, timesteps=b.timesteps,
+                               execution=b.execution, energy_images=b.energy_images,
+                               costs=b.costs(), checkpoints=[b.init_from, ckpt], seed=b.seed)
 
     def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
         from stas_core.train import train
@@ -187,9 +204,13 @@ class ConvertedTrial:
         self.execution = self.inference.execution
         self.energy_images = energy_images
         self.costs = EnergyCosts.load(energy_costs)
+        # trials choose: they see held-out training images, never the test split
+        self.split_args = dict(dataset=info.name, data_dir=data_dir, val_subset=val_subset)
         _, val_ds, _ = build_datasets(info.name, data_dir=data_dir, val_subset=val_subset,
-                                      seed=seed, augment=False)
-        self.loader = DataLoader(val_ds, batch_size=batch_size or 128, shuffle=False)
+                                      seed=seed, augment=False, split="val")
+        self.batch_size = batch_size or 128
+        self.loader = DataLoader(val_ds, batch_size=self.batch_size, shuffle=False)
+        self.checkpoint = checkpoint
 
     def defaults(self) -> dict:
         """The ``stas-convert`` options that reproduce this evaluation (for best.json)."""
@@ -207,13 +228,49 @@ class ConvertedTrial:
         return timestep_baseline(self.model, self.loader, self.device, timesteps=self.timesteps,
                                  energy_images=self.energy_images, costs=self.costs)
 
-    def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
+    def _halting(self, params: dict):
         from stas_core.train import halting_config_of
 
         knobs = SimpleNamespace(halting=True, accumulate=self.accumulate,
                                 execution=self.execution, alpha=params["alpha"],
                                 beta=params["beta"], eps=params["eps"])
-        cfg = halting_config_of(knobs, score=self.halting_score)  # readout: the model's
-        return evaluate_halting(self.model, self.loader, cfg, self.timesteps, self.device,
+        return halting_config_of(knobs, score=self.halting_score)  # readout: the model's
+
+    def on_test(self, best: dict) -> dict:
+        """The chosen knobs on the test split, against the same model without halting."""
+        a = self.split_args
+        _, test_ds, _ = build_datasets(a["dataset"], data_dir=a["data_dir"],
+                                       val_subset=a["val_subset"], augment=False, split="test")
+        return held_out_report(self.model, self.model, self._halting(best["params"]), test_ds,
+                               self.device, batch_size=self.batch_size,
+                               timesteps=self.timesteps, execution=self.execution,
+                               energy_images=self.energy_images, costs=self.costs,
+                               checkpoints=[self.checkpoint])
+
+    def __call__(self, params: dict, number: int, on_epoch: EpochHook = None) -> dict:
+        return evaluate_halting(self.model, self.loader, self._halting(params), self.timesteps,
+                                self.device,
                                 energy_images=self.energy_images, execution=self.execution,
                                 costs=self.costs)
+
+
+def held_out_report(unhalted_model, halted_model, halting, test_ds, device, *, batch_size: int,
+                    timesteps: Optional[int], execution: str, energy_images: int, costs,
+                    checkpoints, seed: int = 0) -> dict:
+    """A chosen halting point measured on the test split: top-1 and both energies, and
+    :func:`stas_core.baselines.halting_baselines` against the unhalted model on the same
+    images, with provenance (chosen on the validation split, reported on the test split)."""
+    from torch.utils.data import DataLoader
+
+    from stas_core.baselines import collect_anytime, halting_baselines
+    from stas_core.provenance import provenance
+
+    loader = DataLoader(test_ds, batch_size=batch_size, shuffle=False)
+    kw = dict(timesteps=timesteps, energy_images=energy_images, costs=costs)
+    base = collect_anytime(unhalted_model, loader, device, **kw)
+    halted = collect_anytime(halted_model, loader, device, halting=halting,
+                             execution=execution, **kw)
+    report = halting_baselines(base, halted)
+    return {"split": "test", **report["halted"], "baselines": report,
+            "provenance": provenance(seeds=[seed], checkpoints=checkpoints,
+                                     images={"test": test_ds}, chose="val", reported="test")}

@@ -28,6 +28,7 @@ from stas_core.errors import check_positive_int
 from stas_core.evaluate import against_baseline
 
 from . import export
+from .export import OBJ
 from .errors import ConfigError, TuningError, require_optuna
 from .objectives import ConvertedTrial, DirectTrial, check_kind, checkpoint_path_kind
 from .space import PATHS, SearchSpace, build_space
@@ -139,8 +140,8 @@ class TuneConfig:
 def objective_values(result: dict, objective: str, min_top1: Optional[float]) -> list[float]:
     """What Optuna optimises: ``[top1, energy]`` (pareto) or ``[penalised energy]``."""
     if objective == "pareto":
-        return [result["top1"], result["energy_mj"]]
-    return [result["energy_mj"] + penalty(result["top1"], min_top1)]
+        return [result["top1"], result[OBJ]]
+    return [result[OBJ] + penalty(result["top1"], min_top1)]
 
 
 def penalty(top1: float, floor: Optional[float]) -> float:
@@ -171,8 +172,10 @@ def trial_record(t) -> dict:
     start, end = t.datetime_start, t.datetime_complete
     return {"number": t.number, "state": t.state.name, "params": dict(t.params),
             "values": list(t.values) if t.values is not None else None,
-            "top1": ua.get("top1"), "energy_mj": ua.get("energy_mj"),
-            "conventional_energy_mj": ua.get("conventional_energy_mj"),
+            "top1": ua.get("top1"),
+            # studies written before the objective had its own key stored it as energy_mj
+            OBJ: ua.get(OBJ, ua.get("energy_mj")),
+            "energy_mj": ua.get("conventional_energy_mj", ua.get("energy_mj")),
             "full_energy_mj": ua.get("full_energy_mj"),
             "token_ratio": ua.get("token_ratio"), "worker": ua.get("worker"),
             **({"trial_dir": ua["trial_dir"]} if "trial_dir" in ua else {}),
@@ -289,11 +292,11 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
                     raise optuna.TrialPruned(f"val top-1 {record['val_top1']:.4f} after "
                                              f"epoch {epoch + 1}")
         result = evaluate(params, trial.number, on_epoch)
-        result = {**result, "conventional_energy_mj": result["energy_mj"]}
-        if cfg.energy_model == "full":  # what the study minimises is called energy_mj
-            result["energy_mj"] = result["full_energy_mj"]
+        # energy_mj: conventional; OBJ: what the study minimises (by its energy model)
+        result = {**result, "conventional_energy_mj": result["energy_mj"],
+                  OBJ: result["full_energy_mj" if cfg.energy_model == "full" else "energy_mj"]}
         for key in ("top1", "energy_mj", "token_ratio", "conventional_energy_mj",
-                    "full_energy_mj"):
+                    "full_energy_mj", OBJ):
             if result.get(key) is not None:
                 trial.set_user_attr(key, float(result[key]))
         if "trial_dir" in result:
@@ -314,11 +317,12 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
         if bar is not None:
             bar.update(min(done, cfg.n_trials) - bar.n)
             if frozen.state.name == "COMPLETE":
-                bar.set_postfix(top1=f"{ua['top1']:.4f}", mJ=f"{ua['energy_mj']:.4g}")
+                bar.set_postfix(top1=f"{ua['top1']:.4f}", mJ=f"{ua[OBJ]:.4g}")
         knobs = " ".join(f"{k}={v:.4g}" for k, v in frozen.params.items())
         if frozen.state.name == "COMPLETE":
-            logger.info("trial %d: top1 %.4f energy %.4g mJ tokens %.3f (%s) [%d/%d finished]",
-                        frozen.number, ua["top1"], ua["energy_mj"], ua["token_ratio"], knobs,
+            logger.info("trial %d: top1 %.4f energy %.4g mJ (%s ledger) tokens %.3f (%s) "
+                        "[%d/%d finished]", frozen.number, ua["top1"], ua[OBJ],
+                        cfg.energy_model, ua["token_ratio"], knobs,
                         done, cfg.n_trials)
         else:
             logger.info("trial %d %s (%s) [%d/%d finished]", frozen.number,
@@ -387,8 +391,10 @@ def export_study(cfg: TuneConfig, study, space: SearchSpace, runner=None, *, ran
             "checkpoint": str(cfg.checkpoint), "objective": cfg.objective,
             "min_top1": cfg.min_top1, "space": space.describe(), "complete_trials": complete,
             "best": None if best is None else {k: best[k] for k in (
-                "number", "params", "top1", "energy_mj", "token_ratio")}}
+                "number", "params", "top1", OBJ, "energy_mj", "full_energy_mj",
+                "token_ratio")}, "chose_on": "val"}
     files = {"trials": str(out / "trials.jsonl")}
+    held_out = None
     if not front:
         logger.warning("no trial of study %r has completed yet; nothing to export",
                        cfg.study_name)
@@ -399,6 +405,9 @@ def export_study(cfg: TuneConfig, study, space: SearchSpace, runner=None, *, ran
             defaults = runner.defaults() if runner is not None else {"halting": True}
             export.write_best(out, best, defaults)
             files["best"] = str(out / "best.json")
+            held_out = _best_on_test(cfg, runner, best)
+            if held_out:
+                files["best_on_test"] = str(out / "best_on_test.json")
         export.plot_trials(out / "trials.png", records, front, best,
                            title=f"{cfg.study_name} ({cfg.path}, {complete} trials)",
                            baseline=baseline, energy_key=energy_key)
@@ -408,13 +417,35 @@ def export_study(cfg: TuneConfig, study, space: SearchSpace, runner=None, *, ran
             "trials_run_here": ran, "wall_s": wall_s,
             "energy_model": cfg.energy_model,
             "pareto": [{"number": r["number"], "params": r["params"], "top1": r["top1"],
-                        "energy_mj": r["energy_mj"], "token_ratio": r["token_ratio"],
-                        **({"vs_baseline": against_baseline(r["top1"], r["energy_mj"],
+                        OBJ: r[OBJ], "energy_mj": r["energy_mj"],
+                        "full_energy_mj": r["full_energy_mj"], "token_ratio": r["token_ratio"],
+                        **({"vs_baseline": against_baseline(r["top1"], r[energy_key],
                                                             baseline, energy_key=energy_key)}
                            if baseline else {})}
                        for r in front],
+            **({"best_on_test": held_out} if held_out else {}),
             **({"baseline": baseline} if baseline else {}),
             "files": files}
+
+
+def _best_on_test(cfg: TuneConfig, runner, best: dict) -> Optional[dict]:
+    """The chosen trial measured once on the test split (its knobs were chosen on the
+    validation split), against the baselines on the same test images; kept in
+    ``best_on_test.json`` and not redone while the chosen trial stays the same."""
+    if runner is None or not hasattr(runner, "on_test"):
+        return None
+    path = Path(cfg.out) / "best_on_test.json"
+    key = {"checkpoint": str(cfg.checkpoint), "trial": best["number"],
+           "params": best["params"], "val_subset": cfg.val_subset,
+           "energy_images": cfg.energy_images, "energy_costs": cfg.energy_costs}
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["result"]
+    logger.info("measuring the chosen trial %d on the test split", best["number"])
+    result = runner.on_test(best)
+    atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return result
 
 
 def _baseline(cfg: TuneConfig, runner) -> Optional[dict]:
