@@ -89,13 +89,19 @@ def _stage1_record(s: dict) -> dict:
 
 
 def _stage2_record(s: dict) -> dict:
-    base = s["baseline"]["without_halting"]
+    # the stage-1 model stopped after t: not the halting-trained weights run without
+    # halting, which degrade and would make a crippled baseline
+    base = s["baseline"]["stage1"]
+    paired = {ledger: {name: {k: v.get(k) for k in ("difference", "ci95")}
+                       for name, v in vs.items()}
+              for ledger, vs in s["baselines"]["vs"].items()}
     return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["test_images"]),
             "test_images": s["test_images"], "energy_mj": s["energy_mj"],
             "full_mj": s["energy"]["full_mj"], "token_ratio": s["token_ratio"],
             "fewer_timesteps": {k: base[k] for k in ("t", "top1", "energy_mj", "full_energy_mj")},
             "vs_fewer_timesteps": base["vs_halted"],
             "vs_fewer_timesteps_full": base["vs_halted_full"],
+            "vs_paired": paired,  # stage-1 hull and early exit, 95% intervals over images
             "train_s": sum(h["epoch_s"] for h in s["history"]), "checkpoint": _rel(s["checkpoint"])}
 
 

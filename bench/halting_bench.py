@@ -161,7 +161,7 @@ def bench_direct(args) -> dict:
         "path": "direct", "baseline": args.baseline, "stas": args.stas,
         "model": base_cfg.model, "timesteps": base_cfg.timesteps, "sps": base_cfg.sps,
         "halting": cfg.__dict__, "delta_p": stas_cfg.delta_p,
-        "val_images": sum(len(y) for _, y in batches),
+        "test_images": sum(len(y) for _, y in batches),
         "baseline_top1": base_top1, "stas_top1": halted_top1,
         "top1_delta_points": 100 * (halted_top1 - base_top1),
         "token_ratio": ratio,
@@ -217,7 +217,7 @@ def bench_converted(args) -> dict:
     return {
         "path": "converted", "model": args.model, "timesteps": steps, "halting": cfg.__dict__,
         "halted_kv": args.halted_kv, "halted_kv_comparison": kv,
-        "val_images": sum(len(y) for _, y in batches),
+        "test_images": sum(len(y) for _, y in batches),
         "snn_top1": base_top1, "halted_top1": halted_top1,
         "top1_delta_points": 100 * (halted_top1 - base_top1), "token_ratio": ratio,
         "snn_energy_mj": base_e, "halted_energy_mj": stas_e,

@@ -53,7 +53,7 @@ def evaluate_onnx(model: OnnxModel, loader: Iterable, *, progress=None) -> dict:
             ratio_sum += float(out["token_ratio"].sum())
         if progress is not None:
             progress.update(1)
-    result = {"top1": correct / max(total, 1), "val_images": total, "seconds": seconds,
+    result = {"top1": correct / max(total, 1), "test_images": total, "seconds": seconds,
               "images_per_s": total / seconds if seconds else 0.0}
     if "token_ratio" in model.outputs:
         result["token_ratio"] = ratio_sum / max(total, 1)

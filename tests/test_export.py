@@ -111,7 +111,7 @@ def test_export_and_infer_clis(tmp_path, capsys):
     assert infer_main([str(onnx_path), "--val-subset", "32", "--batch-size", "16",
                        "--no-progress", "--out", str(tmp_path / "inf")]) == 0
     report = json.loads((tmp_path / "inf" / "report.json").read_text())
-    assert report["val_images"] == 32 and 0 <= report["top1"] <= 1
+    assert report["test_images"] == 32 and 0 <= report["top1"] <= 1
     assert report["images_per_s"] > 0 and 0 < report["token_ratio"] <= 1
     assert report["timesteps"] == 2 and report["dataset"] == "fashion-mnist"
     assert "CPUExecutionProvider" in report["providers"]
