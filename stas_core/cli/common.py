@@ -102,9 +102,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (IDX files, CIFAR, ImageFolder, the event "
                         "sets' tonic folders, the fashion-mnist-dvs cache)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on a fixed seeded subset of N images")
+                   help="train on a subset of N training images (seeded by --seed; the "
+                        "held-out validation images are never among them)")
     p.add_argument("--val-subset", type=int, default=None, metavar="N",
-                   help="evaluate on a fixed seeded subset of N images")
+                   help="evaluate on N images of each split: held-out training images where "
+                        "a choice is made, test images where figures are reported (the same "
+                        "images for every --seed)")
 
 
 def _command_parser(parser: argparse.ArgumentParser,
