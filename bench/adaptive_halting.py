@@ -15,6 +15,8 @@ hull of fewer timesteps and against per-image early exit (SEENN-I), and early ex
 of token halting against each alone, under both ledgers. Per-image answers go to
 ``predictions.npz``. Prints one JSON object, writes ``adaptive_halting.json`` and
 ``adaptive_halting.png`` to ``--out``; a finished run's JSON is not redone (``--force``).
+``--combine OUT1 OUT2 ... --to FILE`` sets several finished runs (independently trained
+ANNs) side by side with Student-t intervals over them.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _depth(run, prefix: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the converted model (stas-convert's model.safetensors)")
     p.add_argument("-T", "--timesteps", type=int, default=None)
     p.add_argument("--val-images", type=int, default=512)
     p.add_argument("--test-images", type=int, default=2000)
@@ -62,7 +64,15 @@ def main() -> int:
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--out", default="runs/adaptive")
     p.add_argument("--force", action="store_true", help="redo a finished run")
+    p.add_argument("--combine", nargs="+", metavar="OUT",
+                   help="instead of a run: combine finished runs' --out folders into --to")
+    p.add_argument("--to", default="adaptive_halting_seeds.json")
     args = p.parse_args()
+    if args.combine:
+        print(json.dumps(combine(args.combine, Path(args.to)), indent=2))
+        return 0
+    if not args.model:
+        p.error("--model is required (or --combine)")
     from convert.pipeline import load_converted
 
     out = Path(args.out)
@@ -138,6 +148,43 @@ def main() -> int:
                                  for led in f["vs"]}}
                       for n, f in final.items()}, indent=2))
     return 0
+
+
+def combine(paths: list[str], to: Path) -> dict:
+    """Several finished runs (one per independently trained ANN): for each, the candidate
+    chosen first on its validation split, measured on the test split; then Student-t 95%
+    intervals over the runs' paired differences."""
+    from stas_core.stats import seed_interval
+
+    rows = []
+    for path in paths:
+        r = json.loads((Path(path) / "adaptive_halting.json").read_text())
+        chosen = r["selection"]["finalists"][0]
+        f = r["final"][chosen]
+        row = {"run": Path(path).name, "chosen_on_val": chosen,
+               "test_images": f["images"], "halted": f["halted"],
+               "unhalted_T": f["curves"]["fewer_timesteps"]["points"][-1],
+               "depth_mean": f["depth_mean"]}
+        for ledger in ("conventional", "full"):
+            row[ledger] = {n: {k: v.get(k) for k in ("difference", "ci95")}
+                           for n, v in f["vs"][ledger].items()}
+            c = f["combination"][ledger]
+            best = c["points"][c["best"]]
+            row[ledger]["combination_best"] = {
+                "param": best["param"], "top1": best["top1"],
+                "vs_early_exit": {k: best["vs_early_exit"].get(k) for k in ("difference", "ci95")},
+                "vs_token_halting": {k: best["vs_token_halting"].get(k)
+                                     for k in ("difference", "ci95")}}
+            row[ledger]["combination_beats_both_somewhere"] = c["beats_both_somewhere"]
+        rows.append(row)
+    over = {}
+    for ledger in ("conventional", "full"):
+        for n in ("fewer_timesteps", "early_exit"):
+            d = [row[ledger][n]["difference"] for row in rows]
+            over[f"{ledger}/vs_{n}"] = None if None in d else seed_interval(d)
+    result = {"bench": "adaptive_halting_seeds", "runs": rows, "over_runs": over}
+    atomic_write_text(to, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _plot(result: dict, path: Path) -> None:
