@@ -2,13 +2,14 @@
 validation split and reported on a fixed test split.
 
     python bench/adaptive_halting.py --model runs/convert/model.safetensors [-T 8] \\
-        [--val-images 512] [--test-images 2000] [--finalists 3] [--out runs/adaptive]
+        [--val-images 512] [--test-images 2000] [--budgets 0.25 0.5 0.75] [--out runs/adaptive]
 
 Candidates: the published constant-score point (alpha 0: ``sigmoid(beta)`` for every
 token, a uniform truncation) and a grid of the convergence score. Every candidate runs on
-``--val-images`` held-out *training* images (never trained on, never reported); the
-``--finalists`` with the largest smaller-of-two gains (against the fewer-timesteps hull and
-against the early-exit hull, conventional ledger) go on, with the published point, to
+``--val-images`` held-out *training* images (never trained on, never reported); one
+candidate per ``--budgets`` share of the unhalted model's energy, the one with the
+largest smaller-of-two gains within it (against the fewer-timesteps hull and against the
+early-exit hull, conventional ledger), goes on, with the published point, to
 ``--test-images`` test images (the same for every model and seed), where each is reported
 by :func:`stas_core.baselines.halting_baselines`: paired 95% intervals against the convex
 hull of fewer timesteps and against per-image early exit (SEENN-I), and early exit on top
@@ -42,6 +43,19 @@ DEVICE = torch.device("cpu")
 PUBLISHED = "constant score (alpha 0, beta -3.25, published)"
 
 
+def choose_finalists(screened: dict, full_energy: float, budgets) -> dict:
+    """For each budget (a share of the unhalted model's conventional energy at T), the
+    candidate within it whose smaller gain against the two baselines is largest: one
+    operating point per budget, all chosen on the validation split (``{share: name}``)."""
+    out = {}
+    for share in budgets:
+        within = [n for n, r in screened.items() if r["energy_mj"] <= share * full_energy
+                  and r["selection_score"] is not None]
+        if within:
+            out[str(share)] = max(within, key=lambda n: screened[n]["selection_score"])
+    return out
+
+
 def _depth(run, prefix: int) -> dict:
     d = run.depth[:, prefix:]  # patch tokens (the class token never halts)
     return {"depth_mean": float(d.mean()), "depth_min": float(d.min()),
@@ -56,7 +70,9 @@ def main() -> int:
     p.add_argument("--val-images", type=int, default=512)
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--energy-images", type=int, default=256)
-    p.add_argument("--finalists", type=int, default=3)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="energy budgets, as shares of the unhalted model's at T: one finalist "
+                        "each (chosen on the validation split)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--betas", type=float, nargs="+", default=[-8.0, -6.0, -4.0])
     p.add_argument("--eps", type=float, default=0.01)
@@ -102,8 +118,16 @@ def main() -> int:
     # ---- selection: the validation split only
     base_val = run("val")
     curves_val = {"fewer_timesteps": fewer_timesteps(base_val), "early_exit": early_exit(base_val)}
+    cache = out / "screened.json"  # a screened candidate is not run again
+    images = split_record(val)
+    kept = json.loads(cache.read_text()) if cache.is_file() else {}
+    if kept.get("images") != images or kept.get("timesteps") != steps:
+        kept = {}
     screened = {}
     for name, cfg in candidates.items():
+        if name in kept.get("screened", {}):
+            screened[name] = kept["screened"][name]
+            continue
         r = run("val", cfg)
         point = r.correct[-1].astype(np.float64)
         vs = {n: versus_curve(point, float(r.energy_mj[-1]), c, "conventional",
@@ -116,9 +140,10 @@ def main() -> int:
                                  for n, v in vs.items()},
                           "selection_score": None if None in gains else min(gains)}
         print(json.dumps({name: screened[name]}), file=sys.stderr, flush=True)
-    ranked = sorted(screened, key=lambda n: -1.0 if screened[n]["selection_score"] is None
-                    else screened[n]["selection_score"], reverse=True)
-    finalists = ranked[:args.finalists]
+        atomic_write_text(cache, json.dumps({"images": images, "timesteps": steps,
+                                             "screened": screened}) + "\n")
+    by_budget = choose_finalists(screened, float(base_val.energy_mj[-1]), args.budgets)
+    finalists = list(dict.fromkeys(by_budget.values()))
     if PUBLISHED not in finalists:
         finalists.append(PUBLISHED)
 
@@ -134,8 +159,11 @@ def main() -> int:
     preds = save_predictions(out / "predictions.npz", base_test.labels, runs)
     result = {
         "bench": "adaptive_halting", "timesteps": steps,
-        "selection": {"split": "val", "rule": "largest min(gain vs fewer-timesteps hull, gain "
-                                              "vs early-exit hull), conventional ledger",
+        "selection": {"split": "val", "rule": "per energy budget (a share of the unhalted "
+                                              "model's energy at T), the candidate within it "
+                                              "with the largest min(gain vs fewer-timesteps "
+                                              "hull, gain vs early-exit hull), conventional "
+                                              "ledger", "by_budget": by_budget,
                       "screened": screened, "finalists": finalists},
         "reported_on": "test", "final": final, "predictions": preds,
         "provenance": provenance(checkpoints=[args.model], images={"val": val, "test": test},
@@ -159,29 +187,31 @@ def combine(paths: list[str], to: Path) -> dict:
     rows = []
     for path in paths:
         r = json.loads((Path(path) / "adaptive_halting.json").read_text())
-        chosen = r["selection"]["finalists"][0]
-        f = r["final"][chosen]
-        row = {"run": Path(path).name, "chosen_on_val": chosen,
-               "test_images": f["images"], "halted": f["halted"],
-               "unhalted_T": f["curves"]["fewer_timesteps"]["points"][-1],
-               "depth_mean": f["depth_mean"]}
-        for ledger in ("conventional", "full"):
-            row[ledger] = {n: {k: v.get(k) for k in ("difference", "ci95")}
-                           for n, v in f["vs"][ledger].items()}
-            c = f["combination"][ledger]
-            best = c["points"][c["best"]]
-            row[ledger]["combination_best"] = {
-                "param": best["param"], "top1": best["top1"],
-                "vs_early_exit": {k: best["vs_early_exit"].get(k) for k in ("difference", "ci95")},
-                "vs_token_halting": {k: best["vs_token_halting"].get(k)
-                                     for k in ("difference", "ci95")}}
-            row[ledger]["combination_beats_both_somewhere"] = c["beats_both_somewhere"]
-        rows.append(row)
+        for share, chosen in r["selection"]["by_budget"].items():
+            f = r["final"][chosen]
+            row = {"run": Path(path).name, "budget": float(share), "chosen_on_val": chosen,
+                   "test_images": f["images"], "halted": f["halted"],
+                   "unhalted_T": f["curves"]["fewer_timesteps"]["points"][-1],
+                   "depth_mean": f["depth_mean"]}
+            for ledger in ("conventional", "full"):
+                row[ledger] = {n: {k: v.get(k) for k in ("difference", "ci95")}
+                               for n, v in f["vs"][ledger].items()}
+                c = f["combination"][ledger]
+                best = c["points"][c["best"]]
+                row[ledger]["combination_best"] = {
+                    "param": best["param"], "top1": best["top1"],
+                    **{f"vs_{n}": {k: best[f"vs_{n}"].get(k) for k in ("difference", "ci95")}
+                       for n in ("early_exit", "token_halting")}}
+                row[ledger]["combination_beats_both_somewhere"] = c["beats_both_somewhere"]
+            rows.append(row)
     over = {}
-    for ledger in ("conventional", "full"):
-        for n in ("fewer_timesteps", "early_exit"):
-            d = [row[ledger][n]["difference"] for row in rows]
-            over[f"{ledger}/vs_{n}"] = None if None in d else seed_interval(d)
+    for share in sorted({row["budget"] for row in rows}):
+        at = [row for row in rows if row["budget"] == share]
+        for ledger in ("conventional", "full"):
+            for n in ("fewer_timesteps", "early_exit"):
+                d = [row[ledger][n]["difference"] for row in at]
+                over[f"budget {share:g}/{ledger}/vs_{n}"] = (
+                    None if None in d else seed_interval(d))
     result = {"bench": "adaptive_halting_seeds", "runs": rows, "over_runs": over}
     atomic_write_text(to, json.dumps(result, indent=2) + "\n")
     return result
