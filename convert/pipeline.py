@@ -362,8 +362,12 @@ def plot_report(report: dict, path: Path) -> None:
         ax3.plot([report["halted_energy_mj"][t] for t in marks],
                  [100 * report["halted_top1"][t] for t in marks], "*-", color="tab:red",
                  ms=9, label="halted, T = " + ",".join(marks))
+        if "baselines" in report:
+            from halting.plots import draw_protocol_curves
+
+            draw_protocol_curves(ax3, report["baselines"])
         ax3.set(xlabel="energy per image (mJ)", ylabel="top-1 (%)",
-                title="halting against fewer timesteps")
+                title="halting against its baselines")
         ax3.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

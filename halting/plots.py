@@ -64,6 +64,23 @@ def draw_baseline(ax, baseline: dict, *, energy_key: str = "energy_mj",
         ax.annotate(f"t={t}", (e, a), textcoords="offset points", xytext=(3, -9), fontsize=6)
 
 
+def draw_protocol_curves(ax, baselines: dict, *, ledger: str = "conventional") -> None:
+    """Draw a report's ``baselines`` block (``stas_core.baselines.halting_baselines``) on
+    ``ax``: the fewer-timesteps hull, per-image early exit and early exit on top of token
+    halting, energy on x under ``ledger``, top-1 % on y."""
+    key = "energy_mj" if ledger == "conventional" else "full_energy_mj"
+    curves = baselines["curves"]
+    fewer = curves["fewer_timesteps"]
+    hull = [fewer["points"][i] for i in fewer["hull"][ledger]]
+    ax.plot([p[key] for p in hull], [100 * p["top1"] for p in hull], ":", color="k", lw=1,
+            label="convex hull of fewer timesteps")
+    for name, style, color in (("early_exit", ".-", "tab:orange"),
+                               ("token_halting+early_exit", ".:", "tab:red")):
+        pts = curves[name]["points"]
+        ax.plot([p[key] for p in pts], [100 * p["top1"] for p in pts], style, color=color,
+                ms=3, lw=1, label=name.replace("_", " ").replace("+", " + "))
+
+
 def baseline_figure(baseline: dict, points: Sequence[dict], *, title: str = "",
                     energy_key: str = "energy_mj"):
     """A Figure: the halted ``points`` (``{"label", "top1", energy_key}``) against the

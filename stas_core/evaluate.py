@@ -287,10 +287,12 @@ def against_baseline(top1: float, energy_mj: float, baseline: dict, *,
 
 
 def baseline_section(baselines: dict, top1: float, energy_mj: float, full_energy_mj: float,
-                     path=None, *, title: str = "") -> dict:
+                     path=None, *, title: str = "", protocol: Optional[dict] = None) -> dict:
     """The ``baseline`` block of a halting summary: each named no-halting curve
     (:func:`timestep_baseline`) with where the halted point lies against it, under both
-    ledgers; with ``path``, a PNG of the point against every curve."""
+    ledgers; with ``path``, a PNG of the point against every curve (and the hull and
+    early-exit curves of ``protocol``, a :func:`stas_core.baselines.halting_baselines`
+    block)."""
     section = {}
     for name, curve in baselines.items():
         section[name] = {**curve,
@@ -305,6 +307,10 @@ def baseline_section(baselines: dict, top1: float, energy_mj: float, full_energy
         curve = next(iter(baselines.values()))
         fig = baseline_figure(curve, [{"label": "halted", "top1": top1,
                                        "energy_mj": energy_mj}], title=title)
+        if protocol is not None:
+            from halting.plots import draw_protocol_curves
+
+            draw_protocol_curves(fig.axes[0], protocol)
         if len(baselines) > 1:
             from halting.plots import draw_baseline
 

@@ -516,16 +516,16 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, d
                                                  costs=cfg.costs())
             reference = stage1
             checkpoints.append(cfg.init_from)
-        baseline = {"baseline": baseline_section(
-            curves, ev["top1"], energy["energy_mj"], energy["energy"]["full_mj"],
-            Path(cfg.out) / "halting_vs_baseline.png",
-            title=f"{cfg.model}: STAS against fewer timesteps")}
         unhalted = collect_anytime(reference, test_loader, device, **anytime)
         halted = collect_anytime(model, test_loader, device, halting=halting_cfg,
                                  execution=cfg.execution, **anytime)
-        baseline["baselines"] = {
-            "reference": "stage1" if cfg.init_from else "without_halting",
-            **halting_baselines(unhalted, halted)}
+        protocol = {"reference": "stage1" if cfg.init_from else "without_halting",
+                    **halting_baselines(unhalted, halted)}
+        baseline = {"baseline": baseline_section(
+            curves, ev["top1"], energy["energy_mj"], energy["energy"]["full_mj"],
+            Path(cfg.out) / "halting_vs_baseline.png", protocol=protocol,
+            title=f"{cfg.model}: STAS against its baselines"),
+            "baselines": protocol}
         runs = {"unhalted": unhalted, "halted": halted}
     else:  # top-1 and energy after every t, from one stepwise pass
         per_step = energy["energy"]["per_t"]
