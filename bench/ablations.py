@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from halting import HaltingConfig
+from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets
 from stas_core.evaluate import evaluate_halting
@@ -418,6 +419,7 @@ def main() -> int:
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "machine": platform.machine()})
     root = Path(args.out)
+    results["provenance"] = provenance_of_args(args)
     atomic_write_text(root / "ablations.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(root / "ablations.md", markdown(results))
     plot(results, root / "ablations.png")

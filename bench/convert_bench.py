@@ -27,6 +27,7 @@ from convert.spiking_vit import SpikingViT
 from convert.timm_models import create_vit, parse_model_kwargs
 from halting.protocol import run_stepwise
 from stas_core.data import build_datasets
+from stas_core.provenance import provenance_of_args
 
 MARKS = (1, 2, 4, 8, 16, 32)
 
@@ -158,6 +159,7 @@ def main() -> int:
         "snn_state_mb_at_T": held / 2 ** 20,
         "timesteps": T, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "provenance": provenance_of_args(args),
     }, indent=2))
     return 0
 

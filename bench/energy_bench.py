@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.energy import EnergyCosts, OpCounter
 
@@ -238,6 +239,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_grad_enabled(False)
     result = bench_lemaire(args) if args.mode == "lemaire" else bench_figures(args)
+    result["provenance"] = provenance_of_args(args)
     text = json.dumps(result, indent=2)
     atomic_write_text(Path(args.out) / f"energy_{args.mode}.json", text + "\n")
     print(text)

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from ablations import HAND, STAGE1_LR, STAGE2_LR, Runs, _fmt, _ms, _paired  # bench/ sibling
 from halting import Halted
+from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets
 from stas_core.evaluate import evaluate
@@ -272,8 +273,9 @@ def samples_png(path: Path, frames: int) -> None:
     save_event_samples_png(val, path, samples=6, classes=names)
 
 
-def write(results: dict, root: Path) -> None:
+def write(results: dict, root: Path, args) -> None:
     results["aggregate"] = aggregate(results)
+    results["provenance"] = provenance_of_args(args)
     atomic_write_text(root / "event_bench.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(root / "event_bench.md", markdown(results))
     plot(results, root / "event_bench.png")
@@ -310,13 +312,13 @@ def main() -> int:
             results["runs"].setdefault(f"{variant}/stage1", {})[str(seed)] = _stage1_record(s1)
             s2 = runs.stage2("hand", variant, seed, halting=True, **HAND)
             results["runs"].setdefault(f"{variant}/hand", {})[str(seed)] = _stage2_record(s2)
-            write(results, root)
+            write(results, root, args)
     results["timing_probe"] = timing_probe(results, args)
     results["speed"] = speed(results, args, args.speed_repeats)
     results.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "machine": platform.machine()})
-    write(results, root)
+    write(results, root, args)
     print(json.dumps(results["aggregate"], indent=2))
     return 0
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 from convert_bench import _interleaved_times  # bench/ is on the path when run
 from convert.ops import integrate_and_fire
 from convert.pipeline import load_converted
+from stas_core.provenance import provenance_of_args
 from stas_core import kernels
 from stas_core.data import build_datasets
 
@@ -141,6 +142,7 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    report["provenance"] = provenance_of_args(args)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import load_checkpoint
 from stas_core.train import TrainConfig, train
 
@@ -217,6 +218,7 @@ def main() -> int:
         print(f"{name}: {'ok' if report[name].get('ok') else 'FAILED'}", file=sys.stderr)
     report["ok"] = all(report[name].get("ok") for name, _ in checks)
     report["seconds"] = time.perf_counter() - start
+    report["provenance"] = provenance_of_args(args)
     print(json.dumps(report, indent=2, default=str))
     return 0 if report["ok"] else 1
 

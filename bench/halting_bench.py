@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from halting import Halted, HaltingConfig, run_halting
 from halting.protocol import run_stepwise
+from stas_core.provenance import provenance_of_args
 from stas_core.data import build_datasets
 from halting.plots import draw_baseline
 from stas_core.evaluate import (against_baseline, measure_energy, save_depth_heatmap,
@@ -295,6 +296,7 @@ def main() -> int:
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "cpu_count": os.cpu_count(), "machine": platform.machine(),
                    "load_average_1m_end": os.getloadavg()[0]})
+    result["provenance"] = provenance_of_args(args)
     text = json.dumps(result, indent=2)
     name = args.path + ("_speed" if getattr(args, "speed_only", False) else "")
     (Path(args.out) / f"{name}.json").write_text(text)

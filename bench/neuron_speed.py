@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from stas_core.provenance import provenance_of_args
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -177,6 +179,7 @@ def main(argv=None) -> dict:
         },
         "backends_agree": agree,
     }
+    result["provenance"] = provenance_of_args(args)
     print(json.dumps(result, indent=2))
     return result
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from convert.loading import load_spiking_model
 from halting import HaltingConfig, run_halting
 from halting.protocol import run_stepwise
+from stas_core.provenance import provenance_of_args
 from stas_core.data import build_datasets
 from stas_core.export import InferenceGraph, export_onnx
 from stas_core.onnx_runtime import OnnxModel
@@ -131,6 +132,7 @@ def main() -> int:
     result.update({"wall_s": round(time.perf_counter() - start, 1), "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                    "machine": platform.machine(), "load_average_1m_end": os.getloadavg()[0]})
+    result["provenance"] = provenance_of_args(args)
     text = json.dumps(result, indent=2)
     (out / "onnx_bench.json").write_text(text)
     print(text)

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from stas_core.provenance import provenance_of_args
 from stas_core.train import TrainConfig, train
 
 RECIPE = dict(model="spikformer-2-128", timesteps=4, sps="integrated", batch_size=128, lr=3e-3,
@@ -52,6 +53,7 @@ def main() -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "load_average_1m_end": os.getloadavg()[0],
+        "provenance": provenance_of_args(args),
     }, indent=2))
     return 0
 

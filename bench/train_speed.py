@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from stas_core.provenance import provenance_of_args
 from stas_core.cli.common import run
 from stas_core.errors import ConfigError, check_positive_int
 from stas_core.models import create_model
@@ -179,6 +180,7 @@ def _bench(args: argparse.Namespace) -> int:
             report["dense_ops"]["train_ratio_bound_over_peer"] = {
                 mine: peer_step / report["dense_ops"][mine]["train_step_s"] for mine in MODES}
         report["kernels_ms_per_step"] = _kernel_times(MODES, train_step, args.profile_steps)
+    report["provenance"] = provenance_of_args(args)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from stas_core.provenance import provenance_of_args
 from stas_core.cli.common import setup_logging
 
 
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
         result["converted"] = bench_path("converted", args.converted, args)
     if args.direct:
         result["direct"] = bench_path("direct", args.direct, args)
+    result["provenance"] = provenance_of_args(args)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
-__all__ = ["provenance", "file_sha256", "git_state", "PACKAGES", "save_predictions"]
+__all__ = ["provenance", "provenance_of_args", "file_sha256", "git_state", "PACKAGES",
+           "save_predictions"]
 
 #: Packages whose versions a results file names.
 PACKAGES = ("stas", "torch", "timm", "numpy", "onnx", "onnxruntime", "optuna", "sinabs",
@@ -106,6 +107,16 @@ def provenance(*, seeds: Iterable[int] = (), checkpoints: Iterable = (),
         "seeds": [int(s) for s in seeds], "checkpoints": ckpts, "images": imgs,
         **({"chose_on": chose} if chose else {}), **({"reported_on": reported} if reported else {}),
     }
+
+
+def provenance_of_args(args, **kwargs) -> dict:
+    """:func:`provenance` for a command's parsed ``args``: its seeds (``seed`` / ``seeds``)
+    and every argument that names an existing file as a checkpoint."""
+    values = vars(args)
+    seeds = values.get("seeds") or ([values["seed"]] if values.get("seed") is not None else [])
+    files = [v for v in values.values() if isinstance(v, str) and Path(v).is_file()]
+    return provenance(seeds=kwargs.pop("seeds", seeds),
+                      checkpoints=kwargs.pop("checkpoints", files), **kwargs)
 
 
 def save_predictions(path: Union[str, os.PathLike], labels, runs: Mapping[str, object]) -> dict:
