@@ -99,6 +99,9 @@ def bench_path(path: str, checkpoint: str, args: argparse.Namespace) -> dict:
         "energy_saving": None if best is None else 1.0 - best["energy_mj"] / reference["energy_mj"],
         "most_accurate": point(max(front, key=lambda r: r["top1"]) if front else None),
         "pareto_points": len(front),
+        # the points above were chosen and compared on the validation split; the study's
+        # chosen trial measured once on the test split, against its baselines:
+        "compared_on": "val", "best_on_test": summary.get("best_on_test"),
         "hand_set_s": hand_s, "study_s": study_s,
         "files": summary["files"],
     }
