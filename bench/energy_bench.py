@@ -1,4 +1,4 @@
-"""Energy under both ledgers (issue "Energy figures that hold up"); no timing involved.
+"""Energy under both ledgers; no timing involved.
 
     python bench/energy_bench.py lemaire [--out runs/bench]
     python bench/energy_bench.py figures --direct-stas CKPT --direct-backbone CKPT \\
