@@ -15,7 +15,9 @@ by :func:`stas_core.baselines.halting_baselines`: paired 95% intervals against t
 hull of fewer timesteps and against per-image early exit (SEENN-I), and early exit on top
 of token halting against each alone, under both ledgers. Per-image answers go to
 ``predictions.npz``. Prints one JSON object, writes ``adaptive_halting.json`` and
-``adaptive_halting.png`` to ``--out``; a finished run's JSON is not redone (``--force``).
+``adaptive_halting.png`` to ``--out``; a finished run's JSON is not redone (``--force``
+redoes it, reusing the screened candidates and the test runs it left). The threshold of
+early exit on top of token halting is chosen on the validation split too.
 ``--combine OUT1 OUT2 ... --to FILE`` sets several finished runs (independently trained
 ANNs) side by side with Student-t intervals over them.
 """
@@ -33,14 +35,39 @@ import torch
 from torch.utils.data import DataLoader
 
 from halting import HaltingConfig
-from stas_core.baselines import (collect_anytime, early_exit, fewer_timesteps,
-                                 halting_baselines, versus_curve)
+from stas_core.baselines import (choose_combination_threshold, collect_anytime, early_exit,
+                                 fewer_timesteps, halting_baselines, load_runs, versus_curve)
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets, split_record
 from stas_core.provenance import provenance, save_predictions
 
 DEVICE = torch.device("cpu")
 PUBLISHED = "constant score (alpha 0, beta -3.25, published)"
+#: what early exit on top of token halting is measured against
+PARTS = ("early_exit", "token_halting", "fewer_timesteps")
+
+
+def save_screen(path: Path, images: dict, steps: int, screened: dict) -> None:
+    atomic_write_text(path, json.dumps({"images": images, "timesteps": steps,
+                                        "screened": screened}) + "\n")
+
+
+def _finished_test_runs(out: Path, images: dict) -> dict:
+    """Test-split runs an earlier run of this bench left in ``out`` (its JSON names which
+    configuration each ``predictions.npz`` entry is), when its test images are these:
+    ``{"unhalted": (run, None), name: (run, depth statistics)}``."""
+    path, npz = out / "adaptive_halting.json", out / "predictions.npz"
+    if not (path.is_file() and npz.is_file()):
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier["provenance"]["images"].get("test") != images:
+        return {}
+    runs = load_runs(npz)
+    done = {"unhalted": (runs["unhalted"], None)}
+    for name, f in earlier["final"].items():
+        r = runs[f["predictions_key"]]
+        done[name] = (r, {k: f[k] for k in f if k.startswith("depth_")})
+    return done
 
 
 def choose_finalists(screened: dict, full_energy: float, budgets) -> dict:
@@ -138,24 +165,34 @@ def main() -> int:
                           "full_energy_mj": float(r.full_energy_mj[-1]),
                           "vs": {n: {k: v.get(k) for k in ("difference", "ci95")}
                                  for n, v in vs.items()},
-                          "selection_score": None if None in gains else min(gains)}
+                          "selection_score": None if None in gains else min(gains),
+                          "combination_threshold": choose_combination_threshold(base_val, r)}
         print(json.dumps({name: screened[name]}), file=sys.stderr, flush=True)
-        atomic_write_text(cache, json.dumps({"images": images, "timesteps": steps,
-                                             "screened": screened}) + "\n")
+        save_screen(cache, images, steps, screened)
     by_budget = choose_finalists(screened, float(base_val.energy_mj[-1]), args.budgets)
     finalists = list(dict.fromkeys(by_budget.values()))
     if PUBLISHED not in finalists:
         finalists.append(PUBLISHED)
+    for name in finalists:  # screened before the combination's threshold was chosen on val
+        if "combination_threshold" not in screened[name]:
+            screened[name]["combination_threshold"] = choose_combination_threshold(
+                base_val, run("val", candidates[name]))
+            save_screen(cache, images, steps, screened)
 
     # ---- report: the test split, the same images for every model and seed
-    base_test = run("test")
+    done = _finished_test_runs(out, split_record(test))  # name -> (run, depth stats)
+    base_test = done["unhalted"][0] if "unhalted" in done else run("test")
     final, runs = {}, {"unhalted": base_test}
     for i, name in enumerate(finalists):
-        r = run("test", candidates[name])
+        r, depth = done[name] if name in done else (None, None)
+        if r is None:
+            r = run("test", candidates[name])
+            depth = _depth(r, prefix)
         runs[f"finalist{i}"] = r
         final[name] = {"config": candidates[name].__dict__, "predictions_key": f"finalist{i}",
-                       **_depth(r, prefix),
-                       **halting_baselines(base_test, r, resamples=args.resamples)}
+                       **depth, **halting_baselines(
+                           base_test, r, resamples=args.resamples,
+                           combination_threshold=screened[name]["combination_threshold"])}
     preds = save_predictions(out / "predictions.npz", base_test.labels, runs)
     result = {
         "bench": "adaptive_halting", "timesteps": steps,
@@ -196,13 +233,12 @@ def combine(paths: list[str], to: Path) -> dict:
             for ledger in ("conventional", "full"):
                 row[ledger] = {n: {k: v.get(k) for k in ("difference", "ci95")}
                                for n, v in f["vs"][ledger].items()}
-                c = f["combination"][ledger]
-                best = c["points"][c["best"]]
-                row[ledger]["combination_best"] = {
-                    "param": best["param"], "top1": best["top1"],
-                    **{f"vs_{n}": {k: best[f"vs_{n}"].get(k) for k in ("difference", "ci95")}
-                       for n in ("early_exit", "token_halting")}}
-                row[ledger]["combination_beats_both_somewhere"] = c["beats_both_somewhere"]
+                c = f["combination"][ledger]["chosen"]  # threshold chosen on val
+                key = "energy_mj" if ledger == "conventional" else "full_energy_mj"
+                row[ledger]["combination"] = {
+                    "threshold": c["param"], "top1": c["top1"], key: c[key],
+                    **{f"vs_{n}": {k: c[f"vs_{n}"].get(k) for k in ("difference", "ci95")}
+                       for n in PARTS}}
             rows.append(row)
     over = {}
     for share in sorted({row["budget"] for row in rows}):
@@ -211,6 +247,10 @@ def combine(paths: list[str], to: Path) -> dict:
             for n in ("fewer_timesteps", "early_exit"):
                 d = [row[ledger][n]["difference"] for row in at]
                 over[f"budget {share:g}/{ledger}/vs_{n}"] = (
+                    None if None in d else seed_interval(d))
+            for n in PARTS:
+                d = [row[ledger]["combination"][f"vs_{n}"]["difference"] for row in at]
+                over[f"budget {share:g}/{ledger}/combination_vs_{n}"] = (
                     None if None in d else seed_interval(d))
     result = {"bench": "adaptive_halting_seeds", "runs": rows, "over_runs": over}
     atomic_write_text(to, json.dumps(result, indent=2) + "\n")

@@ -32,7 +32,7 @@ from .stats import paired_bootstrap
 
 __all__ = ["LEDGERS", "AnytimeRun", "Curve", "upper_hull", "hull_mixture", "fewer_timesteps",
            "early_exit", "versus_curve", "halting_baselines", "DEFAULT_THRESHOLDS",
-           "collect_anytime", "answers"]
+           "collect_anytime", "answers", "choose_combination_threshold", "load_runs"]
 
 #: The two ledgers a policy's energy is booked under: name -> key of the energy figure.
 LEDGERS = {"conventional": "energy_mj", "full": "full_energy_mj"}
@@ -177,12 +177,40 @@ def versus_curve(correct: Sequence[float], energy: float, curve: Curve, ledger: 
     return res
 
 
+def choose_combination_threshold(unhalted: AnytimeRun, halted: AnytimeRun, *,
+                                 thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+                                 ledger: str = "conventional") -> float:
+    """The early-exit threshold of token halting + early exit whose smaller gain over
+    early exit alone and over token halting alone is largest on these images: run it on
+    the validation split, then report the threshold on the test split."""
+    thresholds = list(thresholds)
+    ee, th = early_exit(unhalted, thresholds), fewer_timesteps(halted, "token_halting")
+    combo = early_exit(halted, thresholds)
+
+    def gain(i: int) -> float:
+        e = float(combo.energy[ledger][i])
+        out = []
+        for curve in (ee, th):
+            mix = hull_mixture(curve.energy[ledger], curve.top1, e)
+            if mix is None:
+                return -1.0
+            out.append(float(combo.top1[i]) - sum(w * float(curve.top1[j]) for j, w in mix))
+        return min(out)
+
+    return thresholds[max(range(len(thresholds)), key=gain)]
+
+
 def halting_baselines(unhalted: AnytimeRun, halted: AnytimeRun, *,
                       thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
-                      resamples: int = 2000, seed: int = 0) -> dict:
+                      resamples: int = 2000, seed: int = 0,
+                      combination_threshold: Optional[float] = None) -> dict:
     """The ``baselines`` block of every halting report: the halted model (run for all T)
     against the unhalted model's fewer-timesteps hull and early-exit hull, and early exit
-    on top of token halting against each alone, under both ledgers, on the same images."""
+    on top of token halting against each alone and against fewer timesteps, under both
+    ledgers, on the same images. The combination's ``best`` point is the best of its
+    curve on these images (a description, not a claim); ``combination_threshold``, chosen
+    elsewhere (:func:`choose_combination_threshold` on the validation split), adds
+    ``combination.<ledger>.chosen``: that one point with its paired intervals."""
     if unhalted.labels.shape != halted.labels.shape or (unhalted.labels != halted.labels).any():
         raise ValueError("the halted and unhalted runs must answer the same images")
     thresholds = list(thresholds)
@@ -202,14 +230,16 @@ def halting_baselines(unhalted: AnytimeRun, halted: AnytimeRun, *,
         out["vs"][ledger] = {n: versus_curve(point, e_point, curves[n], ledger, **kw)
                              for n in ("fewer_timesteps", "early_exit")}
         combo = curves["token_halting+early_exit"]
-        rows = []
-        for i in range(len(combo.params)):
-            e_i = float(combo.energy[ledger][i])
-            rows.append({"param": combo.params[i], "top1": float(combo.top1[i]),
-                         LEDGERS[ledger]: e_i,
-                         **{f"vs_{n}": versus_curve(combo.correct[i], e_i, curves[n], ledger,
-                                                    **kw)
-                            for n in ("early_exit", "token_halting")}})
+        parts = ("early_exit", "token_halting", "fewer_timesteps")
+
+        def row(correct, energy, param, mean_t):
+            return {"param": param, "top1": float(np.mean(correct)), LEDGERS[ledger]: energy,
+                    "mean_timesteps": mean_t,
+                    **{f"vs_{n}": versus_curve(correct, energy, curves[n], ledger, **kw)
+                       for n in parts}}
+
+        rows = [row(combo.correct[i], float(combo.energy[ledger][i]), combo.params[i],
+                    float(combo.mean_timesteps[i])) for i in range(len(combo.params))]
 
         def worst(r):  # the smaller of its two gains (None: not comparable)
             g = [r[f"vs_{n}"]["difference"] for n in ("early_exit", "token_halting")]
@@ -221,6 +251,11 @@ def halting_baselines(unhalted: AnytimeRun, halted: AnytimeRun, *,
             "beats_both_somewhere": any(
                 r["vs_early_exit"].get("beats") and r["vs_token_halting"].get("beats")
                 for r in rows)}
+        if combination_threshold is not None:
+            one = early_exit(halted, [combination_threshold], "chosen")
+            out["combination"][ledger]["chosen"] = row(
+                one.correct[0], float(one.energy[ledger][0]), float(combination_threshold),
+                float(one.mean_timesteps[0]))
     return out
 
 
@@ -284,3 +319,15 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
     return AnytimeRun(np.concatenate(labels), np.concatenate(preds, axis=1),
                       np.concatenate(confs, axis=1), conv_cum, full_cum,
                       np.concatenate(depths) if depths else None)
+
+
+def load_runs(path) -> dict:
+    """The :class:`AnytimeRun` s a ``predictions.npz`` holds
+    (:func:`stas_core.provenance.save_predictions`), by name."""
+    data = np.load(path)
+    names = sorted({k.rsplit(".", 1)[0] for k in data.files if k.endswith(".pred")})
+    return {n: AnytimeRun(data["labels"], data[f"{n}.pred"].astype(np.int64),
+                          data[f"{n}.confidence"].astype(np.float64), data[f"{n}.energy_mj"],
+                          data[f"{n}.full_energy_mj"],
+                          data[f"{n}.depth"] if f"{n}.depth" in data.files else None)
+            for n in names}

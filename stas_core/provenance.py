@@ -134,6 +134,8 @@ def save_predictions(path: Union[str, os.PathLike], labels, runs: Mapping[str, o
         arrays[f"{name}.confidence"] = np.asarray(run.confidence, dtype=np.float32)
         arrays[f"{name}.energy_mj"] = np.asarray(run.energy_mj)
         arrays[f"{name}.full_energy_mj"] = np.asarray(run.full_energy_mj)
+        if getattr(run, "depth", None) is not None:
+            arrays[f"{name}.depth"] = np.asarray(run.depth, dtype=np.float16)
 
     def write(tmp):
         with open(tmp, "wb") as f:

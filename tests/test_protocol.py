@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from halting import HaltingConfig, run_halting
-from stas_core.baselines import (AnytimeRun, collect_anytime, early_exit, fewer_timesteps,
-                                 halting_baselines, hull_mixture, upper_hull, versus_curve)
+from stas_core.baselines import (AnytimeRun, choose_combination_threshold, collect_anytime,
+                                 early_exit, fewer_timesteps, halting_baselines, hull_mixture,
+                                 load_runs, upper_hull, versus_curve)
 from stas_core.evaluate import against_baseline
 from stas_core.models import create_model
 from stas_core.provenance import provenance, save_predictions
@@ -70,6 +71,25 @@ def test_versus_curve_is_paired_against_the_mixture():
     assert r["difference"] == pytest.approx(1 / 6)
     assert [m["param"] for m in r["mixture"]] == [1, 2]
     assert versus_curve(np.ones(3), 0.5, ft, "conventional")["difference"] is None
+
+
+def test_combination_threshold_is_the_one_that_beats_both_parts_most():
+    run = _run()  # image 0 confident at t = 1; all right at t = 2
+    unhalted = AnytimeRun(run.labels, run.pred, run.confidence, np.array([0.6, 1.2]),
+                          np.array([6.0, 12.0]))
+    halted = AnytimeRun(run.labels, run.pred, run.confidence, np.array([0.5, 1.0]),
+                        np.array([5.0, 10.0]))
+    # 0.0: everything at t = 1, cheaper than early exit's cheapest point (not comparable);
+    # 0.9: all right at 0.833 mJ, above token halting's hull (0.889) and early exit's
+    # (0.861); 1.1: the halted model at T, level with both
+    assert choose_combination_threshold(unhalted, halted, thresholds=[0.0, 0.9, 1.1]) == 0.9
+    rep = halting_baselines(unhalted, halted, thresholds=[0.0, 0.9, 1.1], resamples=100,
+                            combination_threshold=0.9)
+    chosen = rep["combination"]["conventional"]["chosen"]
+    assert chosen["top1"] == 1.0 and chosen["energy_mj"] == pytest.approx(2.5 / 3)
+    assert chosen["vs_token_halting"]["difference"] == pytest.approx(1 - (2 / 3 + 2 / 9))
+    assert set(k for k in chosen if k.startswith("vs_")) == {
+        "vs_early_exit", "vs_token_halting", "vs_fewer_timesteps"}
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -156,6 +176,11 @@ def test_halting_baselines_end_to_end_on_a_tiny_model(tmp_path):
                              {"unhalted": unhalted, "halted": halted})
     back = np.load(tmp_path / "p.npz")
     assert (back["halted.pred"] == halted.pred).all() and len(saved["sha256"]) == 64
+    again = load_runs(tmp_path / "p.npz")
+    assert set(again) == {"unhalted", "halted"} and again["unhalted"].depth is None
+    assert (again["halted"].correct == halted.correct).all()
+    assert np.allclose(again["halted"].energy_mj, halted.energy_mj)
+    assert again["halted"].depth.shape == halted.depth.shape
 
 
 # -------------------------------------------------------------------- splits, provenance
