@@ -14,7 +14,8 @@ test split, fixed for every seed):
   and early exit on top of token halting (:func:`stas_core.baselines.halting_baselines`);
 * ``matched``: the same backbone trained from scratch with as many epochs as stage 1 +
   stage 2 at ``T' = max(1, round(r T))`` timesteps, where ``r`` is STAS's token ratio on the
-  *validation* split: a smaller model at matched compute.
+  *validation* split: a smaller model at matched compute;
+* token halting + early exit, its threshold chosen on the validation split.
 
 Each comparison is a paired difference over the test images with a bootstrap 95% interval,
 then a Student-t interval over the seeds' differences. Resumable (``ablations.Runs``:
@@ -35,10 +36,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ablations import HAND, Runs, STAGE1_LR  # bench/ sibling
-from halting import Halted
+from stas_core.baselines import (choose_combination_threshold, collect_anytime,
+                                 halting_baselines, load_runs)
 from stas_core.checkpoint import atomic_write_text
 from stas_core.data import build_datasets
-from stas_core.evaluate import evaluate
 from stas_core.provenance import provenance
 from stas_core.stats import mcnemar_exact, paired_bootstrap, seed_interval
 from stas_core.train import load_trained_model
@@ -50,20 +51,26 @@ def _predictions(summary: dict) -> np.lib.npyio.NpzFile:
     return np.load(Path(summary["checkpoint"]).parent / "predictions.npz")
 
 
-def val_token_ratio(summary: dict, args) -> float:
-    """STAS's share of computed token-steps on the validation split."""
-    model, cfg = load_trained_model(summary["checkpoint"])
+def on_validation(stage1: dict, stas: dict, args) -> tuple[float, float]:
+    """On the validation split: STAS's share of computed token-steps (what the matched
+    model is sized by) and the early-exit threshold of token halting + early exit."""
+    cpu = torch.device("cpu")
+    s1_model, _ = load_trained_model(stage1["checkpoint"])
+    model, cfg = load_trained_model(stas["checkpoint"])
     _, val, _ = build_datasets("fashion-mnist", split="val", val_subset=args.val_subset,
                                augment=False)
-    ev = evaluate(Halted(model, cfg.halting_config()), DataLoader(val, batch_size=256),
-                  torch.device("cpu"))
-    return float(ev["token_ratio"])
+    loader = DataLoader(val, batch_size=256)
+    unhalted = collect_anytime(s1_model, loader, cpu, energy_images=args.energy_images)
+    halted = collect_anytime(model, loader, cpu, halting=cfg.halting_config(),
+                             energy_images=args.energy_images)
+    ratio = float(halted.depth.mean()) / (halted.timesteps * len(model.blocks))
+    return ratio, choose_combination_threshold(unhalted, halted)
 
 
 def one_seed(runs: Runs, seed: int, args) -> dict:
     s1 = runs.stage1("integrated", seed)
     stas = runs.stage2("stas", "integrated", seed, halting=True, **HAND)
-    ratio = val_token_ratio(stas, args)
+    ratio, threshold = on_validation(s1, stas, args)
     t_matched = max(1, round(ratio * args.timesteps))
     matched = runs._train(f"integrated/matched_T{t_matched}/seed{seed}", sps="integrated",
                           seed=seed, timesteps=t_matched,
@@ -73,7 +80,8 @@ def one_seed(runs: Runs, seed: int, args) -> dict:
     matched_correct = m["model.pred"][-1] == m["labels"]
     if not np.array_equal(m["labels"], _predictions(stas)["labels"]):
         raise RuntimeError("the matched model and STAS were not measured on the same images")
-    b = stas["baselines"]
+    runs = load_runs(Path(stas["checkpoint"]).parent / "predictions.npz")
+    b = halting_baselines(runs["unhalted"], runs["halted"], combination_threshold=threshold)
     return {
         "seed": seed, "test_images": stas["test_images"],
         "stage1": {"top1": s1["top1"], "energy_mj": s1["energy_mj"],
@@ -90,9 +98,8 @@ def one_seed(runs: Runs, seed: int, args) -> dict:
         "vs_matched": {**paired_bootstrap(stas_correct.astype(float),
                                           matched_correct.astype(float)),
                        "mcnemar": mcnemar_exact(stas_correct, matched_correct)},
-        "combination": {ledger: {"best": c["points"][c["best"]],
-                                 "beats_both_somewhere": c["beats_both_somewhere"]}
-                        for ledger, c in b["combination"].items()},
+        "combination": {ledger: {"threshold_chosen_on_val": threshold, **{
+            k: v for k, v in c["chosen"].items()}} for ledger, c in b["combination"].items()},
         "checkpoints": [stas["checkpoint"], s1["checkpoint"], matched["checkpoint"]],
     }
 
@@ -111,6 +118,10 @@ def over_seeds(rows: list[dict]) -> dict:
             d = [r["vs"][ledger][name]["difference"] for r in rows]
             out[f"{ledger}/vs_{name}"] = None if None in d else seed_interval(d)
     out["vs_matched"] = seed_interval([r["vs_matched"]["difference"] for r in rows])
+    for ledger in ("conventional", "full"):
+        for name in ("early_exit", "token_halting", "fewer_timesteps"):
+            d = [r["combination"][ledger][f"vs_{name}"]["difference"] for r in rows]
+            out[f"{ledger}/combination_vs_{name}"] = None if None in d else seed_interval(d)
     return out
 
 
