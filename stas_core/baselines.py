@@ -32,7 +32,8 @@ from .stats import paired_bootstrap
 
 __all__ = ["LEDGERS", "AnytimeRun", "Curve", "upper_hull", "hull_mixture", "fewer_timesteps",
            "early_exit", "versus_curve", "halting_baselines", "DEFAULT_THRESHOLDS",
-           "collect_anytime", "answers", "choose_combination_threshold", "load_runs"]
+           "collect_anytime", "answers", "choose_combination_threshold", "load_runs",
+           "curve_of"]
 
 #: The two ledgers a policy's energy is booked under: name -> key of the energy figure.
 LEDGERS = {"conventional": "energy_mj", "full": "full_energy_mj"}
@@ -65,6 +66,17 @@ class AnytimeRun:
 
     def energy(self, ledger: str) -> np.ndarray:
         return np.asarray(getattr(self, LEDGERS[ledger]), dtype=np.float64)
+
+
+def curve_of(run: AnytimeRun) -> dict:
+    """The fewer-timesteps curve of ``run`` in the form of
+    :func:`stas_core.evaluate.timestep_baseline`: ``{"t", "top1", "energy_mj",
+    "full_energy_mj", "images"}``."""
+    return {"t": list(range(1, run.timesteps + 1)),
+            "top1": [float(v) for v in run.correct.mean(axis=1)],
+            "energy_mj": [float(v) for v in run.energy_mj],
+            "full_energy_mj": [float(v) for v in run.full_energy_mj],
+            "images": int(run.labels.size)}
 
 
 @dataclass

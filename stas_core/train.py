@@ -33,8 +33,7 @@ from .batchnorm import batches_for, frozen_batchnorms, recalibrate_batchnorm
 from .checkpoint import atomic_write_text, load_checkpoint, read_header, save_checkpoint
 from .data import SPLITS, build_datasets, build_loaders, get_dataset_info
 from .errors import CheckpointError, ConfigError, check_positive_int
-from .evaluate import (baseline_section, energy_report, evaluate,
-                       save_depth_heatmap, timestep_baseline)
+from .evaluate import baseline_section, energy_report, evaluate, save_depth_heatmap
 from .models import create_model
 from .models.base import SpikingTransformer
 from .timing import Stopwatch
@@ -491,7 +490,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, d
     choice is made on it; epochs were validated on the held-out training images)."""
     from torch.utils.data import DataLoader
 
-    from .baselines import collect_anytime, halting_baselines
+    from .baselines import collect_anytime, curve_of, halting_baselines
     from .provenance import provenance, save_predictions
 
     test_loader = DataLoader(test_ds, batch_size=cfg.batch_size, shuffle=False)
@@ -505,32 +504,29 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, d
     baseline = {}
     checkpoints = [ckpt_path]
     anytime = dict(energy_images=cfg.energy_images, costs=cfg.costs())
-    if halting_cfg is not None:  # what running fewer timesteps gives without halting
-        curves = {"without_halting": timestep_baseline(
-            model, test_loader, device, energy_images=cfg.energy_images, costs=cfg.costs())}
-        reference = model  # the unhalted model the halted one must beat
-        if cfg.init_from:
-            stage1, _ = load_trained_model(cfg.init_from, device)
-            curves["stage1"] = timestep_baseline(stage1, test_loader, device,
-                                                 energy_images=cfg.energy_images,
-                                                 costs=cfg.costs())
-            reference = stage1
-            checkpoints.append(cfg.init_from)
-        unhalted = collect_anytime(reference, test_loader, device, **anytime)
+    per_step = energy["energy"]["per_t"]  # this model's energy after every t, counted above
+    counted = ([p["conventional_mj"] for p in per_step], [p["full_mj"] for p in per_step])
+    if halting_cfg is not None:  # what running fewer timesteps, or early exit, gives
         halted = collect_anytime(model, test_loader, device, halting=halting_cfg,
-                                 execution=cfg.execution, **anytime)
+                                 execution=cfg.execution, energy=counted)
+        without = collect_anytime(model, test_loader, device, **anytime)
+        runs = {"unhalted": without, "halted": halted}
+        curves = {"without_halting": curve_of(without)}
+        if cfg.init_from:  # stage 2: the stage-1 model is the one to beat
+            stage1, _ = load_trained_model(cfg.init_from, device)
+            runs["unhalted"] = collect_anytime(stage1, test_loader, device, **anytime)
+            runs["without_halting"] = without
+            curves["stage1"] = curve_of(runs["unhalted"])
+            checkpoints.append(cfg.init_from)
         protocol = {"reference": "stage1" if cfg.init_from else "without_halting",
-                    **halting_baselines(unhalted, halted)}
+                    **halting_baselines(runs["unhalted"], halted)}
         baseline = {"baseline": baseline_section(
             curves, ev["top1"], energy["energy_mj"], energy["energy"]["full_mj"],
             Path(cfg.out) / "halting_vs_baseline.png", protocol=protocol,
             title=f"{cfg.model}: STAS against its baselines"),
             "baselines": protocol}
-        runs = {"unhalted": unhalted, "halted": halted}
     else:  # top-1 and energy after every t, from one stepwise pass
-        per_step = energy["energy"]["per_t"]
-        run = collect_anytime(model, test_loader, device, energy=(
-            [p["conventional_mj"] for p in per_step], [p["full_mj"] for p in per_step]))
+        run = collect_anytime(model, test_loader, device, energy=counted)
         runs = {"model": run}
     per_t = {} if halting_cfg else {str(t + 1): float(c.mean())
                                     for t, c in enumerate(run.correct)}
