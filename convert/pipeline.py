@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, HaltingConfigError
 from halting.protocol import run_stepwise
-from stas_core.baselines import AnytimeRun, answers, collect_anytime, halting_baselines
+from stas_core.baselines import (AnytimeRun, answers, collect_anytime, curve_of,
+                                 halting_baselines)
 from stas_core.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, ann_macs
@@ -439,11 +440,7 @@ def convert(cfg: ConvertConfig) -> dict:
                              "halted_kv": cfg.halted_kv}
         halted.update(save_depth_heatmap(snn, val_loader, device, halting_cfg,
                                          out / "halting_depth.png", execution=cfg.execution))
-        ts = list(range(1, cfg.timesteps + 1))  # the same SNN without halting, after t
-        curve = {"t": ts, "top1": [ev["snn_top1"][str(t)] for t in ts],
-                 "energy_mj": [energy["energy_mj"][str(t)] for t in ts],
-                 "full_energy_mj": [p["full_mj"] for p in energy["energy"]["per_t"]],
-                 "images": ev["test_images"]}
+        curve = curve_of(runs["unhalted"])  # the same SNN without halting, after t
         runs["halted"] = collect_anytime(snn, val_loader, device, timesteps=cfg.timesteps,
                                          halting=halting_cfg, execution=cfg.execution,
                                          energy_images=cfg.energy_images, costs=costs)
