@@ -8,8 +8,8 @@ Direct path (stage 1 = I-SPS without halting, stage 2 = ``stas-train --halting``
 
 Converted path (a model written by ``stas-convert``; halting at inference only):
 
-    python bench/halting_bench.py converted --model MODEL.safetensors --alpha A --beta B \\
-        --eps E [-T 8] [--val-subset 2000]
+    python bench/halting_bench.py converted --model MODEL.safetensors [--alpha A --beta B \\
+        --eps E] [-T 8] [--val-subset 2000]     (default: the converted operating point)
 
 Prints one JSON object and writes ``<out>/<path>.json``, ``<out>/<path>_eps_pareto.png`` and
 ``<out>/<path>_depth.png``. Timings: every configuration runs the same in-memory batches
@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from halting import Halted, HaltingConfig, run_halting
+from convert.spiking_vit import SpikingViT
 from halting.protocol import run_stepwise
 from stas_core.provenance import provenance_of_args
 from stas_core.data import build_datasets
@@ -191,7 +192,8 @@ def bench_converted(args) -> dict:
     if args.compile:  # every execution compiled alike (warm-up rounds absorb the compiling)
         snn.compile()
     cfg = HaltingConfig(alpha=args.alpha, beta=args.beta, eps=args.eps if args.eps is not None
-                        else 0.01, accumulate=args.accumulate, score=args.score, output=args.output)
+                        else SpikingViT.halting_defaults.eps, accumulate=args.accumulate,
+                        score=args.score, output=args.output)
     batches = _batches(args.dataset, args.val_subset, args.batch_size)
     if args.speed_only:
         return _converted_speed(snn, cfg, steps, batches, args)
@@ -265,13 +267,14 @@ def main() -> int:
     c.add_argument("--model", required=True, help="model.safetensors written by stas-convert")
     c.add_argument("--dataset", default="fashion-mnist")
     c.add_argument("-T", "--timesteps", type=int, default=None)
-    c.add_argument("--alpha", type=float, default=1.0)
-    c.add_argument("--beta", type=float, default=-2.0)
+    start = SpikingViT.halting_defaults  # the measured converted operating point
+    c.add_argument("--alpha", type=float, default=start.alpha)
+    c.add_argument("--beta", type=float, default=start.beta)
     c.add_argument("--accumulate", default="both")
     c.add_argument("--output", default="last", choices=["last", "mean_field"])
     c.add_argument("--compile", action="store_true",
                    help="SpikingViT.compile() first: the compiled unhalted and halted runs")
-    c.add_argument("--score", default="mean", choices=["mean", "current", "convergence"],
+    c.add_argument("--score", default=start.score, choices=["mean", "current", "convergence"],
                    help="halting score signal (convergence: per-token depth, see README)")
     c.add_argument("--halted-kv", default="frozen", choices=["frozen", "drop"])
     c.add_argument("--speed-only", action="store_true",

@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("token halting at inference")
     h.add_argument("--halting", action="store_true",
                    help="also evaluate with 2-D token halting (token_ratio, halted_top1 per t)")
-    add_halting_knobs(h)
+    from .spiking_vit import SpikingViT
+
+    add_halting_knobs(h, SpikingViT.halting_defaults)
     h.add_argument("--halting-score", choices=["mean", "current", "convergence"], default=None,
                    help="score from the running mean of channel 0 (mean), the current step's "
                         "channel 0 (current), or how settled the token's running mean is "
                         "(convergence: -log of its relative change between timesteps); "
-                        "default: the model's, mean")
+                        "default: the model's, convergence")
     h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
                    help="read out the last block every timestep (default: the model's; a "
                         "converted ViT's stateful readout supports only this)")

@@ -20,6 +20,7 @@ import torch
 from stas_core.cli.common import HelpFormatter, add_output_args, run
 from stas_core.cli.config import add_config_arg
 from stas_core.errors import ConfigError, DataError, check_positive_int
+from halting import HaltingDefaults
 from stas_core.train import halting_config_of
 
 logger = logging.getLogger("convert.export")
@@ -42,13 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="halting inside the graph (default: on for a model trained with it)")
     h.add_argument("--no-halting", dest="halting", action="store_false",
                    help="no halting, also for a model trained with it")
-    h.add_argument("--alpha", type=float, default=None, help="default: trained value or 1.0")
-    h.add_argument("--beta", type=float, default=None, help="default: trained value or -2.0")
-    h.add_argument("--eps", type=float, default=None, help="default: trained value or 0.01")
+    h.add_argument("--alpha", type=float, default=None,
+                   help="default: the trained value, else the model kind's (converted 0.5, "
+                        "direct 1.0)")
+    h.add_argument("--beta", type=float, default=None,
+                   help="default: the trained value, else the model kind's (converted -4, "
+                        "direct -2)")
+    h.add_argument("--eps", type=float, default=None,
+                   help="default: the trained value, else the model kind's (0.01)")
     h.add_argument("--accumulate", choices=["both", "block", "time"], default=None,
                    help="default: trained value or both")
     h.add_argument("--halting-score", choices=["current", "mean", "convergence"], default=None,
-                   help="default: the trained value, else the model's ('mean' for converted "
+                   help="default: the trained value, else the model's ('convergence' for converted "
                         "models, 'current' for direct ones)")
     h.add_argument("--halting-output", choices=["last", "mean_field"], default=None,
                    help="default: the trained value, else the model's ('last' for converted "
@@ -106,11 +112,13 @@ def _halting(loaded, args):
     on = args.halting if args.halting is not None else trained is not None
     if not on:
         return None
+    # not given: what the model was trained with, else its kind's operating point
+    start = trained or getattr(loaded.model, "halting_defaults", None) or HaltingDefaults()
     knobs = argparse.Namespace(
         halting=True, execution="mask",
-        alpha=args.alpha if args.alpha is not None else (trained.alpha if trained else 1.0),
-        beta=args.beta if args.beta is not None else (trained.beta if trained else -2.0),
-        eps=args.eps if args.eps is not None else (trained.eps if trained else 0.01),
+        alpha=args.alpha if args.alpha is not None else start.alpha,
+        beta=args.beta if args.beta is not None else start.beta,
+        eps=args.eps if args.eps is not None else start.eps,
         accumulate=args.accumulate or (trained.accumulate if trained else "both"))
     # None: what the model was trained with, else the model's own default (export_onnx)
     score = args.halting_score or (trained.score if trained else None)

@@ -9,9 +9,10 @@ attend to (the SNN's frozen K/V), and the class token never stops. The loss is t
 loss plus ``delta_p`` times the ponder loss ``mean(N + R)`` over patch tokens (depth plus
 remainder), whose gradient reaches channel 0 through the remainders. The weights change
 everywhere, so the fine-tune also keeps the accuracy up while it teaches channel 0 when a
-token is done. After conversion, ``HaltingConfig(score='mean')`` (the converted default)
-reads the running mean of that channel; ``stas-tune`` then sets alpha/beta/eps for the
-block-and-timestep window of the SNN.
+token is done. After conversion, ``HaltingConfig(score='mean')`` reads the running mean
+of that channel (the converted default, ``'convergence'``, ignores it: pass
+``--halting-score mean``, and the fine-tune's alpha 1 / beta -2 as a start); ``stas-tune
+--halting-score mean`` then sets alpha/beta/eps for the block-and-timestep window of the SNN.
 """
 from __future__ import annotations
 

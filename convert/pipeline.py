@@ -78,11 +78,11 @@ class ConvertConfig:
     seed: int = 0
     compile: bool = False
     halting: bool = False
-    alpha: float = 1.0
-    beta: float = -2.0
-    eps: float = 0.01
+    alpha: float = SpikingViT.halting_defaults.alpha  # the converted operating point
+    beta: float = SpikingViT.halting_defaults.beta
+    eps: float = SpikingViT.halting_defaults.eps
     accumulate: str = "both"
-    halting_score: Optional[str] = None   # None: the model's default (running mean)
+    halting_score: Optional[str] = None   # None: the model's default (convergence)
     halting_output: Optional[str] = None  # None: the model's default ('last': the head
     #                                       reads the last block, as the ANN's did)
     halted_kv: str = "frozen"        # halted tokens' K/V: kept (running mean) or dropped

@@ -24,13 +24,18 @@ class HaltingDefaults:
     open (None); ``outputs`` lists the readouts the model can honour, and a config asking
     for another is refused. A converted ViT's readout is stateful (compensated LayerNorm,
     head neurons) and must be called once per timestep, so it allows ``'last'`` only and
-    scores the running mean of its fluctuating per-step values.
+    scores how settled the running mean of its fluctuating per-step values is.
     """
 
     output: str = "mean_field"
     score: str = "current"
     outputs: tuple[str, ...] = ("mean_field", "last")
     why: str = ""  # one line: why the model restricts its readouts (used in the error)
+    #: The knobs a run on this model kind starts from when the user gives none: the best
+    #: operating point measured for it (the CLIs, stas-tune's first trial, the benches).
+    alpha: float = 1.0
+    beta: float = -2.0
+    eps: float = 0.01
 
 
 @runtime_checkable

@@ -198,14 +198,14 @@ def energy_report(model: nn.Module, loader: Iterable, device: torch.device, *,
     conv_t = {e["t"]: e["energy_mj"] for e in snn["per_timestep"]}
     per_t, conv_cum, full_cum = [], 0.0, 0.0
     terms_cum = dict.fromkeys(TERMS, 0.0)
-    for entry in full["per_timestep"]:
-        if entry["t"] is None:
-            continue
-        conv_cum += conv_t.get(entry["t"], 0.0)
+    full_t = {e["t"]: e for e in full["per_timestep"] if e["t"] is not None}
+    for step in range(steps):  # a step where every token had halted costs nothing
+        entry = full_t.get(step, {"full_mj": 0.0, "terms_mj": dict.fromkeys(TERMS, 0.0)})
+        conv_cum += conv_t.get(step, 0.0)
         full_cum += entry["full_mj"]
         for k in TERMS:
             terms_cum[k] += entry["terms_mj"][k]
-        t = entry["t"] + 1
+        t = step + 1
         q = qann[equal_information_bits(t, levels)]
         per_t.append({"t": t, "conventional_mj": conv_cum, "full_mj": full_cum,
                       "terms_mj": dict(terms_cum), "qann_bits": equal_information_bits(t, levels),

@@ -529,12 +529,13 @@ def save_event_samples_png(dataset: EventFrames, path: PathLike, *, samples: int
     from .checkpoint import atomic_write
 
     n = min(samples, len(dataset))
-    fig = Figure(figsize=(1.6 * dataset.frames + 0.8, 1.6 * n))
-    axes = fig.subplots(n, dataset.frames, squeeze=False)
+    frames = int(dataset[0][0].shape[0])  # [T, 2, H, W]; a split is a Subset of the set
+    fig = Figure(figsize=(1.6 * frames + 0.8, 1.6 * n))
+    axes = fig.subplots(n, frames, squeeze=False)
     for i in range(n):
         x, y = dataset[i]
         top = float(x.max()) or 1.0
-        for t in range(dataset.frames):
+        for t in range(frames):
             rgb = np.zeros((*x.shape[-2:], 3))
             rgb[..., 0] = x[t, 1].numpy() / top  # ON
             rgb[..., 2] = x[t, 0].numpy() / top  # OFF

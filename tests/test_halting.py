@@ -141,9 +141,9 @@ def test_a_model_declares_its_halting_defaults():
         ann = snn.ann_forward(x)
         default = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0))
         explicit = run_halting(snn, x, HaltingConfig(beta=-1e4, eps=0.0, output="last",
-                                                     score="mean"))
+                                                     score="convergence"))
         plain = run_stepwise(snn, x)
-    assert default.config.output == "last" and default.config.score == "mean"
+    assert default.config.output == "last" and default.config.score == "convergence"
     assert torch.equal(default.logits, explicit.logits)
     assert torch.allclose(default.logits, plain, atol=1e-5)  # nothing halts: the plain SNN
     assert float((default.logits - ann).abs().max()) < 0.1
@@ -317,3 +317,24 @@ def test_convergence_score_halts_settled_tokens_first():
     res = run_halting(Model(), x, HaltingConfig(alpha=1.0, beta=-4.0, eps=0.01,
                                                 score="convergence", output="mean_field"))
     assert res.depth[0, 0] < res.depth[0, 1], res.depth
+
+
+def test_energy_per_t_covers_every_step_when_all_tokens_halt_early():
+    """A step after every token halted costs nothing, but it is still a step: the
+    cumulative energy per t has T entries, about flat after the first (a tuning
+    trial whose knobs halt everything by t = 1 once crashed the anytime readout)."""
+    from stas_core.baselines import collect_anytime
+    from stas_core.evaluate import energy_report
+
+    model, x = _tiny_model("spikformer-1-32", timesteps=4)
+    y = torch.zeros(len(x), dtype=torch.long)
+    cfg = HaltingConfig(alpha=1.0, beta=1e4, eps=0.0)  # every token halts in the first step
+    loader = [(x, y)]
+    e = energy_report(model, loader, torch.device("cpu"), max_images=4, halting=cfg)["energy"]
+    assert [p["t"] for p in e["per_t"]] == [1, 2, 3, 4]
+    assert e["per_t"][0]["conventional_mj"] > 0
+    assert e["per_t"][-1]["conventional_mj"] < 1.01 * e["per_t"][0]["conventional_mj"]
+    assert e["per_t"][-1]["full_mj"] == pytest.approx(e["full_mj"])
+    counted = ([p["conventional_mj"] for p in e["per_t"]], [p["full_mj"] for p in e["per_t"]])
+    run = collect_anytime(model, loader, torch.device("cpu"), halting=cfg, energy=counted)
+    assert run.pred.shape == (4, len(x))

@@ -366,7 +366,7 @@ def test_sqlite_study_resumes_after_a_kill(tmp_path, converted_model):
     apply_config_file(p, argv)
     args = p.parse_args(argv)
     assert (args.halting, args.timesteps, args.halting_score, args.alpha, args.beta, args.eps) \
-        == (True, 2, "mean", best["alpha"], best["beta"], best["eps"])
+        == (True, 2, "convergence", best["alpha"], best["beta"], best["eps"])
 
 
 # ------------------------------------------------------------------ PostgreSQL: two workers
@@ -492,3 +492,33 @@ def test_energy_model_full_minimises_the_full_ledger(tmp_path):
         run_study(cfg, evaluate=fake)
     with pytest.raises(ConfigError, match="energy_model must be one of conventional, full"):
         TuneConfig(path="converted", checkpoint=str(ckpt), energy_model="joules").validate()
+
+
+def test_a_fresh_converted_study_starts_from_the_measured_operating_point(tmp_path):
+    """Trial 0 of a converted study is SpikingViT.halting_defaults' alpha/beta/eps (the
+    best measured point) where the space holds it; a joined study does not re-queue it,
+    and a study on another score (the point was measured with 'convergence') skips it."""
+    from convert.spiking_vit import SpikingViT
+
+    d = SpikingViT.halting_defaults
+    ckpt = _fake_checkpoint(tmp_path / "m.safetensors", "stas-converted/1")
+    seen = []
+
+    def fake(params, number, on_epoch):
+        seen.append(dict(params))
+        return {"top1": 0.5, "energy_mj": 1.0 + params["eps"], "token_ratio": 1.0}
+
+    cfg = TuneConfig(path="converted", checkpoint=str(ckpt), out=str(tmp_path / "t"), n_trials=2)
+    run_study(cfg, evaluate=fake)
+    assert seen[0] == {"alpha": d.alpha, "beta": d.beta, "eps": d.eps} != seen[1]
+    cfg.n_trials = 3  # joining the stored study: no second copy of the start point
+    run_study(cfg, evaluate=fake)
+    assert seen[2] != seen[0] and len(seen) == 3
+    seen.clear()
+    run_study(TuneConfig(path="converted", checkpoint=str(ckpt), out=str(tmp_path / "m"),
+                         n_trials=1, halting_score="mean"), evaluate=fake)
+    assert seen[0] != {"alpha": d.alpha, "beta": d.beta, "eps": d.eps}
+    seen.clear()
+    run_study(TuneConfig(path="converted", checkpoint=str(ckpt), out=str(tmp_path / "r"),
+                         n_trials=1, ranges=("beta=-2:-1",)), evaluate=fake)
+    assert -2 <= seen[0]["beta"] <= -1  # the point lies outside: not queued

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KNOB=LOW:HIGH[:log]",
                    help="override a range, e.g. --range alpha=-2:2 --range delta_p=1e-5:1e-3:log "
                         "(defaults: alpha=-4:4 beta=-6:2 eps=0:0.3 delta_p=1e-5:1e-2:log; "
-                        "converted: alpha=-0.5:0.5 beta=-6:-1)")
+                        "converted: alpha=0:2 beta=-8:-1; its first trial is the measured operating "
+                        "point alpha 0.5 beta -4 eps 0.01)")
     s.add_argument("--space", dest="space_file", default=None, metavar="FILE",
                    help='JSON ranges, e.g. {"alpha": [-2, 2], "delta_p": [1e-5, 1e-2, "log"]} '
                         "(--range wins)")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Pareto point above it (default: within 0.01 of the best top-1)")
     s.add_argument("--halting-score", choices=["mean", "current", "convergence"], default=None,
                    help="converted path: the halting score the knobs act on (default: the "
-                        "model's, mean; convergence: how settled each token's running mean is)")
+                        "model's, convergence: how settled each token's running mean is)")
     s.add_argument("--sampler", choices=["tpe", "nsgaii", "random"], default="tpe",
                    help="Optuna sampler (seeded with --seed)")
     w = p.add_argument_group("workers")

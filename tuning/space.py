@@ -62,13 +62,30 @@ DEFAULTS: dict[str, Knob] = {
     "delta_p": Knob("delta_p", 1e-5, 1e-2, log=True),
 }
 KNOBS = tuple(DEFAULTS)
-#: Narrower defaults per path. A converted ViT never learned a halting signal: its score
-#: reads channel 0 of the residual stream (std 2.6-5.3 on the Fashion-MNIST ViT), so a
-#: slope beyond +-0.5 turns the score into noise, and a 30-trial study over alpha in
-#: [-4, 4] spent most trials there; the useful range of beta is the negative one.
+#: Narrower defaults per path. A converted ViT never learned a halting signal; its default
+#: score is how settled a token's running mean is (-log of its relative change, about 0-8),
+#: which only makes sense rising (alpha > 0), and only a negative beta keeps tokens from
+#: halting at t = 1. The range holds the measured operating point (alpha 0.5, beta -4) and
+#: the screened grid around it. For ``--halting-score mean`` give ranges: channel 0 of the
+#: residual stream has std 2.6-5.3 on the Fashion-MNIST ViT, so ``alpha=-0.5:0.5`` there.
 PATH_DEFAULTS: dict[str, dict[str, Knob]] = {
-    "converted": {"alpha": Knob("alpha", -0.5, 0.5), "beta": Knob("beta", -6.0, -1.0)},
+    "converted": {"alpha": Knob("alpha", 0.0, 2.0), "beta": Knob("beta", -8.0, -1.0)},
 }
+
+
+def start_point(path: str, space: "SearchSpace", halting_score: Optional[str] = None
+                ) -> Optional[dict[str, float]]:
+    """The first trial of a fresh study: the model kind's measured operating point
+    (:attr:`convert.spiking_vit.SpikingViT.halting_defaults` on the converted path) where
+    the space holds it and the score is the one it was measured with; else None."""
+    if path != "converted" or halting_score not in (None, "convergence"):
+        return None
+    from convert.spiking_vit import SpikingViT
+
+    d = SpikingViT.halting_defaults
+    point = {name: getattr(d, name) for name in space.names}
+    inside = all(k.low <= point[k.name] <= k.high for k in space.knobs)
+    return point if inside else None
 
 
 def knobs_for(path: str) -> tuple[str, ...]:

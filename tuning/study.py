@@ -31,7 +31,7 @@ from . import export
 from .export import OBJ
 from .errors import ConfigError, TuningError, require_optuna
 from .objectives import ConvertedTrial, DirectTrial, check_kind, checkpoint_path_kind
-from .space import PATHS, SearchSpace, build_space
+from .space import PATHS, SearchSpace, build_space, start_point
 from .storage import (ReservationLock, default_storage_url, mask_url, open_storage,
                       stale_trial_callback)
 
@@ -68,7 +68,7 @@ class TuneConfig:
     energy_images: int = 256
     energy_costs: Optional[str] = None   # JSON file of EnergyCosts fields (None: 45 nm)
     energy_model: str = "conventional"   # the energy a study minimises: or 'full' (ledger)
-    halting_score: Optional[str] = None  # converted path: None (the model's, 'mean'),
+    halting_score: Optional[str] = None  # converted path: None (the model's, 'convergence'),
     #                                      'current' or 'convergence' 
     device: str = "auto"
     objective: str = "pareto"            # 'pareto': max top1, min energy; 'energy': see PENALTY
@@ -355,6 +355,9 @@ def run_study(cfg: TuneConfig, *, evaluate: Optional[Callable] = None) -> dict:
                 # a fresh sampler, seeded by the study's size: reproducible for one worker,
                 # and distinct draws for workers sharing the study
                 study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials), cfg.n_trials)
+                first = None if trials else start_point(cfg.path, space, cfg.halting_score)
+                if first is not None:  # a fresh study starts from the measured point
+                    study.enqueue_trial(first)
                 study.optimize(objective, n_trials=1, callbacks=[after_trial])
                 ran += 1
                 waiting_logged = False

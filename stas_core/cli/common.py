@@ -75,16 +75,17 @@ def add_energy_args(p, *, objective: bool = False) -> None:
                             "the full ledger (memory, neuron updates, nonlinear ops)")
 
 
-def add_halting_knobs(group) -> None:
+def add_halting_knobs(group, defaults=None) -> None:
     """``--alpha``, ``--beta``, ``--eps``, ``--accumulate`` and ``--execution`` with the
-    library's defaults (:class:`halting.HaltingConfig`, :data:`halting.DEFAULT_EXECUTION`)."""
+    library's defaults: the model kind's :class:`halting.HaltingDefaults` when given (a
+    converted ViT's), else :class:`halting.HaltingConfig`'s; :data:`halting.DEFAULT_EXECUTION`."""
     from halting import DEFAULT_EXECUTION, HaltingConfig
 
-    d = HaltingConfig()
+    d = defaults if defaults is not None else HaltingConfig()
     group.add_argument("--alpha", type=float, default=d.alpha, help="halting score slope")
     group.add_argument("--beta", type=float, default=d.beta, help="halting score offset")
     group.add_argument("--eps", type=float, default=d.eps, help="halt once H >= 1 - eps")
-    group.add_argument("--accumulate", choices=["both", "block", "time"], default=d.accumulate,
+    group.add_argument("--accumulate", choices=["both", "block", "time"], default=HaltingConfig().accumulate,
                        help="halting scores accumulate over blocks and timesteps (STAS T+B), "
                             "per timestep (A-ViT), or once per timestep")
     group.add_argument("--execution", choices=["gather", "mask"], default=DEFAULT_EXECUTION,
