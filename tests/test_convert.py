@@ -126,15 +126,20 @@ def test_random_vit_tiny_converges_to_the_ann():
     assert err[31] < err[0] / 4, err
 
 
+def _shared_vit():
+    """The shared 6-block Fashion-MNIST ViT, built from its spec."""
+    spec = json.loads(WORKLOAD.with_suffix(".json").read_text())
+    kw = dict(spec["create_model_kwargs"])
+    return create_vit(spec["timm_model"], img_size=kw.pop("img_size"),
+                      in_chans=kw.pop("in_chans"), num_classes=kw.pop("num_classes"),
+                      checkpoint=str(WORKLOAD), model_kwargs=kw)
+
+
 @pytest.mark.skipif(not WORKLOAD.exists(), reason=f"shared workload not found at {WORKLOAD}")
 def test_trained_fashion_mnist_vit_agrees_with_ann_by_t32():
     from stas_core.data import build_datasets
 
-    spec = json.loads(WORKLOAD.with_suffix(".json").read_text())
-    kw = dict(spec["create_model_kwargs"])
-    vit = create_vit(spec["timm_model"], img_size=kw.pop("img_size"),
-                     in_chans=kw.pop("in_chans"), num_classes=kw.pop("num_classes"),
-                     checkpoint=str(WORKLOAD), model_kwargs=kw)
+    vit = _shared_vit()
     try:
         train, val, _ = build_datasets("fashion-mnist", train_subset=128, val_subset=128,
                                        augment=False)
@@ -427,11 +432,7 @@ def test_converted_default_halting_on_the_shared_vit_beats_the_old_running_mean_
     from halting import HaltingConfig
     from stas_core.data import build_datasets
 
-    spec = json.loads(WORKLOAD.with_suffix(".json").read_text())
-    kw = dict(spec["create_model_kwargs"])
-    vit = create_vit(spec["timm_model"], img_size=kw.pop("img_size"),
-                     in_chans=kw.pop("in_chans"), num_classes=kw.pop("num_classes"),
-                     checkpoint=str(WORKLOAD), model_kwargs=kw)
+    vit = _shared_vit()
     try:
         train, test, _ = build_datasets("fashion-mnist", train_subset=256, val_subset=1000,
                                         augment=False)
