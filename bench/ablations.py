@@ -20,6 +20,12 @@ comparison: a timm ViT of about the same parameter count, trained here on the sa
 for as many epochs as stage 1 + stage 2, converted, and set against ``integrated/backbone``
 through ``stas-compare`` (accuracy and energy against timesteps).
 
+Splits: every run trains without the validation split; ``stas-tune`` picks the knobs on it;
+everything is reported on the same ``--val-subset`` test images for every seed and variant
+(a top-1 difference carries a paired 95% interval over those images per seed, then a
+Student-t interval over the seeds; each halting run is set against its stage-1 model's
+fewer-timesteps hull and per-image early exit).
+
 Resumable: every run keeps its ``summary.json``; a rerun skips finished runs and resumes an
 interrupted one from its ``last.safetensors``. Writes ``ablations.json``, ``ablations.md``
 and ``ablations.png`` to ``--out`` and prints the JSON. Run by hand, never in CI.
@@ -38,11 +44,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from halting import HaltingConfig
 from stas_core.provenance import provenance_of_args
+from stas_core.stats import paired_bootstrap, seed_interval
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets
 from stas_core.evaluate import evaluate_halting
@@ -231,7 +239,48 @@ def _ms(values: list[float]) -> dict:
 
 def _paired(a: list[float], b: list[float]) -> dict:
     d = [x - y for x, y in zip(a, b)]
-    return {**_ms(d), "all_positive": all(x > 0 for x in d), "all_negative": all(x < 0 for x in d)}
+    return {**_ms(d), "all_positive": all(x > 0 for x in d), "all_negative": all(x < 0 for x in d),
+            "over_seeds": seed_interval(d)}
+
+
+def _final_correct(record: dict) -> np.ndarray:
+    """Each test image's correctness at the run's last timestep (halted if it halts), from
+    the ``predictions.npz`` beside its checkpoint."""
+    data = np.load(Path(record["checkpoint"]).parent / "predictions.npz")
+    name = "halted" if "halted.pred" in data.files else "model"
+    return data[f"{name}.pred"][-1] == data["labels"]
+
+
+def paired_top1(results: dict, a: str, b: str) -> Optional[dict]:
+    """Top-1 of ``a`` minus ``b``: per seed a paired bootstrap 95% interval over the same
+    test images, then a Student-t interval over the seeds' differences."""
+    ra, rb = results["runs"].get(a, {}), results["runs"].get(b, {})
+    seeds = sorted(set(ra) & set(rb), key=int)
+    if not seeds:
+        return None
+    per_seed = {}
+    for s in seeds:
+        ca, cb = _final_correct(ra[s]), _final_correct(rb[s])
+        if ca.shape != cb.shape:
+            raise RuntimeError(f"{a} and {b} (seed {s}) were not measured on the same images")
+        per_seed[s] = {k: v for k, v in paired_bootstrap(ca.astype(float), cb.astype(float)).items()
+                       if k in ("difference", "ci95", "items", "excludes_zero")}
+    return {"per_seed": per_seed,
+            "over_seeds": seed_interval([v["difference"] for v in per_seed.values()])}
+
+
+def versus_stage1(results: dict, name: str) -> dict:
+    """A halting variant against its stage-1 model's fewer-timesteps hull and per-image
+    early exit (each run's own paired intervals), with a Student-t interval over seeds."""
+    out = {}
+    for ledger in ("conventional", "full"):
+        for base in ("fewer_timesteps", "early_exit"):
+            rows = {s: r["vs"][ledger][base] for s, r in results["runs"][name].items()
+                    if r.get("vs")}
+            d = [v["difference"] for v in rows.values()]
+            out[f"{ledger}/vs_{base}"] = {"per_seed": rows, "over_seeds": None if None in d
+                                          else seed_interval(d)}
+    return out
 
 
 def aggregate(results: dict) -> dict:
@@ -272,7 +321,20 @@ def aggregate(results: dict) -> dict:
         pair("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand", key)
         pair("both - block", "integrated/both", "integrated/block", key)
         pair("both - time", "integrated/both", "integrated/time", key)
-    return {"variants": variants, "paired": pairs}
+    images = {}  # the same test images for every run: paired over images, then seeds
+    for label, a, b in (("STAS - backbone (I-SPS)", "integrated/both", "integrated/backbone"),
+                        ("I-SPS - vanilla (tuned, halting)", "integrated/both", "vanilla/both"),
+                        ("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand"),
+                        ("I-SPS - vanilla (backbones)", "integrated/backbone", "vanilla/backbone"),
+                        ("I-SPS - vanilla (stage 1)", "integrated/stage1", "vanilla/stage1"),
+                        ("both - block", "integrated/both", "integrated/block"),
+                        ("both - time", "integrated/both", "integrated/time")):
+        if a in results["runs"] and b in results["runs"]:
+            images[label] = paired_top1(results, a, b)
+    stage1 = {name: versus_stage1(results, name) for name, per_seed in results["runs"].items()
+              if any(r.get("vs") for r in per_seed.values())}
+    return {"variants": variants, "paired": pairs, "paired_top1": images,
+            "vs_stage1": stage1}
 
 
 def _fmt(ms: dict, scale: float = 1.0, digits: int = 2) -> str:
@@ -295,9 +357,39 @@ def markdown(results: dict) -> str:
         scale = 100 if name.endswith("top1") else 1
         lines.append(f"| {name} | {_fmt(p, scale, 3)} | "
                      + ", ".join(f"{v * scale:+.3f}" for v in p["values"]) + " |")
+    lines += interval_tables(agg)
     if results.get("knobs"):
         lines += ["", "Knobs: " + "; ".join(f"{k}: {v}" for k, v in results["knobs"].items())]
     return "\n".join(lines) + "\n"
+
+
+def interval_tables(agg: dict) -> list[str]:
+    """Markdown: top-1 differences paired over test images per seed and over seeds, and
+    each halting run against its stage-1 model's hull and early exit."""
+    lines: list[str] = []
+    lines += ["", "| top-1 difference (points) | per seed, 95% interval over test images | "
+              "over seeds (Student-t 95%) |", "|---|---|---|"]
+    for name, p in agg.get("paired_top1", {}).items():
+        seeds = "; ".join(f"{100 * v['difference']:+.2f} [{100 * v['ci95'][0]:+.2f}, "
+                          f"{100 * v['ci95'][1]:+.2f}]" for v in p["per_seed"].values())
+        lines.append(f"| {name} | {seeds} | {_interval(p['over_seeds'])} |")
+    lines += ["", "| halting run against its stage-1 model | vs fewer-timesteps hull | "
+              "vs early exit | full ledger: vs hull / vs early exit |", "|---|---|---|---|"]
+    for name, v in agg.get("vs_stage1", {}).items():
+        cells = [_interval(v[k]["over_seeds"]) for k in (
+            "conventional/vs_fewer_timesteps", "conventional/vs_early_exit")]
+        full = " / ".join(_interval(v[k]["over_seeds"]) for k in (
+            "full/vs_fewer_timesteps", "full/vs_early_exit"))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {full} |")
+    lines.append("\nTop-1 differences over seeds: the mean of the seeds' paired differences "
+                 "with a Student-t 95% interval; n/a for fewer than 2 seeds.")
+    return lines
+
+
+def _interval(v: Optional[dict]) -> str:
+    if not v:
+        return "n/a"
+    return f"{100 * v['difference']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}]"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -351,10 +443,13 @@ def _record(summary: dict) -> dict:
         if e.get("t") is not None:
             running += e["energy_mj"]
             cum[str(e["t"] + 1)] = running
+    vs = (summary.get("baselines") or {}).get("vs")  # against the stage-1 model (stage 2)
     return {"top1": summary["top1"], "energy_mj": summary["energy_mj"],
             "token_ratio": summary.get("token_ratio"), "top1_per_t": summary.get("top1_per_t"),
             "energy_cum_mj": cum, "test_images": summary.get("test_images"),
-            "checkpoint": summary["checkpoint"]}
+            "checkpoint": summary["checkpoint"],
+            "vs": None if vs is None else {ledger: {name: {k: v.get(k) for k in (
+                "difference", "ci95")} for name, v in per.items()} for ledger, per in vs.items()}}
 
 
 def main() -> int:
@@ -419,7 +514,11 @@ def main() -> int:
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "machine": platform.machine()})
     root = Path(args.out)
-    results["provenance"] = provenance_of_args(args)
+    results["provenance"] = provenance_of_args(
+        args, seeds=args.seeds, images={"test": build_datasets(
+            "fashion-mnist", val_subset=args.val_subset, augment=False)[1]},
+        chose="val", reported="test",
+        checkpoints=[r["checkpoint"] for per in results["runs"].values() for r in per.values()])
     atomic_write_text(root / "ablations.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(root / "ablations.md", markdown(results))
     plot(results, root / "ablations.png")

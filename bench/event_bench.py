@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ablations import HAND, STAGE1_LR, STAGE2_LR, Runs, _fmt, _ms, _paired  # bench/ sibling
+from ablations import (HAND, STAGE1_LR, STAGE2_LR, Runs, _fmt, _ms, _paired,  # bench/ sibling
+                       interval_tables, paired_top1, versus_stage1)
 from halting import Halted
 from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import atomic_write, atomic_write_text
@@ -102,7 +103,7 @@ def _stage2_record(s: dict) -> dict:
             "fewer_timesteps": {k: base[k] for k in ("t", "top1", "energy_mj", "full_energy_mj")},
             "vs_fewer_timesteps": base["vs_halted"],
             "vs_fewer_timesteps_full": base["vs_halted_full"],
-            "vs_paired": paired,  # stage-1 hull and early exit, 95% intervals over images
+            "vs": paired,  # the stage-1 hull and early exit, 95% intervals over images
             "train_s": sum(h["epoch_s"] for h in s["history"]), "checkpoint": _rel(s["checkpoint"])}
 
 
@@ -180,11 +181,23 @@ def aggregate(results: dict) -> dict:
             for key in keys:
                 pairs[f"{variant} - vanilla ({stage}): {key}"] = _paired(
                     [a[s][key] for s in seeds], [b[s][key] for s in seeds])
+    absolute = {"runs": {name: {s: {**r, "checkpoint": str(_abs(r["checkpoint"]))}
+                                for s, r in per_seed.items()}
+                         for name, per_seed in results["runs"].items()}}
+    images = {}  # the same test recordings for every run: paired over them, then seeds
+    for stage in ("stage1", "hand"):
+        for variant in VARIANTS:
+            a, b = f"{variant}/{stage}", f"vanilla/{stage}"
+            if variant != "vanilla" and a in results["runs"] and b in results["runs"]:
+                images[f"{variant} - vanilla ({stage})"] = paired_top1(absolute, a, b)
+    stage1 = {name: versus_stage1(results, name) for name, per_seed in results["runs"].items()
+              if any(r.get("vs") for r in per_seed.values())}
     probe = {}
     for variant, per_seed in (results.get("timing_probe") or {}).items():
         rows = list(per_seed.values())
         probe[variant] = {k: _ms([r[k] for r in rows]) for k in ("top1", "top1_reversed", "drop")}
-    return {"variants": variants, "paired": pairs, "timing_probe": probe}
+    return {"variants": variants, "paired": pairs, "paired_top1": images,
+            "vs_stage1": stage1, "timing_probe": probe}
 
 
 def markdown(results: dict) -> str:
@@ -208,19 +221,7 @@ def markdown(results: dict) -> str:
         scale = 100 if name.endswith("top1") else 1
         lines.append(f"| {name} | {_fmt(p, scale, 3 if scale == 1 else 2)} | "
                      + ", ".join(f"{v * scale:+.4g}" for v in p["values"]) + " |")
-    lines += ["", "Halting against the trivial baseline (the stage-2 model without halting, "
-              "stopped after fewer timesteps), per seed:", "",
-              "| variant | seed | top-1 gain at equal energy (points) | energy saving at equal "
-              "top-1 |", "|---|---|---|---|"]
-    for variant in VARIANTS:
-        for seed, r in sorted(results["runs"].get(f"{variant}/hand", {}).items()):
-            v = r["vs_fewer_timesteps"]
-            gain = v["top1_gain_at_equal_energy"]
-            save = v["energy_saving_at_equal_top1"]
-            lines.append(f"| {variant} | {seed} | "
-                         + ("n/a" if gain is None else f"{100 * gain:+.2f}") + " | "
-                         + ("n/a (no t reaches it)" if save is None else f"{100 * save:.1f} %")
-                         + " |")
+    lines += interval_tables(agg)
     if agg.get("timing_probe"):
         lines += ["", "Does the model use the order of the frames? Stage-1 top-1 on the test "
                   "frames as recorded and with their order reversed (polarities kept), "
