@@ -59,6 +59,7 @@ from stas_core.train import TrainConfig, load_trained_model, progress_bar, train
 logger = logging.getLogger("bench.ablations")
 
 HAND = dict(alpha=1.0, beta=-1.0, eps=0.05, delta_p=1e-2)
+VARIANTS = ("backbone", "both", "hand", "block", "time")
 EPS_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 STAGE1_LR, STAGE2_LR = 3e-3, 5e-4
 
@@ -323,6 +324,8 @@ def aggregate(results: dict) -> dict:
         pair("both - time", "integrated/both", "integrated/time", key)
     images = {}  # the same test images for every run: paired over images, then seeds
     for label, a, b in (("STAS - backbone (I-SPS)", "integrated/both", "integrated/backbone"),
+                        ("STAS hand-set - backbone (I-SPS)", "integrated/hand",
+                         "integrated/backbone"),
                         ("I-SPS - vanilla (tuned, halting)", "integrated/both", "vanilla/both"),
                         ("I-SPS - vanilla (hand-set, halting)", "integrated/hand", "vanilla/hand"),
                         ("I-SPS - vanilla (backbones)", "integrated/backbone", "vanilla/backbone"),
@@ -465,25 +468,29 @@ def main() -> int:
     p.add_argument("--tune-train-subset", type=int, default=2000)
     p.add_argument("--tune-val-subset", type=int, default=1000)
     p.add_argument("--energy-images", type=int, default=256)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="stage-2 variants to train (both, block and time need the tuned knobs)")
     p.add_argument("--skip", nargs="*", default=[], choices=["converted", "similarity", "sweep", "full"])
     p.add_argument("--out", default="runs/ablations")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     runs = Runs(args)
-    knobs = {sps: tuned_knobs(runs, sps) for sps in ("integrated", "vanilla")}
-    plan = []
-    for seed in args.seeds:
-        plan += [("integrated/backbone", "integrated", seed, dict(halting=False)),
-                 ("vanilla/backbone", "vanilla", seed, dict(halting=False)),
-                 ("integrated/both", "integrated", seed, dict(halting=True, **knobs["integrated"])),
-                 ("vanilla/both", "vanilla", seed, dict(halting=True, **knobs["vanilla"])),
-                 ("integrated/hand", "integrated", seed, dict(halting=True, **HAND)),
-                 ("vanilla/hand", "vanilla", seed, dict(halting=True, **HAND)),
-                 ("integrated/block", "integrated", seed,
+    tuned = {"both", "block", "time"} & set(args.variants)
+    knobs = {sps: tuned_knobs(runs, sps) for sps in ("integrated", "vanilla")} if tuned else {}
+    rows = [("integrated/backbone", "integrated", dict(halting=False)),
+            ("vanilla/backbone", "vanilla", dict(halting=False)),
+            ("integrated/hand", "integrated", dict(halting=True, **HAND)),
+            ("vanilla/hand", "vanilla", dict(halting=True, **HAND))]
+    if knobs:  # the knobs stas-tune chose on the validation split, per patch splitting
+        rows += [("integrated/both", "integrated", dict(halting=True, **knobs["integrated"])),
+                 ("vanilla/both", "vanilla", dict(halting=True, **knobs["vanilla"])),
+                 ("integrated/block", "integrated",
                   dict(halting=True, accumulate="block", **knobs["integrated"])),
-                 ("integrated/time", "integrated", seed,
+                 ("integrated/time", "integrated",
                   dict(halting=True, accumulate="time", **knobs["integrated"]))]
+    plan = [(name, sps, seed, kw) for seed in args.seeds for name, sps, kw in rows
+            if name.split("/", 1)[1] in args.variants]
     results = {"bench": "ablations", "settings": {**vars(args), "stage1_lr": STAGE1_LR,
                                                   "stage2_lr": STAGE2_LR, "hand_knobs": HAND},
                "knobs": {**knobs, "hand": HAND}, "runs": {}}
@@ -497,7 +504,7 @@ def main() -> int:
                 _record(runs.stage1(s1_sps, seed))
         if bar is not None:
             bar.update(1)
-    if "sweep" not in args.skip:
+    if "sweep" not in args.skip and "both" in args.variants:
         batches = _val_batches(args)
         results["eps_sweep"] = {str(seed): eps_sweep(runs.stage2(
             "both", "integrated", seed, halting=True, **knobs["integrated"]), batches,
