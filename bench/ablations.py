@@ -33,7 +33,6 @@ and ``ablations.png`` to ``--out`` and prints the JSON. Run by hand, never in CI
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -168,9 +167,9 @@ def converted_vs_direct(runs: Runs) -> dict:
     table = compare(pair)
     plot_compare(pair, runs.root / "converted_vs_direct.png")
     atomic_write_text(runs.root / "converted_vs_direct.md", to_markdown(table))
-    return {"converted": {k: report.get(k) for k in ("ann_top1", "snn_top1", "energy_mj",
-                                                     "ann_energy_mj", "test_images")},
-            "direct": {k: direct.get(k) for k in ("top1", "top1_per_t", "energy_per_timestep",
+    return {"converted": {k: report.get(k) for k in ("top1", "per_t", "energy_mj", "reference",
+                                                     "test_images")},
+            "direct": {k: direct.get(k) for k in ("top1", "per_t",
                                                   "energy_mj", "test_images")},
             "compare": table}
 
@@ -198,38 +197,6 @@ def full_ledger(runs: Runs, results: dict) -> dict:
                 "qann_bits", "snn_vs_ann", "snn_vs_qann", "per_t")}
             atomic_write_text(out, json.dumps(kept) + "\n")
     return kept
-
-
-def converted_vs_direct_full(runs: Runs) -> dict:
-    """The converted-vs-direct pair again with the full ledger: both re-measured with the
-    current ledger (``report_full.json`` / ``summary_full.json``), through stas-compare."""
-    from convert.compare import compare, load_run, plot as plot_compare, to_markdown
-    from convert.pipeline import load_converted, snn_energy
-
-    conv_dir = runs.root / "converted"
-    report = _read(conv_dir / "report.json")
-    loader = DataLoader(build_datasets("fashion-mnist", val_subset=runs.args.val_subset,
-                                       augment=False)[1], batch_size=128)
-    snn = load_converted(report["model_path"])
-    e = snn_energy(snn, loader, report["timesteps"], torch.device("cpu"),
-                   runs.args.energy_images)
-    conv = {**report, "energy_mj": e["energy_mj"], "energy": e["energy"]}
-    atomic_write_text(conv_dir / "report_full.json", json.dumps(conv) + "\n")
-    direct_dir = runs.root / "integrated/backbone/seed0"
-    summary = _read(direct_dir / "summary.json")
-    model, _ = load_trained_model(summary["checkpoint"])
-    from stas_core.evaluate import energy_report
-
-    d = energy_report(model, loader, torch.device("cpu"), max_images=runs.args.energy_images)
-    direct = {**summary, "energy_mj": d["energy_mj"], "energy_per_timestep": d["per_timestep"],
-              "energy": d["energy"]}
-    atomic_write_text(direct_dir / "summary_full.json", json.dumps(direct) + "\n")
-    pair = [load_run(conv_dir / "report_full.json", "converted ViT"),
-            load_run(direct_dir / "summary_full.json", "direct backbone")]
-    table = compare(pair)
-    plot_compare(pair, runs.root / "converted_vs_direct.png")
-    atomic_write_text(runs.root / "converted_vs_direct.md", to_markdown(table))
-    return table
 
 
 # ----------------------------------------------------------------------------- report
@@ -405,11 +372,12 @@ def plot(results: dict, path: Path) -> None:
                      yerr=100 * v["top1"]["std"], fmt="o", capsize=3, label=name)
     base = results["runs"].get("integrated/backbone", {})
     if base:  # the trivial baseline: the backbone stopped after t = 1..T
-        t_curves = [r for r in base.values() if r.get("top1_per_t")]
+        t_curves = [r["per_t"] for r in base.values()]
         if t_curves:
-            ts = sorted(t_curves[0]["top1_per_t"], key=int)
-            acc = [statistics.fmean(r["top1_per_t"][t] for r in t_curves) * 100 for t in ts]
-            en = [statistics.fmean(r["energy_cum_mj"][t] for r in t_curves) for t in ts]
+            acc = [statistics.fmean(rows[i]["top1"] for rows in t_curves) * 100
+                   for i in range(len(t_curves[0]))]
+            en = [statistics.fmean(rows[i]["energy_mj"] for rows in t_curves)
+                  for i in range(len(t_curves[0]))]
             ax1.plot(en, acc, "k--", lw=1, label="backbone, fewer timesteps")
     ax1.set_xlabel("energy per image (mJ)")
     ax1.set_ylabel("top-1 (%)")
@@ -441,16 +409,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def _record(summary: dict) -> dict:
-    cum, running = {}, 0.0
-    for e in summary.get("energy_per_timestep", []):
-        if e.get("t") is not None:
-            running += e["energy_mj"]
-            cum[str(e["t"] + 1)] = running
     vs = (summary.get("baselines") or {}).get("vs")  # against the stage-1 model (stage 2)
     return {"top1": summary["top1"], "energy_mj": summary["energy_mj"],
-            "token_ratio": summary.get("token_ratio"), "top1_per_t": summary.get("top1_per_t"),
-            "energy_cum_mj": cum, "test_images": summary.get("test_images"),
-            "checkpoint": summary["checkpoint"],
+            "token_ratio": summary.get("token_ratio"), "per_t": summary["per_t"],
+            "test_images": summary.get("test_images"), "checkpoint": summary["checkpoint"],
             "vs": None if vs is None else {ledger: {name: {k: v.get(k) for k in (
                 "difference", "ci95")} for name, v in per.items()} for ledger, per in vs.items()}}
 
@@ -512,8 +474,7 @@ def main() -> int:
     if "similarity" not in args.skip:
         results["similarity"] = {str(seed): similarity(runs, seed) for seed in args.seeds}
     if "converted" not in args.skip:
-        results["converted_vs_direct"] = converted_vs_direct(runs)
-        results["converted_vs_direct_full"] = converted_vs_direct_full(runs)
+        results["converted_vs_direct"] = converted_vs_direct(runs)  # both ledgers per t
     if "full" not in args.skip:
         results["energy_full"] = full_ledger(runs, results)
     results["aggregate"] = aggregate(results)

@@ -85,7 +85,7 @@ def one_seed(runs: Runs, seed: int, args) -> dict:
     return {
         "seed": seed, "test_images": stas["test_images"],
         "stage1": {"top1": s1["top1"], "energy_mj": s1["energy_mj"],
-                   "full_energy_mj": s1["energy"]["full_mj"], "top1_per_t": s1["top1_per_t"]},
+                   "full_energy_mj": s1["energy"]["full_mj"], "per_t": s1["per_t"]},
         "stas": {"top1": stas["top1"], "energy_mj": stas["energy_mj"],
                  "full_energy_mj": stas["energy"]["full_mj"],
                  "token_ratio": stas["token_ratio"], "val_token_ratio": ratio, "knobs": HAND},

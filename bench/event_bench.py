@@ -86,7 +86,7 @@ def _binomial_std(p: float, n: int) -> float:
 def _stage1_record(s: dict) -> dict:
     return {"top1": s["top1"], "top1_binomial_std": _binomial_std(s["top1"], s["test_images"]),
             "test_images": s["test_images"], "energy_mj": s["energy_mj"],
-            "full_mj": s["energy"]["full_mj"], "top1_per_t": s.get("top1_per_t"),
+            "full_mj": s["energy"]["full_mj"], "per_t": s["per_t"],
             "train_s": sum(h["epoch_s"] for h in s["history"]), "checkpoint": _rel(s["checkpoint"])}
 
 
@@ -247,11 +247,10 @@ def plot(results: dict, path: Path) -> None:
                          xerr=v["energy_mj"]["std"], yerr=100 * v["top1"]["std"], fmt=marker,
                          color=f"C{i}", capsize=3, label=f"{variant} {stage}")
         rows = list(results["runs"].get(f"{variant}/stage1", {}).values())
-        if rows and rows[0].get("top1_per_t"):
-            ts = sorted(rows[0]["top1_per_t"], key=int)
-            ax2.plot([int(t) for t in ts],
-                     [100 * statistics.fmean(r["top1_per_t"][t] for r in rows) for t in ts],
-                     "o-", color=f"C{i}", label=variant)
+        if rows:
+            ts = [p["t"] for p in rows[0]["per_t"]]
+            ax2.plot(ts, [100 * statistics.fmean(r["per_t"][t - 1]["top1"] for r in rows)
+                          for t in ts], "o-", color=f"C{i}", label=variant)
     ax1.set_xlabel("energy per image (mJ, conventional)")
     ax1.set_ylabel("top-1 (%)")
     ax1.set_title("stage 1 (o) and STAS stage 2 (s), mean ± std over seeds", fontsize=8)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.compile (needs a C++ compiler; compiles for 10-60 s first)")
     h = p.add_argument_group("token halting at inference")
     h.add_argument("--halting", action="store_true",
-                   help="also evaluate with 2-D token halting (token_ratio, halted_top1 per t)")
+                   help="also evaluate with 2-D token halting (report.json's halted rows: top-1, "
+                        "energy and token ratio per t)")
     from .spiking_vit import SpikingViT
 
     add_halting_knobs(h, SpikingViT.halting_defaults)
@@ -102,11 +103,12 @@ def _main(args: argparse.Namespace) -> int:
         halting_output=args.halting_output, halted_kv=args.halted_kv,
         progress=args.progress)
     report = convert(cfg)
-    brief = {k: report[k] for k in ("model_path", "ann_top1", "snn_top1", "energy_mj",
-                                    "ann_energy_mj", "ann_images_per_s", "snn_images_per_s",
-                                    "snn_step_cost_vs_ann", "plot", "halted_top1",
-                                    "token_ratio", "halted_energy_mj", "halted_images_per_s")
-             if k in report}
+    keep = ("t", "top1", "energy_mj", "full_energy_mj", "token_ratio", "images_per_s")
+    brief = {**{k: report[k] for k in ("model_path", "top1", "energy_mj", "full_energy_mj",
+                                       "images_per_s", "snn_step_cost_vs_ann", "reference",
+                                       "plot")},
+             "per_t": [{k: r[k] for k in keep if k in r} for r in report["per_t"]],
+             **({"halted": report["halted"]} if "halted" in report else {})}
     print(json.dumps(brief, indent=2))
     return 0
 

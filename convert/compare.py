@@ -1,17 +1,12 @@
 """Converted (ANN -> SNN) vs direct-trained spiking models, across timesteps.
 
-Inputs are the JSON files the project's commands write:
+Inputs are the run reports the project's commands write (``stas_core.report``, schema
+``stas-run/1``): ``report.json`` of ``stas-convert`` and ``summary.json`` of ``stas-train``.
+Both list ``per_t`` rows ``{t, top1, energy_mj, full_energy_mj}`` (t from 1, energies
+cumulative per image: the model stopped after t); a converted report's ``reference`` is the
+source ANN.
 
-* ``report.json`` of ``stas-convert`` (kind ``"converted"``): ``snn_top1`` and ``energy_mj``
-  map ``t`` (a string key) to the top-1 / the *cumulative* energy per image after ``t``
-  timesteps; ``ann_top1`` / ``ann_energy_mj`` are the source ANN's figures (the reference).
-* ``summary.json`` of ``stas-train --direct`` (kind ``"direct"``): ``top1`` at ``timesteps``,
-  optionally ``top1_per_t`` (``t`` -> top-1); ``energy_per_timestep`` lists the energy of each
-  step alone (0-based ``t``; an entry with ``t: null`` is work not tied to a step and counts
-  from the first step on), so the cumulative energy after ``t`` steps is a running sum. An
-  older summary without ``top1_per_t`` gives the single point ``(timesteps, top1, energy_mj)``.
-
-:func:`load_run` normalises either file to a :class:`Run`, :func:`compare` tabulates runs
+:func:`load_run` reads either file as a :class:`Run`, :func:`compare` tabulates runs
 (JSON-able), :func:`to_markdown` renders the table, :func:`plot` writes a two-panel PNG.
 Accuracies are fractions in [0, 1] throughout; they are shown as percentages.
 """
@@ -19,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
+
+from stas_core.report import read_run_report
 
 from .errors import ConfigError
 
@@ -35,14 +31,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 CONVERTED = "converted"
 DIRECT = "direct"
-REPORT_NAMES = ("report.json", "summary.json")  # looked up when a run directory is given
 DEFAULT_TOLERANCE_PTS = 0.5
-
-_EXPECTED = ("a stas-convert report (fields: snn_top1 {t: top-1}, energy_mj {t: mJ}, "
-             "ann_top1, ann_energy_mj, timesteps) or a stas-train --direct summary (fields: "
-             "top1, timesteps, energy_mj, optional top1_per_t {t: top-1}, energy_per_timestep "
-             "[{t, energy_mj}])")
-
 
 @dataclass
 class Run:
@@ -76,37 +65,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- loading
-def _resolve(path: PathLike) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        found = [p / n for n in REPORT_NAMES if (p / n).is_file()]
-        if len(found) != 1:
-            raise ConfigError(f"{p} is a directory; expected exactly one of "
-                              f"{' / '.join(REPORT_NAMES)} in it, found "
-                              f"{len(found) and ' and '.join(f.name for f in found) or 'none'}")
-        return found[0]
-    if not p.exists():
-        raise ConfigError(f"{p}: no such file (expected a stas-convert report.json or a "
-                          f"stas-train summary.json)")
-    return p
-
-
-def _read_json(p: Path) -> dict:
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno} column "
-                          f"{exc.colno}); expected {_EXPECTED}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the JSON is a {type(data).__name__}, not an object; "
-                          f"expected {_EXPECTED}")
-    return data
-
-
 def _number(p: Path, name: str, value: Any, *, optional: bool = False,
             unit_interval: bool = False) -> Optional[float]:
     if value is None and optional:
@@ -121,143 +79,20 @@ def _number(p: Path, name: str, value: Any, *, optional: bool = False,
     return value
 
 
-def _t_key(p: Path, name: str, key: Any) -> int:
-    try:
-        t = int(str(key).strip())
-    except ValueError:
-        t = 0
-    if t < 1 or str(t) != str(key).strip():
-        raise ConfigError(f"{p}: {name} keys are timestep counts (integers >= 1), got {key!r}")
-    return t
-
-
-def _per_t(p: Path, name: str, value: Any, *, unit_interval: bool) -> dict[int, float]:
-    if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{p}: {name} must be a non-empty object {{t: value}}, got "
-                          f"{type(value).__name__}")
-    return {_t_key(p, name, k): _number(p, f"{name}[{k!r}]", v, unit_interval=unit_interval)
-            for k, v in value.items()}
-
-
-def _timesteps(p: Path, data: dict) -> Optional[int]:
-    t = data.get("timesteps")
-    if t is None:
-        return None
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ConfigError(f"{p}: timesteps must be an integer >= 1, got {t!r}")
-    return t
-
-
-def _cumulative_steps(p: Path, steps: Any) -> dict[int, float]:
-    """``energy_per_timestep`` (per-step, 0-based ``t``) -> ``{t (1-based): cumulative mJ}``."""
-    if not isinstance(steps, list):
-        raise ConfigError(f"{p}: energy_per_timestep must be a list of {{t, energy_mj}}, got "
-                          f"{type(steps).__name__}")
-    once = 0.0
-    per: dict[int, float] = {}
-    for i, e in enumerate(steps):
-        if not isinstance(e, dict) or "energy_mj" not in e:
-            raise ConfigError(f"{p}: energy_per_timestep[{i}] must be an object with t and "
-                              f"energy_mj, got {e!r}")
-        mj = _number(p, f"energy_per_timestep[{i}].energy_mj", e["energy_mj"])
-        t = e.get("t")
-        if t is None:
-            once += mj
-            continue
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ConfigError(f"{p}: energy_per_timestep[{i}].t must be a 0-based step index "
-                              f"(integer >= 0) or null, got {t!r}")
-        per[t] = per.get(t, 0.0) + mj
-    out: dict[int, float] = {}
-    total = once
-    for t in range(max(per, default=-1) + 1):  # a missing step spends nothing
-        total += per.get(t, 0.0)
-        out[t + 1] = total
-    return out
-
-
-def _full_ledger(p: Path, data: dict, ts: list[int]) -> dict:
-    """The full-ledger fields of a report with an ``energy`` block (else none)."""
-    block = data.get("energy")
-    if not isinstance(block, dict) or not isinstance(block.get("per_t"), list):
-        return {}
-    per_t = {}
-    for entry in block["per_t"]:
-        if isinstance(entry, dict) and "t" in entry:
-            per_t[_t_key(p, "energy.per_t", entry["t"])] = entry
-    full = [_number(p, "energy.per_t.full_mj", per_t[t].get("full_mj"), optional=True)
-            if t in per_t else None for t in ts]
-    qann = [_number(p, "energy.per_t.qann_full_mj", per_t[t].get("qann_full_mj"), optional=True)
-            if t in per_t else None for t in ts]
-    return dict(full_energy_mj=full, qann_full_energy_mj=qann,
-                reference_full_energy_mj=_number(p, "energy.ann_full_mj",
-                                                 block.get("ann_full_mj"), optional=True))
-
-
-def _load_converted(p: Path, data: dict) -> dict:
-    top1 = _per_t(p, "snn_top1", data["snn_top1"], unit_interval=True)
-    energy: dict[int, float] = {}
-    if isinstance(data.get("energy_mj"), dict):
-        energy = _per_t(p, "energy_mj", data["energy_mj"], unit_interval=False)
-    elif data.get("energy_mj") is not None:  # a single figure: the energy at the largest t
-        energy = {max(top1): _number(p, "energy_mj", data["energy_mj"])}
-    ts = sorted(top1)
-    notes = []
-    missing = [t for t in ts if t not in energy]
-    if missing:
-        notes.append(f"no energy for t={','.join(map(str, missing))}")
-    return dict(
-        kind=CONVERTED, timesteps=ts, top1=[top1[t] for t in ts],
-        energy_mj=[energy.get(t) for t in ts],
-        reference_top1=_number(p, "ann_top1", data.get("ann_top1"), optional=True,
-                               unit_interval=True),
-        reference_energy_mj=_number(p, "ann_energy_mj", data.get("ann_energy_mj"),
-                                    optional=True),
-        images_per_s=_number(p, "snn_images_per_s", data.get("snn_images_per_s"),
-                             optional=True),
-        reference_images_per_s=_number(p, "ann_images_per_s", data.get("ann_images_per_s"),
-                                       optional=True),
-        notes=notes, **_full_ledger(p, data, ts))
-
-
-def _load_direct(p: Path, data: dict) -> dict:
-    final_t = _timesteps(p, data)
-    final_top1 = _number(p, "top1", data["top1"], unit_interval=True)
-    total = _number(p, "energy_mj", data.get("energy_mj"), optional=True)
-    notes = []
-    if data.get("top1_per_t") is not None:
-        top1 = _per_t(p, "top1_per_t", data["top1_per_t"], unit_interval=True)
-        if final_t is not None and final_t not in top1:
-            top1[final_t] = final_top1
-    else:
-        if final_t is None:
-            raise ConfigError(f"{p}: a direct-training summary without top1_per_t needs "
-                              f"timesteps (the T its top1 was measured at)")
-        top1 = {final_t: final_top1}
-        notes.append("no top1_per_t: only the final timestep is known")
-    energy: dict[int, float] = {}
-    if data.get("energy_per_timestep") is not None:
-        energy = _cumulative_steps(p, data["energy_per_timestep"])
-    if total is not None and final_t is not None and final_t not in energy:
-        energy[final_t] = total
-    ts = sorted(top1)
-    missing = [t for t in ts if t not in energy]
-    if missing:
-        notes.append(f"no energy for t={','.join(map(str, missing))}")
-    return dict(kind=DIRECT, timesteps=ts, top1=[top1[t] for t in ts],
-                energy_mj=[energy.get(t) for t in ts],
-                images_per_s=_number(p, "images_per_s", data.get("images_per_s"),
-                                     optional=True),
-                notes=notes, **_full_ledger(p, data, ts))
-
-
-def detect_kind(data: Mapping) -> Optional[str]:
-    """``"converted"`` (has ``snn_top1``), ``"direct"`` (has ``top1``), else ``None``."""
-    if "snn_top1" in data:
-        return CONVERTED
-    if "top1" in data:
-        return DIRECT
-    return None
+def _rows(p: Path, rows: list) -> list[dict]:
+    """``per_t`` rows checked: t an integer >= 1, once each; top-1 in [0, 1]; energies >= 0."""
+    out, seen = [], set()
+    for i, r in enumerate(rows):
+        t = r.get("t") if isinstance(r, dict) else None
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1 or t in seen:
+            raise ConfigError(f"{p}: per_t[{i}] must be an object with t an integer >= 1 "
+                              f"(each t once), got {r!r}")
+        seen.add(t)
+        out.append({"t": t, "top1": _number(p, f"per_t[{i}].top1", r.get("top1"),
+                                             unit_interval=True),
+                    **{k: _number(p, f"per_t[{i}].{k}", r.get(k), optional=True)
+                       for k in ("energy_mj", "full_energy_mj", "qann_full_energy_mj")}})
+    return sorted(out, key=lambda r: r["t"])
 
 
 def default_label(path: PathLike) -> str:
@@ -270,25 +105,37 @@ def default_label(path: PathLike) -> str:
 
 
 def load_run(path: PathLike, label: Optional[str] = None) -> Run:
-    """Read a ``stas-convert`` report or a ``stas-train --direct`` summary as a :class:`Run`.
+    """Read a run report (``stas-convert``'s ``report.json`` or ``stas-train``'s
+    ``summary.json``, or a run directory holding one) as a :class:`Run`.
 
-    ``path`` may also be a run directory holding one of ``report.json`` / ``summary.json``.
     ``label`` defaults to :func:`default_label`. Raises :class:`ConfigError` for a missing or
-    unreadable file, invalid JSON, a JSON of neither kind, or a field of the wrong type.
+    unreadable file, invalid JSON, a file of another schema, or a field of the wrong type.
     """
-    p = _resolve(path)
-    data = _read_json(p)
-    kind = detect_kind(data)
-    if kind is None:
-        fields = ", ".join(sorted(data)[:12]) or "none"
-        raise ConfigError(f"{p}: not a known result file (its fields: {fields}); expected "
-                          f"{_EXPECTED}")
-    fields = _load_converted(p, data) if kind == CONVERTED else _load_direct(p, data)
+    p, data = read_run_report(path)
+    rows = _rows(p, data["per_t"])
+    ref = data.get("reference") or {}
+    notes = []
+    missing = [r["t"] for r in rows if r["energy_mj"] is None]
+    if missing:
+        notes.append(f"no energy for t={','.join(map(str, missing))}")
     ds, model = data.get("dataset"), data.get("model")
-    return Run(label=label or default_label(path),
+    return Run(label=label or default_label(path), kind=data["kind"],
                dataset=None if ds is None else str(ds),
                model=None if model is None else str(model),
-               source=str(p), **fields)
+               timesteps=[r["t"] for r in rows], top1=[r["top1"] for r in rows],
+               energy_mj=[r["energy_mj"] for r in rows],
+               full_energy_mj=[r["full_energy_mj"] for r in rows],
+               qann_full_energy_mj=[r["qann_full_energy_mj"] for r in rows],
+               reference_top1=_number(p, "reference.top1", ref.get("top1"), optional=True,
+                                      unit_interval=True),
+               reference_energy_mj=_number(p, "reference.energy_mj", ref.get("energy_mj"),
+                                           optional=True),
+               reference_full_energy_mj=_number(p, "reference.full_energy_mj",
+                                                ref.get("full_energy_mj"), optional=True),
+               reference_images_per_s=_number(p, "reference.images_per_s",
+                                              ref.get("images_per_s"), optional=True),
+               images_per_s=_number(p, "images_per_s", data.get("images_per_s"), optional=True),
+               source=str(p), notes=notes)
 
 
 # ----------------------------------------------------------------------------- table
@@ -496,5 +343,5 @@ def plot(runs: Sequence[Run], path: PathLike, *, title: Optional[str] = None) ->
     return path
 
 
-__all__ = ["Run", "load_run", "detect_kind", "default_label", "compare", "summarise_run",
+__all__ = ["Run", "load_run", "default_label", "compare", "summarise_run",
            "to_markdown", "render_png", "plot", "CONVERTED", "DIRECT"]

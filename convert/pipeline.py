@@ -30,6 +30,7 @@ from stas_core.data import build_datasets, get_dataset_info
 from stas_core.energy import EnergyCosts, ann_macs
 from stas_core.errors import check_positive_int
 from stas_core.provenance import provenance, save_predictions
+from stas_core.report import SCHEMA, per_t_rows
 from stas_core.timing import Stopwatch
 from stas_core.evaluate import (against_baseline, energy_report, evaluate_halting,
                                 save_depth_heatmap)
@@ -284,16 +285,15 @@ def evaluate_side_by_side(vit: nn.Module, snn: SpikingViT, loader: DataLoader, t
             bar.update(1)
     if bar is not None:
         bar.close()
-    ts = range(1, timesteps + 1)
     ann_s, snn_s = ann_watch.seconds, snn_watch.seconds
-    return {
+    return {  # lists: index i is t = i + 1
         "test_images": total,
         "answers": (np.concatenate(labels), np.concatenate(preds, axis=1),
                     np.concatenate(confs, axis=1)),  # per image, after every t (not JSON)
         "ann_top1": ann_correct / total,
-        "snn_top1": {str(t): float(correct[t - 1] / total) for t in ts},
-        "agreement": {str(t): float(agree[t - 1] / total) for t in ts},
-        "logit_error": {str(t): float(err[t - 1] / total) for t in ts},
+        "snn_top1": [float(c / total) for c in correct],
+        "agreement": [float(a / total) for a in agree],
+        "logit_error": [float(e / total) for e in err],
         "ann_images_per_s": total / ann_s,
         "snn_images_per_s": total / snn_s,
         "snn_step_cost_vs_ann": (snn_s / timesteps) / ann_s,
@@ -306,30 +306,28 @@ def evaluate_halted(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
                     costs: Optional[EnergyCosts] = None) -> dict:
     """Top-1, token ratio, energy per image (conventional and full ledger) and images/s of
     the halted SNN after t = 1, 2, 4, ... (each t is its own run: the halting window ends
-    at the last timestep). Throughput is timed on the batches run without the op counter."""
+    at the last timestep), one row per t. Throughput is timed on the batches run without
+    the op counter."""
     marks = sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= timesteps} | {timesteps})
-    top1, ratio, energy, full, speed = {}, {}, {}, {}, {}
+    rows = []
     for t in marks:
         ev = evaluate_halting(snn, loader, cfg, t, device, energy_images=max_energy_images,
                               execution=execution, costs=costs)
-        top1[str(t)], ratio[str(t)], energy[str(t)] = ev["top1"], ev["token_ratio"], ev["energy_mj"]
-        full[str(t)] = ev["full_energy_mj"]
-        if "images_per_s" in ev:
-            speed[str(t)] = ev["images_per_s"]
-    return {"halted_top1": top1, "token_ratio": ratio, "halted_energy_mj": energy,
-            "halted_full_energy_mj": full,
-            **({"halted_images_per_s": speed} if speed else {})}
+        rows.append({"t": t, "top1": ev["top1"], "energy_mj": ev["energy_mj"],
+                     "full_energy_mj": ev["full_energy_mj"], "token_ratio": ev["token_ratio"],
+                     **({"images_per_s": ev["images_per_s"]} if "images_per_s" in ev else {})})
+    return rows
 
 
 @torch.no_grad()
 def snn_energy(snn: SpikingViT, loader: DataLoader, timesteps: int, device,
                max_images: int, costs: Optional[EnergyCosts] = None) -> dict:
-    """Cumulative energy per image after every t (conventional), the full ledger with the
-    ANN and quantized-ANN baselines (``energy``), and firing rates, on ``max_images``."""
+    """Energy per image at T (conventional), the full ledger with the ANN and
+    quantized-ANN baselines and both ledgers cumulative after every t (``energy``), and
+    firing rates, on ``max_images``."""
     s = energy_report(snn, loader, device, max_images=max_images, costs=costs,
                       timesteps=timesteps)
-    cumulative = {str(e["t"]): e["conventional_mj"] for e in s["energy"]["per_t"]}
-    return {"energy_mj": cumulative, "sops_at_T": s["sops"], "macs_at_T": s["macs"],
+    return {"energy_mj": s["energy_mj"], "sops_at_T": s["sops"], "macs_at_T": s["macs"],
             "per_timestep": s["per_timestep"], "energy_images": s["images"],
             "firing_rates": s["firing_rates"], "energy": s["energy"]}
 
@@ -339,19 +337,19 @@ def plot_report(report: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ts = [int(t) for t in report["snn_top1"]]
-    halted = "halted_top1" in report
+    rows, ann = report["per_t"], report["reference"]
+    ts = [r["t"] for r in rows]
+    halted = report.get("halted")
     fig = Figure(figsize=(15 if halted else 10, 4))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if halted else 2)
     ax1, ax2 = axes[0], axes[1]
-    ax1.plot(ts, [100 * report["snn_top1"][str(t)] for t in ts], "o-", label="SNN")
-    ax1.axhline(100 * report["ann_top1"], ls="--", color="k", label="ANN")
+    ax1.plot(ts, [100 * r["top1"] for r in rows], "o-", label="SNN")
+    ax1.axhline(100 * ann["top1"], ls="--", color="k", label="ANN")
     ax1.set(xlabel="timesteps t", ylabel="top-1 (%)", title=f"{report['model']}: accuracy")
     ax1.legend()
-    e_ts = [int(t) for t in report["energy_mj"]]
-    ax2.plot(e_ts, [report["energy_mj"][str(t)] for t in e_ts], "o-", label="SNN (after t)")
-    ax2.axhline(report["ann_energy_mj"], ls="--", color="k", label="ANN")
+    ax2.plot(ts, [r["energy_mj"] for r in rows], "o-", label="SNN (after t)")
+    ax2.axhline(ann["energy_mj"], ls="--", color="k", label="ANN")
     ax2.set(xlabel="timesteps t", ylabel="energy per image (mJ)", title="energy")
     ax2.legend()
     if halted:  # halted runs (each t its own halting window) against fewer timesteps
@@ -359,10 +357,9 @@ def plot_report(report: dict, path: Path) -> None:
 
         ax3 = axes[2]
         draw_baseline(ax3, report["baseline"]["without_halting"])
-        marks = sorted(report["halted_top1"], key=int)
-        ax3.plot([report["halted_energy_mj"][t] for t in marks],
-                 [100 * report["halted_top1"][t] for t in marks], "*-", color="tab:red",
-                 ms=9, label="halted, T = " + ",".join(marks))
+        ax3.plot([r["energy_mj"] for r in halted], [100 * r["top1"] for r in halted], "*-",
+                 color="tab:red", ms=9,
+                 label="halted, T = " + ",".join(str(r["t"]) for r in halted))
         if "baselines" in report:
             from halting.plots import draw_protocol_curves
 
@@ -425,16 +422,16 @@ def convert(cfg: ConvertConfig) -> dict:
     first = next(iter(val_loader))[0][: min(cfg.energy_images, cfg.batch_size)].to(device)
     ann_e = ann_energy(vit, first, costs)
     labels, pred, conf = ev.pop("answers")
-    runs = {"unhalted": AnytimeRun(
-        labels, pred, conf, np.array([energy["energy_mj"][str(t)]
-                                      for t in range(1, cfg.timesteps + 1)]),
-        np.array([p["full_mj"] for p in energy["energy"]["per_t"]]))}
+    per_t = energy["energy"]["per_t"]  # both ledgers, cumulative after every t
+    runs = {"unhalted": AnytimeRun(labels, pred, conf,
+                                   np.array([p["conventional_mj"] for p in per_t]),
+                                   np.array([p["full_mj"] for p in per_t]))}
     halting_cfg = cfg.halting_config()
     halted = {}
     if halting_cfg is not None:
         snn.set_halted_kv(cfg.halted_kv)
-        halted = evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
-                                 cfg.energy_images, cfg.execution, costs)
+        halted = {"halted": evaluate_halted(snn, val_loader, cfg.timesteps, device, halting_cfg,
+                                            cfg.energy_images, cfg.execution, costs)}
         halted["halting"] = {**dataclasses.asdict(halting_cfg.for_model(snn)),
                              "execution": cfg.execution,
                              "halted_kv": cfg.halted_kv}
@@ -446,21 +443,25 @@ def convert(cfg: ConvertConfig) -> dict:
                                          energy_images=cfg.energy_images, costs=costs)
         halted["baselines"] = {"reference": "without_halting",
                                **halting_baselines(runs["unhalted"], runs["halted"])}
-        halted["baseline"] = {"without_halting": curve, "vs_halted": {
-            t: {"conventional": against_baseline(halted["halted_top1"][t],
-                                                 halted["halted_energy_mj"][t], curve),
-                "full": against_baseline(halted["halted_top1"][t],
-                                         halted["halted_full_energy_mj"][t], curve,
-                                         energy_key="full_energy_mj")}
-            for t in halted["halted_top1"]}}
+        halted["baseline"] = {"without_halting": curve, "vs_halted": [
+            {"t": r["t"], "conventional": against_baseline(r["top1"], r["energy_mj"], curve),
+             "full": against_baseline(r["top1"], r["full_energy_mj"], curve,
+                                      energy_key="full_energy_mj")}
+            for r in halted["halted"]]}
     report = {
+        "schema": SCHEMA, "kind": "converted",
         "model": canonical_name(cfg.model), "dataset": info.name, "timesteps": cfg.timesteps,
         "levels": cfg.levels, "model_path": str(model_path),
-        **{k: ev[k] for k in ("ann_top1", "snn_top1", "agreement", "logit_error",
-                              "test_images", "ann_images_per_s", "snn_images_per_s",
-                              "snn_step_cost_vs_ann")},
-        "energy_mj": energy["energy_mj"], "ann_energy_mj": ann_e["energy_mj"],
-        "ann_macs": ann_e["macs"], "sops": energy["sops_at_T"], "macs": energy["macs_at_T"],
+        "top1": ev["snn_top1"][-1], "energy_mj": energy["energy_mj"],
+        "full_energy_mj": energy["energy"]["full_mj"],
+        "per_t": per_t_rows(ev["snn_top1"], per_t, agreement=ev["agreement"],
+                            logit_error=ev["logit_error"]),
+        "reference": {"kind": "ann", "top1": ev["ann_top1"], "energy_mj": ann_e["energy_mj"],
+                      "full_energy_mj": energy["energy"]["ann_full_mj"],
+                      "images_per_s": ev["ann_images_per_s"], "macs": ann_e["macs"]},
+        "images_per_s": ev["snn_images_per_s"], "test_images": ev["test_images"],
+        "snn_step_cost_vs_ann": ev["snn_step_cost_vs_ann"],
+        "sops": energy["sops_at_T"], "macs": energy["macs_at_T"],
         "energy_images": energy["energy_images"],
         "energy": energy["energy"],
         "firing_rates": energy["firing_rates"],

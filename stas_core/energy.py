@@ -65,7 +65,6 @@ computes them as zeros: no spikes, but their memory traffic is booked).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -147,17 +146,10 @@ class EnergyCosts:
     def from_file(cls, path: Union[str, Path]) -> "EnergyCosts":
         """Costs from a JSON object of field names to numbers (others keep their default);
         an unknown key or a negative value is a ConfigError."""
+        from .report import read_json_object
+
         where = f"--energy-costs {path}"
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{where}: cannot read a JSON object ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a JSON object of cost names to numbers, "
-                              f"got {type(data).__name__}")
-        return cls.from_dict(data, where)
+        return cls.from_dict(read_json_object(path, where, "cost names to numbers"), where)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "energy costs") -> "EnergyCosts":

@@ -492,6 +492,7 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, d
 
     from .baselines import collect_anytime, curve_of, halting_baselines
     from .provenance import provenance, save_predictions
+    from .report import SCHEMA, per_t_rows
 
     test_loader = DataLoader(test_ds, batch_size=cfg.batch_size, shuffle=False)
     halting_cfg = cfg.halting_config()
@@ -528,22 +529,25 @@ def _summarise(cfg: TrainConfig, model: nn.Module, runner: nn.Module, test_ds, d
     else:  # top-1 and energy after every t, from one stepwise pass
         run = collect_anytime(model, test_loader, device, energy=counted)
         runs = {"model": run}
-    per_t = {} if halting_cfg else {str(t + 1): float(c.mean())
-                                    for t, c in enumerate(run.correct)}
+    reported = runs["halted"] if halting_cfg is not None else runs["model"]
     baseline["predictions"] = save_predictions(Path(cfg.out) / "predictions.npz",
                                                next(iter(runs.values())).labels, runs)
     baseline["provenance"] = provenance(seeds=[cfg.seed], checkpoints=checkpoints,
                                         images=images, chose="val",
                                         reported=cfg.report_split)
     return {
+        "schema": SCHEMA, "kind": "direct",
         "checkpoint": str(ckpt_path),
         "model": cfg.model, "dataset": cfg.dataset, "sps": cfg.sps,
         "timesteps": cfg.timesteps, "epochs": len(history),
-        "top1": ev["top1"], **({"top1_per_t": per_t} if per_t else {}),
+        "top1": ev["top1"], "energy_mj": energy["energy_mj"],
+        "full_energy_mj": energy["energy"]["full_mj"],
+        # the model as run (with halting for STAS) stopped after t = 1..T
+        "per_t": per_t_rows(reported.correct.mean(axis=1), energy["energy"]["per_t"]),
+        "reference": None,
         "test_images" if cfg.report_split == "test" else "val_images": ev["images"],
         "reported_on": cfg.report_split,
-        "energy_mj": energy["energy_mj"], "sops": energy["sops"], "macs": energy["macs"],
-        "energy_per_timestep": energy["per_timestep"],
+        "sops": energy["sops"], "macs": energy["macs"],
         "energy": energy["energy"],
         **baseline,
         "energy_images": energy["images"],

@@ -11,24 +11,33 @@ from convert.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-REPORT = {
+def _rows(top1, energy, full=None, qann=None, ts=None):
+    ts = ts or range(1, len(top1) + 1)
+    rows = []
+    for i, t in enumerate(ts):
+        row = {"t": t, "top1": top1[i], "energy_mj": energy[i],
+               "full_energy_mj": None if full is None else full[i]}
+        if qann is not None:
+            row["qann_full_energy_mj"] = qann[i]
+        rows.append(row)
+    return rows
+
+
+REPORT = {  # stas-convert's report.json (schema stas-run/1), trimmed to what compare reads
+    "schema": "stas-run/1", "kind": "converted",
     "model": "vit_tiny_patch16_224", "dataset": "fashion-mnist", "timesteps": 8,
-    "ann_top1": 0.788,
-    "snn_top1": {"1": 0.40, "2": 0.70, "4": 0.785, "8": 0.79},
-    "energy_mj": {"1": 0.05, "2": 0.1, "4": 0.2, "8": 0.4},
-    "ann_energy_mj": 0.6, "agreement": {"1": 0.5}, "snn_images_per_s": 50.0,
-    "ann_images_per_s": 160.0, "test_images": 2000, "model_path": "runs/convert/model.safetensors",
+    "top1": 0.79, "energy_mj": 0.4,
+    "per_t": _rows([0.40, 0.70, 0.785, 0.79], [0.05, 0.1, 0.2, 0.4], ts=[1, 2, 4, 8]),
+    "reference": {"kind": "ann", "top1": 0.788, "energy_mj": 0.6, "images_per_s": 160.0},
+    "images_per_s": 50.0, "test_images": 2000, "model_path": "runs/convert/model.safetensors",
 }
-SUMMARY = {
+SUMMARY = {  # stas-train's summary.json
+    "schema": "stas-run/1", "kind": "direct",
     "model": "spikformer-2-128", "dataset": "fashion-mnist", "timesteps": 4, "top1": 0.88,
-    "top1_per_t": {"1": 0.80, "2": 0.85, "3": 0.877, "4": 0.88},
-    "energy_per_timestep": [{"t": 0, "macs": 1e5, "sops": 1e7, "energy_mj": 0.01},
-                            {"t": 1, "macs": 0, "sops": 2e7, "energy_mj": 0.02},
-                            {"t": 2, "macs": 0, "sops": 3e7, "energy_mj": 0.03},
-                            {"t": 3, "macs": 0, "sops": 4e7, "energy_mj": 0.04}],
-    "energy_mj": 0.10, "images_per_s": 500.0, "checkpoint": "runs/direct/last.safetensors",
-    "energy": {"ann_full_mj": 2.0, "per_t": [
-        {"t": t, "full_mj": 0.5 * t, "qann_full_mj": 1.0 + 0.1 * t} for t in (1, 2, 3, 4)]},
+    "energy_mj": 0.10, "full_energy_mj": 2.0,
+    "per_t": _rows([0.80, 0.85, 0.877, 0.88], [0.01, 0.03, 0.06, 0.10],
+                   full=[0.5, 1.0, 1.5, 2.0], qann=[1.1, 1.2, 1.3, 1.4]),
+    "reference": None, "images_per_s": 500.0, "checkpoint": "runs/direct/last.safetensors",
 }
 NONE = {"full_energy_mj": None, "qann_full_energy_mj": None}
 
@@ -41,10 +50,10 @@ def _write(path, obj):
 
 @pytest.fixture
 def files(tmp_path):
-    old = {k: v for k, v in SUMMARY.items() if k != "top1_per_t"}
+    one = dict(SUMMARY, per_t=SUMMARY["per_t"][-1:])  # a summary known at T only
     return {"report": _write(tmp_path / "conv" / "report.json", REPORT),
             "summary": _write(tmp_path / "direct" / "summary.json", SUMMARY),
-            "old": _write(tmp_path / "old" / "summary.json", old)}
+            "old": _write(tmp_path / "old" / "summary.json", one)}
 
 
 def test_load_converted(files):
@@ -55,33 +64,25 @@ def test_load_converted(files):
     assert r.top1 == [0.40, 0.70, 0.785, 0.79]
     assert r.energy_mj == [0.05, 0.1, 0.2, 0.4]
     assert (r.reference_top1, r.reference_energy_mj, r.images_per_s) == (0.788, 0.6, 50.0)
+    assert r.reference_images_per_s == 160.0
 
 
-def test_load_direct_cumulative_energy(files):
+def test_load_direct_reads_the_same_rows(files):
     r = load_run(files["summary"], label="D")
     assert (r.kind, r.label) == ("direct", "D")
     assert r.timesteps == [1, 2, 3, 4]
     assert r.top1 == [0.80, 0.85, 0.877, 0.88]
     assert r.energy_mj == pytest.approx([0.01, 0.03, 0.06, 0.10])
+    assert r.full_energy_mj == [0.5, 1.0, 1.5, 2.0]
     assert r.reference_top1 is None and r.reference_energy_mj is None
     assert r.images_per_s == 500.0
-
-
-def test_load_direct_untimed_energy_counts_from_step_one(tmp_path):
-    s = dict(SUMMARY, energy_per_timestep=[{"t": None, "energy_mj": 0.5}] + SUMMARY[
-        "energy_per_timestep"])
-    r = load_run(_write(tmp_path / "s.json", s))
-    assert r.energy_mj == pytest.approx([0.51, 0.53, 0.56, 0.60])
-
-
-def test_load_direct_without_top1_per_t(files):
     r = load_run(files["old"])
-    assert r.timesteps == [4] and r.top1 == [0.88]
-    assert r.energy_mj == pytest.approx([0.10])  # the running sum at T (per-step entries)
-    no_steps = {k: v for k, v in SUMMARY.items()
-                if k not in ("top1_per_t", "energy_per_timestep")}
-    r = load_run(_write(files["old"].parent / "bare.json", no_steps))
     assert (r.timesteps, r.top1, r.energy_mj) == ([4], [0.88], [0.10])
+
+
+def test_rows_in_any_order_are_sorted_by_t(tmp_path):
+    s = dict(SUMMARY, per_t=list(reversed(SUMMARY["per_t"])))
+    assert load_run(_write(tmp_path / "s.json", s)).timesteps == [1, 2, 3, 4]
 
 
 def test_load_run_directory(files):
@@ -89,12 +90,15 @@ def test_load_run_directory(files):
 
 
 @pytest.mark.parametrize("content, needle", [
-    (None, "no such file"),
+    (None, "file not found"),
     ("{not json", "not valid JSON"),
-    ({"foo": 1, "bar": [2]}, "snn_top1"),
-    ([1, 2], "not an object"),
-    (dict(REPORT, snn_top1={"x": 0.5}), "integers >= 1"),
-    (dict(REPORT, snn_top1={"1": 75.0}), "fraction in [0, 1]"),
+    ({"foo": 1, "bar": [2]}, "not a stas-run/1 run report: no schema (fields: bar, foo)"),
+    (dict(REPORT, schema="stas-run/0"), "schema 'stas-run/0'"),
+    ([1, 2], "expected a JSON object"),
+    (dict(REPORT, per_t=[]), "per_t must be a non-empty list"),
+    (dict(REPORT, per_t=[{"t": "x", "top1": 0.5}]), "t an integer >= 1"),
+    (dict(REPORT, per_t=[{"t": 1, "top1": 0.5}, {"t": 1, "top1": 0.6}]), "each t once"),
+    (dict(REPORT, per_t=[{"t": 1, "top1": 75.0}]), "fraction in [0, 1]"),
 ])
 def test_load_run_errors(tmp_path, content, needle):
     path = tmp_path / "in.json"
@@ -194,9 +198,9 @@ def _bad_input(tmp_path, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, needle", [("missing", "no such file"),
+@pytest.mark.parametrize("kind, needle", [("missing", "file not found"),
                                           ("not-json", "not valid JSON"),
-                                          ("unknown", "snn_top1"),
+                                          ("unknown", "not a stas-run/1 run report"),
                                           ("labels", "--labels")])
 def test_cli_user_errors(tmp_path, capsys, kind, needle):
     out = tmp_path / "out"

@@ -187,16 +187,25 @@ def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path):
         a = snn(x, 3)
         b = load_converted(report["model_path"])(x, 3)
     assert torch.equal(a, b)
-    for key in ("model_path", "ann_top1", "snn_top1", "energy_mj", "ann_energy_mj",
-                "firing_rates", "ann_images_per_s", "snn_images_per_s"):
+    for key in ("model_path", "top1", "energy_mj", "full_energy_mj", "per_t", "reference",
+                "firing_rates", "images_per_s"):
         assert key in report, key
-    assert sorted(report["snn_top1"], key=int) == ["1", "2", "3"]
-    e = report["energy_mj"]
-    assert 0 < e["1"] < e["2"] < e["3"] and report["ann_energy_mj"] > 0
+    assert (report["schema"], report["kind"]) == ("stas-run/1", "converted")
+    rows = report["per_t"]  # t from 1, energies cumulative: the run report's one form
+    assert [r["t"] for r in rows] == [1, 2, 3]
+    e = [r["energy_mj"] for r in rows]
+    assert 0 < e[0] < e[1] < e[2] and e[2] == pytest.approx(report["energy_mj"])
+    assert report["reference"]["energy_mj"] > 0
+    assert rows[-1]["top1"] == report["top1"] and rows[-1]["full_energy_mj"] == pytest.approx(
+        report["full_energy_mj"])
+    assert report["reference"]["images_per_s"] > 0 and 0 <= rows[0]["agreement"] <= 1
     ledger = report["energy"]  # 8 graded levels over 3 steps: 3 * 2^8 + 1 sums, 10 bits
     assert ledger["qann_bits"] == 10 and ledger["terms_mj"]["nonlinear"] > 0
-    assert [p["conventional_mj"] for p in ledger["per_t"]] == [e[str(t)] for t in (1, 2, 3)]
-    assert ledger["ann_macs"] == report["ann_macs"]  # own hooks == torch's FLOP counter
+    assert [p["conventional_mj"] for p in ledger["per_t"]] == e
+    from convert.compare import load_run  # stas-compare reads it as written
+    run = load_run(tmp_path / "c")
+    assert run.timesteps == [1, 2, 3] and run.energy_mj == e and run.kind == "converted"
+    assert ledger["ann_macs"] == report["reference"]["macs"]  # own hooks == torch's FLOP counter
     assert (tmp_path / "c" / "report.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(CheckpointError, match="not a converted model"):
         from stas_core.checkpoint import save_checkpoint
@@ -278,7 +287,7 @@ def test_cli_trains_the_ann_offline_then_converts(tmp_path, capsys):
     assert [h["epoch"] for h in report["ann_training"]] == [1, 2]
     hist = report["ann_training"]
     assert hist[1]["train_loss"] < hist[0]["train_loss"]  # it trained
-    assert report["ann_top1"] > 0.15  # 64 steps of a 1-block ViT; chance is 0.1
+    assert report["reference"]["top1"] > 0.15  # 64 steps of a 1-block ViT; chance is 0.1
     assert (out / "ann.safetensors").exists() and (out / "model.safetensors").exists()
     printed = json.loads(captured.out)
     assert printed["model_path"] == str(out / "model.safetensors")
@@ -327,20 +336,20 @@ def test_cli_halting_reports_token_ratio_and_halted_figures(tmp_path, capsys):
         missing(captured.err.strip())
     assert code == 0, captured.err
     report = json.loads((out / "report.json").read_text())
-    assert sorted(report["halted_top1"], key=int) == ["1", "2", "4"]
-    assert 0 < report["token_ratio"]["4"] < 1
-    assert report["halted_energy_mj"]["4"] < report["energy_mj"]["4"]
+    halted = {r["t"]: r for r in report["halted"]}
+    assert sorted(halted) == [1, 2, 4]
+    assert 0 < halted[4]["token_ratio"] < 1
+    assert halted[4]["energy_mj"] < report["energy_mj"]
     assert report["halting"]["score"] == "convergence"
     assert report["halting"]["execution"] == "gather"
     assert (out / "halting_depth.png").stat().st_size > 0
     assert 1 <= report["depth_min"] <= report["depth_mean"] <= report["depth_max"] <= 4 * 2
     # the baselines a reviewer names, on the same 32 test images, under both ledgers
     b = report["baselines"]
-    assert b["images"] == 32 and b["halted"]["top1"] == pytest.approx(report["halted_top1"]["4"])
-    assert b["halted"]["energy_mj"] == pytest.approx(report["halted_energy_mj"]["4"], rel=1e-6)
+    assert b["images"] == 32 and b["halted"]["top1"] == pytest.approx(halted[4]["top1"])
+    assert b["halted"]["energy_mj"] == pytest.approx(halted[4]["energy_mj"], rel=1e-6)
     fewer = b["curves"]["fewer_timesteps"]["points"]
-    assert [p["top1"] for p in fewer] == pytest.approx([report["snn_top1"][str(t)]
-                                                        for t in range(1, 5)])
+    assert [p["top1"] for p in fewer] == pytest.approx([r["top1"] for r in report["per_t"]])
     for ledger in ("conventional", "full"):
         vs = b["vs"][ledger]["fewer_timesteps"]
         assert vs["difference"] is None or vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]

@@ -289,7 +289,7 @@ def test_equal_information_bits(t, levels, bits):
     ('{"dram": 1}', "unknown cost 'dram'"),
     ('{"weight_bits": 7.5}', "'weight_bits' must be a positive integer"),
     ('[1]', "expected a JSON object"),
-    ('{', "cannot read a JSON object"),
+    ('{', "not valid JSON"),
 ])
 def test_energy_costs_file_errors(tmp_path, text, words):
     from stas_core.energy import EnergyCosts

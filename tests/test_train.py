@@ -57,9 +57,18 @@ def test_short_training_learns_and_reports(tmp_path, monkeypatch):
     assert e["qann_bits"] == 2 and [p["t"] for p in e["per_t"]] == [1, 2]  # T = 2
     assert e["per_t"][-1]["full_mj"] == pytest.approx(e["full_mj"])
     assert e["snn_vs_ann"] == pytest.approx(e["full_mj"] / e["ann_full_mj"])
-    # accuracy after every t, and at t = T the same answer as the multi-step path
-    assert sorted(on_disk["top1_per_t"], key=int) == ["1", "2"]
-    assert on_disk["top1_per_t"]["2"] == pytest.approx(on_disk["top1"], abs=1 / 500)
+    # accuracy and both energies after every t (t from 1), and at t = T the same answer
+    # as the multi-step path: the run report stas-convert writes too
+    assert (on_disk["schema"], on_disk["kind"], on_disk["reference"]) == ("stas-run/1",
+                                                                         "direct", None)
+    rows = on_disk["per_t"]
+    assert [r["t"] for r in rows] == [1, 2]
+    assert rows[-1]["top1"] == pytest.approx(on_disk["top1"], abs=1 / 500)
+    assert rows[-1]["energy_mj"] == pytest.approx(on_disk["energy_mj"])
+    assert rows[-1]["full_energy_mj"] == pytest.approx(on_disk["full_energy_mj"])
+    assert 0 < rows[0]["energy_mj"] < rows[1]["energy_mj"]
+    from convert.compare import load_run  # stas-compare reads it as written
+    assert load_run(tmp_path / "run").top1 == [r["top1"] for r in rows]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     # epochs validated on held-out training images, the summary reported on the test split
@@ -70,7 +79,7 @@ def test_short_training_learns_and_reports(tmp_path, monkeypatch):
     saved = np.load(tmp_path / "run" / "predictions.npz")
     assert saved["model.pred"].shape == (2, 500)
     assert (saved["model.pred"][-1] == saved["labels"]).mean() == pytest.approx(
-        on_disk["top1_per_t"]["2"])
+        rows[-1]["top1"])
     # the checkpoint reloads into a model that reproduces the evaluated model's logits
     model, loaded_cfg = load_trained_model(on_disk["checkpoint"])
     assert loaded_cfg.model == "spikformer-2-64" and not model.training
@@ -222,6 +231,9 @@ def test_two_stage_training_with_halting_lowers_the_token_ratio(tmp_path):
           "token ratio", stage2["token_ratio"])
     assert stage2["energy_mj"] < stage1["energy_mj"]  # halted tokens cost nothing
     assert stage2["energy"]["full_mj"] < stage1["energy"]["full_mj"]  # in the full ledger too
+    # per_t of a STAS run is the halted model stopped after t; at T it is the run itself
+    assert stage2["per_t"][-1]["top1"] == pytest.approx(stage2["top1"], abs=1 / 256)
+    assert stage2["per_t"][-1]["energy_mj"] == pytest.approx(stage2["energy_mj"])
     # the trivial baselines: the same weights and the stage-1 model without halting, after t
     base = stage2["baseline"]
     assert base["stage1"]["top1"][-1] == pytest.approx(stage1["top1"])

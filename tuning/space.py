@@ -152,7 +152,7 @@ def _knob_from_json(name: str, value: Any, where: str) -> Knob:
 
 def load_space_file(path: str | Path) -> dict[str, Knob]:
     """Ranges from a JSON object ``{"alpha": [-2, 2], "delta_p": [1e-5, 1e-2, "log"], ...}``."""
-    from stas_core.cli.config import read_json_object
+    from stas_core.report import read_json_object
 
     where = f"--space {path}"
     data = read_json_object(path, where, "knob names to ranges")

@@ -6,29 +6,12 @@ and become parser defaults, so flags given on the command line still win.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
-
-
-def read_json_object(path: str | Path, where: str, what: str) -> dict:
-    """The JSON object in ``path``; a missing/unreadable file, bad JSON or another JSON
-    type is one ConfigError starting with ``where`` (``what``: what the object maps)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object of {what}, "
-                          f"got {type(data).__name__}")
-    return data
+from ..report import read_json_object
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
