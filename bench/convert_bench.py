@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from convert.calibrate import calibrate
 from convert.spiking_vit import SpikingViT
+from stas_core.timing import interleaved_seconds
 from convert.timm_models import create_vit, parse_model_kwargs
 from halting.protocol import run_stepwise
 from stas_core.data import build_datasets
@@ -45,18 +46,6 @@ def bench_vit(args) -> tuple[str, dict, torch.nn.Module]:
                      num_classes=kw.pop("num_classes"), checkpoint=args.checkpoint,
                      model_kwargs=kw)
     return name, kw, vit
-
-
-def _interleaved_times(fns, repeats: int) -> list[list[float]]:
-    """Seconds of each of ``fns`` per round, the calls interleaved round by round, so a
-    machine's slow phase hits every row alike."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for row, fn in zip(times, fns):
-            start = time.perf_counter()
-            fn()
-            row.append(time.perf_counter() - start)
-    return times
 
 
 def state_bytes(model: torch.nn.Module) -> int:
@@ -127,14 +116,17 @@ def main() -> int:
             snn.readout(tok)
         for _ in range(2):  # the first steps allocate the state
             one_step()
-        ann_times, step_times = _interleaved_times([lambda: vit(x), one_step], args.repeats)
+        times = interleaved_seconds({"ann": lambda: vit(x), "step": one_step},
+                                    rounds=args.repeats, warmup=0)
+        ann_times, step_times = times["ann"], times["step"]
         ann_s, step_s = statistics.median(ann_times), statistics.median(step_times)
         ratios = [s / a for a, s in zip(ann_times, step_times)]
         # memory bandwidth from a plain copy (256 MiB, far beyond the caches): a step reads
         # and writes every state tensor once, which alone takes 2 * state / bandwidth
         src = torch.empty(64 * 2 ** 20)
         dst = torch.empty_like(src)
-        copy_s = statistics.median(_interleaved_times([lambda: dst.copy_(src)], 7)[0])
+        copy_s = statistics.median(interleaved_seconds({"copy": lambda: dst.copy_(src)},
+                                                       rounds=7, warmup=0)["copy"])
         bandwidth = 2 * src.numel() * src.element_size() / copy_s
 
     ann_top1 = ann_correct / total

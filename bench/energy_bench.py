@@ -239,7 +239,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_grad_enabled(False)
     result = bench_lemaire(args) if args.mode == "lemaire" else bench_figures(args)
-    result["provenance"] = provenance_of_args(args)
+    images = {} if args.mode == "lemaire" else {"test": _loader("fashion-mnist",
+                                                                args.images).dataset}
+    result["provenance"] = provenance_of_args(args, images=images, reported="test")
     text = json.dumps(result, indent=2)
     atomic_write_text(Path(args.out) / f"energy_{args.mode}.json", text + "\n")
     print(text)

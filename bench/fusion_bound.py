@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from convert_bench import _interleaved_times  # bench/ is on the path when run
 from convert.ops import integrate_and_fire
 from convert.pipeline import load_converted
+from stas_core.timing import interleaved_seconds
 from stas_core.provenance import provenance_of_args
 from stas_core import kernels
 from stas_core.data import build_datasets
@@ -40,12 +40,9 @@ from stas_core.data import build_datasets
 
 def _interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds of each function, after 3 warm-up calls, timed round by round
-    (``convert_bench``'s interleaving)."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = _interleaved_times(list(fns.values()), repeats)
-    return {name: statistics.median(t) * 1e3 for name, t in zip(fns, times)}
+    (:func:`stas_core.timing.interleaved_seconds`)."""
+    times = interleaved_seconds(fns, rounds=repeats, warmup=3)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 class _Site(nn.Module):

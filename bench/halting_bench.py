@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from halting import Halted, HaltingConfig, run_halting
 from convert.spiking_vit import SpikingViT
 from halting.protocol import run_stepwise
 from stas_core.provenance import provenance_of_args
+from stas_core.timing import median_rates
 from stas_core.data import build_datasets
 from halting.plots import draw_baseline
 from stas_core.evaluate import (against_baseline, measure_energy, save_depth_heatmap,
@@ -67,18 +67,14 @@ def _top1(fn, batches) -> tuple[float, float]:
 
 @torch.no_grad()
 def _throughput(runners: dict, batches, rounds: int) -> dict:
-    """Images/s of each runner on the same batches, interleaved; median over rounds."""
-    for fn in runners.values():
-        fn(batches[0][0])  # warm-up
-    times = {k: [] for k in runners}
+    """Images/s of each runner over the same batches, interleaved; median over rounds."""
     images = sum(len(y) for _, y in batches)
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            for x, _ in batches:
-                fn(x)
-            times[name].append(time.perf_counter() - start)
-    return {k: images / statistics.median(v) for k, v in times.items()}
+
+    def over_batches(fn):
+        return lambda: [fn(x) for x, _ in batches]
+
+    return median_rates({k: over_batches(fn) for k, fn in runners.items()}, images,
+                        rounds=rounds)
 
 
 def _energy(model, batches, images: int, halting=None) -> float:

@@ -29,11 +29,11 @@ import math
 import os
 import platform
 import statistics
-import time
 
 import torch
 
 from stas_core.provenance import provenance_of_args
+from stas_core.timing import interleaved_seconds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,14 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _median_time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(interleaved_seconds({"fn": fn}, rounds=repeats,
+                                                 warmup=warmup)["fn"])
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,23 +29,10 @@ from convert.loading import load_spiking_model
 from halting import HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 from stas_core.provenance import provenance_of_args
+from stas_core.timing import median_rates
 from stas_core.data import build_datasets
 from stas_core.export import InferenceGraph, export_onnx
 from stas_core.onnx_runtime import OnnxModel
-
-
-def _median_rates(runners: dict, batches: list, rounds: int) -> dict:
-    images = sum(len(x) for x in batches)
-    for fn in runners.values():
-        fn(batches[0])  # warm-up
-    times = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            for x in batches:
-                fn(x)
-            times[name].append(time.perf_counter() - start)
-    return {k: images / statistics.median(v) for k, v in times.items()}
 
 
 def bench_one(path: str, args, out: Path, label: str) -> dict:
@@ -81,7 +67,9 @@ def bench_one(path: str, args, out: Path, label: str) -> dict:
     logits = lambda out: (out[0] if isinstance(out, tuple)
                           else out.logits if hasattr(out, "logits") else out).numpy()
     with torch.no_grad():
-        rates = _median_rates(runners, batches, args.rounds)
+        images = sum(len(x) for x in batches)
+        rates = median_rates({k: (lambda fn=fn: [fn(x) for x in batches]) for k, fn in
+                              runners.items()}, images, rounds=args.rounds)
         diffs, agree, vs32 = [], [], []  # parity on every timed image, not only the check's
         for x in batches:
             ref = logits(reference(x))

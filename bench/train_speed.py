@@ -44,7 +44,7 @@ from stas_core.provenance import provenance_of_args
 from stas_core.cli.common import run
 from stas_core.errors import ConfigError, check_positive_int
 from stas_core.models import create_model
-from stas_core.timing import synchronize
+from stas_core.timing import Stopwatch
 from stas_core.train import resolve_device
 
 MODES = ("vanilla", "integrated")
@@ -116,26 +116,22 @@ def _bench(args: argparse.Namespace) -> int:
     def train_step(mode: str) -> float:
         model, opt, scaler, forward = setups[mode]
         model.train()
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, enabled=amp):
-            loss = criterion(forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        synchronize(device)
-        return time.perf_counter() - start
+        with Stopwatch(device) as watch:
+            with torch.autocast(device.type, enabled=amp):
+                loss = criterion(forward(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return watch.seconds
 
     def infer_step(mode: str) -> float:
         model, forward = setups[mode][0], setups[mode][3]
         model.eval()
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+        with Stopwatch(device) as watch, torch.inference_mode(), \
+                torch.autocast(device.type, enabled=amp):
             forward(x)
-        synchronize(device)
-        return time.perf_counter() - start
+        return watch.seconds
 
     times: dict[str, dict[str, list]] = {m: {"train": [], "infer": []} for m in names}
     for kind, step in (("train", train_step), ("infer", infer_step)):

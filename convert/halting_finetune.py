@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 
 from stas_core.errors import ConfigError
 
+from .ann import fit_ann
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,7 +67,6 @@ def halting_finetune(vit: nn.Module, loader: DataLoader, epochs: int, *, lr: flo
     """Fine-tune ``vit`` in place for ``epochs`` with the task loss plus ``delta_p`` times
     A-ViT's ponder loss (AdamW, warmup + cosine, label smoothing 0.1). Returns one record
     per epoch: loss, train top-1 and mean patch-token depth."""
-    from .pipeline import fit_ann
 
     if epochs < 1:
         raise ConfigError(f"halting_finetune must be >= 1 epochs to run; got {epochs}")

@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .stats import paired_bootstrap
+from .evaluate import measure_energy
+from .stats import hull_mixture, paired_bootstrap, upper_hull  # noqa: F401 - API
 
 __all__ = ["LEDGERS", "AnytimeRun", "Curve", "upper_hull", "hull_mixture", "fewer_timesteps",
            "early_exit", "versus_curve", "halting_baselines", "DEFAULT_THRESHOLDS",
@@ -101,45 +102,6 @@ class Curve:
         if ledger_hulls:
             out["hull"] = {k: upper_hull(v, self.top1) for k, v in self.energy.items()}
         return out
-
-
-def upper_hull(energy: Sequence[float], top1: Sequence[float]) -> list[int]:
-    """Indices of the points on the upper convex hull of ``(energy, top1)``, by energy,
-    up to the most accurate point (spending more than it buys nothing)."""
-    e = np.asarray(energy, dtype=np.float64)
-    a = np.asarray(top1, dtype=np.float64)
-    order = sorted(range(len(e)), key=lambda i: (e[i], -a[i]))
-    hull: list[int] = []
-    for i in order:
-        if hull and e[i] == e[hull[-1]]:
-            continue  # same energy, not more accurate (sorted)
-        while len(hull) >= 2:
-            j, k = hull[-2], hull[-1]  # drop k when it lies on or under the line j -> i
-            if (a[k] - a[j]) * (e[i] - e[j]) <= (a[i] - a[j]) * (e[k] - e[j]):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    best = max(range(len(hull)), key=lambda n: (a[hull[n]], -n))
-    return [int(i) for i in hull[:best + 1]]
-
-
-def hull_mixture(energy: Sequence[float], top1: Sequence[float],
-                 budget: float) -> Optional[list[tuple[int, float]]]:
-    """The mixture of two hull points that spends ``budget`` per image: ``[(index,
-    weight), ...]`` (one point at weight 1 past the most accurate point); None when
-    ``budget`` is below the cheapest point (the curve says nothing there)."""
-    hull = upper_hull(energy, top1)
-    e = np.asarray(energy, dtype=np.float64)
-    if budget < e[hull[0]]:
-        return None
-    if budget >= e[hull[-1]]:
-        return [(hull[-1], 1.0)]
-    for j, k in zip(hull, hull[1:]):
-        if e[j] <= budget <= e[k]:
-            w = float((budget - e[j]) / (e[k] - e[j]))
-            return [(j, 1.0 - w), (k, w)]
-    raise AssertionError("unreachable: budget inside the hull's range")
 
 
 def fewer_timesteps(run: AnytimeRun, name: str = "fewer_timesteps") -> Curve:
@@ -291,7 +253,6 @@ def collect_anytime(model: torch.nn.Module, loader: Iterable, device: torch.devi
     from halting import run_halting
     from halting.protocol import run_stepwise
 
-    from .evaluate import measure_energy
 
     model.eval()
     steps = int(timesteps or model.timesteps)

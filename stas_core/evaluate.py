@@ -11,6 +11,7 @@ from halting.plugin import DEFAULT_EXECUTION, HaltingConfig, run_halting
 from halting.protocol import run_stepwise
 
 from .energy import TERMS, EnergyCosts, OpCounter, equal_information_bits
+from .stats import hull_mixture
 from .timing import Stopwatch
 
 
@@ -271,8 +272,6 @@ def against_baseline(top1: float, energy_mj: float, baseline: dict, *,
 
     Paired intervals over images need per-image answers: :mod:`stas_core.baselines`.
     """
-    from .baselines import hull_mixture
-
     pairs = list(zip(baseline["top1"], baseline[energy_key]))
     cheaper = [a for a, e in pairs if e <= energy_mj]
     gain = top1 - max(cheaper) if cheaper else None

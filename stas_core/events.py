@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError, check_positive_int
+from .fashion_mnist import default_data_dir, load_fashion_mnist
 
 __all__ = ["EVENT_DTYPE", "SaccadeDVS", "dvs_events", "EventFrames", "load_fashion_mnist_dvs",
            "load_event_dataset", "EVENT_SOURCES", "save_event_samples_png"]
@@ -295,11 +296,10 @@ def load_fashion_mnist_dvs(data_dir: Optional[PathLike] = None, *,
 
     Returns ``{"train": (events, offsets, labels), "val": (...)}`` (compact store dtype,
     see :meth:`SaccadeDVS.simulate`). The cache lives in ``data_dir/fashion-mnist-dvs/``
-    (default :func:`~stas_core.data.default_data_dir`); a cache whose stored parameters
+    (default :func:`~stas_core.fashion_mnist.default_data_dir`); a cache whose stored parameters
     differ from ``sim``'s is regenerated.
     """
     from .checkpoint import atomic_write, atomic_write_text
-    from .data import default_data_dir, load_fashion_mnist
 
     sim = sim or SaccadeDVS()
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -514,7 +514,6 @@ def load_event_dataset(name: str, data_dir: Optional[PathLike] = None, *, frames
 
 
 def _default_root() -> Path:
-    from .data import default_data_dir
 
     return default_data_dir()
 

@@ -2,6 +2,8 @@
 
 Every comparison here is *paired*: the two methods answer the same images, so the
 difference is taken image by image (or seed by seed) before any interval is drawn.
+The upper convex hull of an accuracy-energy curve is here too: mixing two of its points
+per image reaches every point between them, so the hull is what another point must beat.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["paired_bootstrap", "mcnemar_exact", "seed_interval", "T_975"]
+__all__ = ["paired_bootstrap", "mcnemar_exact", "seed_interval", "T_975", "upper_hull",
+           "hull_mixture"]
 
 #: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the 0.975 point).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -70,3 +73,43 @@ def seed_interval(differences: Sequence[float]) -> Optional[dict]:
     mean = float(d.mean())
     return {"difference": mean, "ci95": [mean - half, mean + half], "seeds": int(d.size),
             "excludes_zero": bool(mean - half > 0 or mean + half < 0)}
+
+
+# ----------------------------------------------------------------------------- curves
+def upper_hull(energy: Sequence[float], top1: Sequence[float]) -> list[int]:
+    """Indices of the points on the upper convex hull of ``(energy, top1)``, by energy,
+    up to the most accurate point (spending more than it buys nothing)."""
+    e = np.asarray(energy, dtype=np.float64)
+    a = np.asarray(top1, dtype=np.float64)
+    order = sorted(range(len(e)), key=lambda i: (e[i], -a[i]))
+    hull: list[int] = []
+    for i in order:
+        if hull and e[i] == e[hull[-1]]:
+            continue  # same energy, not more accurate (sorted)
+        while len(hull) >= 2:
+            j, k = hull[-2], hull[-1]  # drop k when it lies on or under the line j -> i
+            if (a[k] - a[j]) * (e[i] - e[j]) <= (a[i] - a[j]) * (e[k] - e[j]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    best = max(range(len(hull)), key=lambda n: (a[hull[n]], -n))
+    return [int(i) for i in hull[:best + 1]]
+
+
+def hull_mixture(energy: Sequence[float], top1: Sequence[float],
+                 budget: float) -> Optional[list[tuple[int, float]]]:
+    """The mixture of two hull points that spends ``budget`` per image: ``[(index,
+    weight), ...]`` (one point at weight 1 past the most accurate point); None when
+    ``budget`` is below the cheapest point (the curve says nothing there)."""
+    hull = upper_hull(energy, top1)
+    e = np.asarray(energy, dtype=np.float64)
+    if budget < e[hull[0]]:
+        return None
+    if budget >= e[hull[-1]]:
+        return [(hull[-1], 1.0)]
+    for j, k in zip(hull, hull[1:]):
+        if e[j] <= budget <= e[k]:
+            w = float((budget - e[j]) / (e[k] - e[j]))
+            return [(j, 1.0 - w), (k, w)]
+    raise AssertionError("unreachable: budget inside the hull's range")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from halting.plugin import DEFAULT_EXECUTION
@@ -37,6 +36,8 @@ from .evaluate import baseline_section, energy_report, evaluate, save_depth_heat
 from .models import create_model
 from .models.base import SpikingTransformer
 from .timing import Stopwatch
+from .distributed import (all_reduce_sum, augmentation_seed, convert_sync_batchnorm,
+                          gather_rng_states, init_distributed, leave, rank_device)
 
 logger = logging.getLogger(__name__)
 
@@ -194,51 +195,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE set), else single process.
-    On CUDA each rank is bound to ``cuda:LOCAL_RANK`` before the group is formed."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        if dist.is_initialized():
-            return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-        return Dist()
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
-                              f"CUDA device(s); start at most that many processes per node")
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-
-
-def rank_device(device: torch.device, d: Dist) -> torch.device:
-    """The device of this process: ``cuda:LOCAL_RANK`` under torchrun on CUDA."""
-    if device.type == "cuda" and "WORLD_SIZE" in os.environ:
-        return torch.device("cuda", d.local_rank)
-    return device
-
-
-def augmentation_seed(seed: int, rank: int) -> int:
-    """The RNG seed of one rank's data augmentation: every rank draws its own crops and
-    flips (rank 0 of N and a single process draw alike)."""
-    return seed + 1_000_003 * rank
-
-
 def build_model(cfg: TrainConfig) -> SpikingTransformer:
     """The model a config describes, sized for its dataset."""
     info = get_dataset_info(cfg.dataset)
@@ -289,24 +245,6 @@ def progress_bar(enabled: Optional[bool], total: int, desc: str, main: bool):
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather_rng_states(d: Dist) -> list[torch.Tensor]:
-    """Every rank's CPU RNG state (augmentation draws from it), for exact resumption."""
-    state = torch.get_rng_state()
-    if not d.enabled or dist.get_backend() != "gloo":  # NCCL gathers CUDA tensors only
-        return [state]
-    states = [torch.empty_like(state) for _ in range(d.world)]
-    dist.all_gather(states, state)
-    return states
 
 
 # ----------------------------------------------------------------------------- training
@@ -363,7 +301,6 @@ def train(cfg: TrainConfig, *,
     torch.manual_seed(augmentation_seed(cfg.seed, d.rank))  # weights above: the same on all
     halting_cfg = cfg.halting_config()
     if d.enabled:
-        from .distributed import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
     from halting import Halted
 
@@ -446,19 +383,19 @@ def train(cfg: TrainConfig, *,
         if bar is not None:
             bar.close()
         train_s = watch.stop()
-        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], d, device)
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], d, device)
         # the evaluated and saved model carries BatchNorm statistics of its final weights
         recal_loader.sampler.set_epoch(epoch)
         recalibrate_batchnorm(runner, recal_loader, device, batches=recal_batches, amp=amp,
                               amp_dtype=amp_dtype, frozen=frozen)
         ev = evaluate(runner, val_loader, device, amp=amp, amp_dtype=amp_dtype)
-        v_correct, v_total = _all_reduce_sum([ev["correct"], ev["images"]], d, device)
+        v_correct, v_total = all_reduce_sum([ev["correct"], ev["images"]], d, device)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": v_correct / max(v_total, 1), "lr": optimizer.param_groups[0]["lr"],
                   "epoch_s": train_s, "train_images_per_s": seen / train_s,
                   "elapsed_s": time.perf_counter() - start_wall}
         history.append(record)
-        rng = _gather_rng_states(d)
+        rng = gather_rng_states(d)
         if d.main:
             logger.info("epoch %d: loss %.4f train %.4f val %.4f (%.0fs)", epoch + 1,
                         record["train_loss"], record["train_top1"], record["val_top1"], train_s)
@@ -478,9 +415,7 @@ def train(cfg: TrainConfig, *,
                              start_wall, amp, amp_dtype,
                              images={"val": val_ds, cfg.report_split: test_ds})
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if d.enabled:
-        dist.barrier()
-        dist.destroy_process_group()
+    leave(d)
     return summary
 
 

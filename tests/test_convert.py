@@ -222,7 +222,7 @@ def test_pretrained_plumbing_loads_a_local_file(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     cfg = ConvertConfig(model="vit_tiny", pretrained_file=str(path), model_kwargs=parse_model_kwargs(
         "patch_size=7,depth=2,embed_dim=48,num_heads=3"))
-    from convert.pipeline import build_ann
+    from convert.ann import build_ann
     vit = build_ann(cfg)
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     assert vit.head.out_features == 10
@@ -409,7 +409,7 @@ def test_converted_default_halting_keeps_accuracy_on_a_small_trained_vit():
     """The converted default (``ConvertConfig``/``stas-convert --halting``: the convergence
     score at the measured operating point) halts tokens and costs at most 1 point of top-1
     against the unhalted SNN at T = 8, on a 6-block ViT trained here for two epochs."""
-    from convert.pipeline import build_ann, train_ann
+    from convert.ann import build_ann, train_ann
     from stas_core.data import build_datasets
 
     try:

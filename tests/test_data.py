@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Subset
 
 from stas_core import data as D
+from stas_core import fashion_mnist as F
 from stas_core.errors import ConfigError, DataError
 
 from helpers import missing
@@ -25,9 +26,9 @@ def no_system_fmnist(tmp_path, monkeypatch):
     """Point the system dir, env override and cache dir at empty tmp dirs."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", str(empty))
-    monkeypatch.setenv(D.FASHION_MNIST_ENV, str(empty))
-    monkeypatch.setattr(D, "default_data_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(F, "SYSTEM_FASHION_MNIST_DIR", str(empty))
+    monkeypatch.setenv(F.FASHION_MNIST_ENV, str(empty))
+    monkeypatch.setattr(F, "default_data_dir", lambda: tmp_path / "cache")
     return empty
 
 
@@ -117,13 +118,13 @@ def test_bad_subset_is_config_error(kw):
 @pytest.fixture(scope="module")
 def system_fmnist():
     if not all((SYSTEM_DIR / f"{s}.gz").is_file() or (SYSTEM_DIR / s).is_file()
-               for s in D._FMNIST_FILES.values()):
+               for s in F._FMNIST_FILES.values()):
         missing(f"{SYSTEM_DIR} absent or incomplete (apt-get install dataset-fashion-mnist)")
     return D.load_fashion_mnist(data_dir="/nonexistent-stas-dir", download=False)
 
 
 def test_system_fashion_mnist(system_fmnist, monkeypatch):
-    monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
+    monkeypatch.delenv(F.FASHION_MNIST_ENV, raising=False)
     (xt, yt), (xv, yv) = system_fmnist
     assert xt.shape == (60000, 1, 28, 28) and xv.shape == (10000, 1, 28, 28)
     assert xt.dtype == torch.uint8 and yt.dtype == torch.int64 and len(yv) == 10000
@@ -144,7 +145,7 @@ def test_system_fashion_mnist(system_fmnist, monkeypatch):
 
 
 def test_system_fashion_mnist_build_and_subsets(system_fmnist, monkeypatch):
-    monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
+    monkeypatch.delenv(F.FASHION_MNIST_ENV, raising=False)
     # build_datasets reads the system dir too; reuse the module-scoped load to stay fast
     monkeypatch.setattr(D, "load_fashion_mnist", lambda *a, **k: system_fmnist)
     tr, va, info = D.build_datasets("fashion-mnist", train_subset=100, val_subset=50, seed=1)
@@ -168,7 +169,7 @@ def test_system_fashion_mnist_build_and_subsets(system_fmnist, monkeypatch):
 def test_real_loader_reads_system_dir(monkeypatch, tmp_path):
     if not SYSTEM_DIR.is_dir():
         missing(f"{SYSTEM_DIR} absent (apt-get install dataset-fashion-mnist)")
-    monkeypatch.delenv(D.FASHION_MNIST_ENV, raising=False)
+    monkeypatch.delenv(F.FASHION_MNIST_ENV, raising=False)
     tr, va, _ = D.build_datasets("fashion-mnist", data_dir=tmp_path, download=False,
                                  train_subset=8, val_subset=8)
     assert len(tr.dataset.dataset) == 60000 and len(va.dataset) == 10000
@@ -191,7 +192,7 @@ def test_torchvision_layout_and_env_override(tmp_path, no_system_fmnist, monkeyp
     tr, _, _ = D.build_datasets("fmnist", data_dir=tmp_path / "tv", download=False)
     assert len(tr) == 5 - 1  # minus the validation hold-out
     _write_idx_set(tmp_path / "env", n_train=7)
-    monkeypatch.setenv(D.FASHION_MNIST_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(F.FASHION_MNIST_ENV, str(tmp_path / "env"))
     tr, _, _ = D.build_datasets("fmnist", data_dir=tmp_path / "nowhere", download=False)
     assert len(tr) == 7 - 1  # minus the validation hold-out
 

@@ -110,7 +110,7 @@ def test_frames_count_events_per_bin_and_polarity():
 # --------------------------------------------------------------------------- the cache
 @needs_fmnist
 def test_fashion_mnist_dvs_cache_is_reused_and_regenerated(tmp_path, monkeypatch):
-    import stas_core.data as D
+    import stas_core.events as D  # the event sets read Fashion-MNIST through it
 
     (xt, yt), (xv, yv) = load_fashion_mnist(download=False)
     small = ((xt[:30], yt[:30]), (xv[:20], yv[:20]))
@@ -135,7 +135,7 @@ def test_fashion_mnist_dvs_cache_is_reused_and_regenerated(tmp_path, monkeypatch
 
 @needs_fmnist
 def test_fashion_mnist_dvs_dataset_shapes(tmp_path, monkeypatch):
-    import stas_core.data as D
+    import stas_core.events as D  # the event sets read Fashion-MNIST through it
 
     (xt, yt), (xv, yv) = load_fashion_mnist(download=False)
     monkeypatch.setattr(D, "load_fashion_mnist",
@@ -313,7 +313,7 @@ def test_learned_integration_is_a_softmax_weighted_sum():
 # --------------------------------------------------------------------------- training
 @needs_fmnist
 def test_a_few_steps_on_fashion_mnist_dvs_beat_chance(tmp_path, monkeypatch):
-    import stas_core.data as D
+    import stas_core.events as D  # the event sets read Fashion-MNIST through it
     from stas_core.train import TrainConfig, train
 
     (xt, yt), (xv, yv) = load_fashion_mnist(download=False)
@@ -343,7 +343,7 @@ def test_export_and_infer_feed_the_frames_the_model_was_trained_on(tmp_path, mon
     import onnx
     from torch.utils.data import DataLoader
 
-    import stas_core.data as D
+    import stas_core.events as D  # the event sets read Fashion-MNIST through it
     from convert.cli_export import main as export_main
     from stas_core.checkpoint import save_checkpoint
     from stas_core.cli.infer import main as infer_main

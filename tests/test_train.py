@@ -313,7 +313,7 @@ def test_stage_two_is_the_model_stage_one_was(tmp_path, capsys):
 
 def test_ranks_draw_their_own_augmentation():
     from stas_core.data import DATASETS, TensorImageDataset
-    from stas_core.train import augmentation_seed
+    from stas_core.distributed import augmentation_seed
 
     info = DATASETS["fashion-mnist"]
     images = torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8)

@@ -1,7 +1,7 @@
 """Token halting on a converted ViT against the baselines a reviewer names, chosen on a
 validation split and reported on a fixed test split.
 
-    python bench/adaptive_halting.py --model runs/convert/model.safetensors [-T 8] \\
+    python bench/research/adaptive_halting.py --model runs/convert/model.safetensors [-T 8] \\
         [--val-images 512] [--test-images 2000] [--budgets 0.25 0.5 0.75] [--out runs/adaptive]
 
 Candidates: the published constant-score point (alpha 0: ``sigmoid(beta)`` for every

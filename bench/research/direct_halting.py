@@ -1,6 +1,6 @@
 """Direct-trained STAS against the baselines a reviewer names, over seeds.
 
-    python bench/direct_halting.py [--seeds 0 1 2] [--model spikformer-2-64] [-T 4]
+    python bench/research/direct_halting.py [--seeds 0 1 2] [--model spikformer-2-64] [-T 4]
         [--train-subset 10000] [--val-subset 2000] [--stage1-epochs 3] [--stage2-epochs 1]
         [--out runs/direct_halting]
 
@@ -9,7 +9,7 @@ test split, fixed for every seed):
 
 * ``stage1``: the I-SPS backbone, ``--stage1-epochs`` epochs;
 * ``stas``: STAS stage 2 from it, ``--stage2-epochs`` epochs, with the hand-set knobs of
-  ``bench/ablations.py`` (fixed before any measurement: nothing is chosen on the test
+  ``bench/research/ablations.py`` (fixed before any measurement: nothing is chosen on the test
   split); its report carries the stage-1 model's fewer-timesteps hull, per-image early exit
   and early exit on top of token halting (:func:`stas_core.baselines.halting_baselines`);
 * ``matched``: the same backbone trained from scratch with as many epochs as stage 1 +

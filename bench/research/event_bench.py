@@ -1,6 +1,6 @@
 """Open question 1 of STAS on event input: vanilla SPS against I-SPS (max, mean, learned).
 
-    OMP_NUM_THREADS=1 python bench/event_bench.py [--seeds 0 1 2] [--model spikformer-2-64]
+    OMP_NUM_THREADS=1 python bench/research/event_bench.py [--seeds 0 1 2] [--model spikformer-2-64]
         [-T 4] [--train-subset 4000] [--val-subset 2000] [--out runs/event_bench]
 
 Does folding T event frames into one token set (I-SPS) lose the timing the events carry?
@@ -10,15 +10,15 @@ the timesteps) and budget, for each patch splitting (``vanilla``: frame t at tim
 
 * ``<variant>/stage1``: stage 1 (no halting), ``--stage1-epochs`` epochs;
 * ``<variant>/hand``: STAS stage 2 from it, ``--stage2-epochs`` epochs, with the hand-set
-  halting knobs of ``bench/ablations.py`` (:data:`ablations.HAND`), and the trivial
+  halting knobs of ``bench/research/ablations.py`` (:data:`ablations.HAND`), and the trivial
   baseline its summary carries (the same model without halting, stopped after t = 1..T).
 
 Then a timing probe (every stage-1 model on the test frames in reverse time order: a model
 that ignores timing scores the same) and the images/s of every model at batch 128,
 measured side by side in this process (round robin, best of ``--speed-repeats``). Top-1
 is on ``--val-subset`` test images: a binomial std of sqrt(p (1 - p) / n) each.
-Resumable (``bench/ablations.py``'s train-or-reuse runs); the JSON, Markdown and PNG are
-rewritten after every run into ``--results`` (default ``bench/results``) as
+Resumable (``bench/research/ablations.py``'s train-or-reuse runs); the JSON, Markdown and PNG are
+rewritten after every run into ``--results`` (default ``bench/research/results``) as
 ``event_bench.*``, next to ``event_samples.png`` (six test recordings as ON/OFF frames).
 Each seed takes about 10-15 minutes on one core. Run by hand, never in CI.
 """
@@ -53,7 +53,7 @@ DATASET = "fashion-mnist-dvs"
 VARIANTS = {"vanilla": ("vanilla", "max"), "integrated-max": ("integrated", "max"),
             "integrated-mean": ("integrated", "mean"),
             "integrated-learned": ("integrated", "learned")}
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class EventRuns(Runs):
@@ -294,7 +294,7 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--speed-repeats", type=int, default=2)
     p.add_argument("--out", default="runs/event_bench", help="training runs")
-    p.add_argument("--results", default="bench/results", help="event_bench.{json,md,png}")
+    p.add_argument("--results", default="bench/research/results", help="event_bench.{json,md,png}")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -1,6 +1,6 @@
 """The paper's mechanism claims, retrained per variant with several seeds.
 
-    python bench/ablations.py [--seeds 0 1 2] [--model spikformer-4-64] [-T 4]
+    python bench/research/ablations.py [--seeds 0 1 2] [--model spikformer-4-64] [-T 4]
         [--train-subset 12000] [--val-subset 2000] [--out runs/ablations] [--report-only]
 
 Per seed, on the same seeded Fashion-MNIST subset and budget:
