@@ -237,6 +237,34 @@ def paired_top1(results: dict, a: str, b: str) -> Optional[dict]:
             "over_seeds": seed_interval([v["difference"] for v in per_seed.values()])}
 
 
+def versus_t1(results: dict, name: str, stage1: str) -> Optional[dict]:
+    """A halting run against its stage-1 model stopped after t = 1, the cheapest point of
+    the fewer-timesteps curve: a run cheaper than it lies outside the curve's reach, where
+    the hull comparison says nothing. Per seed a paired bootstrap 95% interval over the
+    test images, with both energies under both ledgers; Student-t over seeds."""
+    ra, rb = results["runs"].get(name, {}), results["runs"].get(stage1, {})
+    seeds = sorted(set(ra) & set(rb), key=int)
+    if not seeds:
+        return None
+    per_seed = {}
+    for s in seeds:
+        h = np.load(Path(ra[s]["checkpoint"]).parent / "predictions.npz")
+        b = np.load(Path(rb[s]["checkpoint"]).parent / "predictions.npz")
+        if not np.array_equal(h["labels"], b["labels"]):
+            raise RuntimeError(f"{name} and {stage1} (seed {s}) were not measured on the "
+                               f"same images")
+        halted = (h["halted.pred"][-1] == h["labels"]).astype(float)
+        first = (b["model.pred"][0] == b["labels"]).astype(float)
+        r = paired_bootstrap(halted, first)
+        per_seed[s] = {"difference": r["difference"], "ci95": r["ci95"],
+                       "energy_mj": float(h["halted.energy_mj"][-1]),
+                       "t1_energy_mj": float(b["model.energy_mj"][0]),
+                       "full_energy_mj": float(h["halted.full_energy_mj"][-1]),
+                       "t1_full_energy_mj": float(b["model.full_energy_mj"][0])}
+    return {"per_seed": per_seed,
+            "over_seeds": seed_interval([v["difference"] for v in per_seed.values()])}
+
+
 def versus_stage1(results: dict, name: str) -> dict:
     """A halting variant against its stage-1 model's fewer-timesteps hull and per-image
     early exit (each run's own paired intervals), with a Student-t interval over seeds."""
@@ -303,8 +331,10 @@ def aggregate(results: dict) -> dict:
             images[label] = paired_top1(results, a, b)
     stage1 = {name: versus_stage1(results, name) for name, per_seed in results["runs"].items()
               if any(r.get("vs") for r in per_seed.values())}
+    first = {name: versus_t1(results, name, f"{name.split('/')[0]}/stage1")
+             for name in stage1 if f"{name.split('/')[0]}/stage1" in results["runs"]}
     return {"variants": variants, "paired": pairs, "paired_top1": images,
-            "vs_stage1": stage1}
+            "vs_stage1": stage1, "vs_stage1_t1": first}
 
 
 def _fmt(ms: dict, scale: float = 1.0, digits: int = 2) -> str:
@@ -351,6 +381,14 @@ def interval_tables(agg: dict) -> list[str]:
         full = " / ".join(_interval(v[k]["over_seeds"]) for k in (
             "full/vs_fewer_timesteps", "full/vs_early_exit"))
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {full} |")
+    if agg.get("vs_stage1_t1"):
+        lines += ["", "| halting run against its stage-1 model stopped after t = 1 | per seed: "
+                  "top-1 difference [95%] (mJ: run / t = 1) | over seeds |", "|---|---|---|"]
+        for name, v in agg["vs_stage1_t1"].items():
+            seeds = "; ".join(f"{100 * r['difference']:+.2f} [{100 * r['ci95'][0]:+.2f}, "
+                              f"{100 * r['ci95'][1]:+.2f}] ({r['energy_mj']:.4f} / "
+                              f"{r['t1_energy_mj']:.4f})" for r in v["per_seed"].values())
+            lines.append(f"| {name} | {seeds} | {_interval(v['over_seeds'])} |")
     lines.append("\nTop-1 differences over seeds: the mean of the seeds' paired differences "
                  "with a Student-t 95% interval; n/a for fewer than 2 seeds.")
     return lines

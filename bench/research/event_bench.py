@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ablations import (HAND, STAGE1_LR, STAGE2_LR, Runs, _fmt, _ms, _paired,  # bench/ sibling
-                       interval_tables, paired_top1, versus_stage1)
+                       interval_tables, paired_top1, versus_stage1, versus_t1)
 from halting import Halted
 from stas_core.provenance import provenance_of_args
 from stas_core.checkpoint import atomic_write, atomic_write_text
@@ -192,12 +192,14 @@ def aggregate(results: dict) -> dict:
                 images[f"{variant} - vanilla ({stage})"] = paired_top1(absolute, a, b)
     stage1 = {name: versus_stage1(results, name) for name, per_seed in results["runs"].items()
               if any(r.get("vs") for r in per_seed.values())}
+    first = {name: versus_t1(absolute, name, f"{name.split('/')[0]}/stage1") for name in stage1
+             if f"{name.split('/')[0]}/stage1" in results["runs"]}
     probe = {}
     for variant, per_seed in (results.get("timing_probe") or {}).items():
         rows = list(per_seed.values())
         probe[variant] = {k: _ms([r[k] for r in rows]) for k in ("top1", "top1_reversed", "drop")}
     return {"variants": variants, "paired": pairs, "paired_top1": images,
-            "vs_stage1": stage1, "timing_probe": probe}
+            "vs_stage1": stage1, "vs_stage1_t1": first, "timing_probe": probe}
 
 
 def markdown(results: dict) -> str:
