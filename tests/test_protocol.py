@@ -51,6 +51,19 @@ def _run():
     return AnytimeRun(labels, pred, conf, np.array([1.0, 3.0]), np.array([10.0, 20.0]))
 
 
+def test_the_default_early_exit_sweep_spans_t1_to_T():
+    """The default thresholds reach both ends of the fewer-timesteps curve: every image
+    stopped after t = 1 (so a halted point as cheap as t = 1 is compared, not skipped)
+    and, for confident-but-not-certain images, every image run to T."""
+    from stas_core.baselines import DEFAULT_THRESHOLDS
+
+    run = _run()
+    ee = early_exit(run)
+    assert ee.energy["conventional"].min() == 1.0 and ee.mean_timesteps.min() == 1.0
+    assert ee.energy["conventional"].max() == 3.0 and ee.mean_timesteps.max() == 2.0
+    assert DEFAULT_THRESHOLDS[0] == 0.0 and list(DEFAULT_THRESHOLDS) == sorted(DEFAULT_THRESHOLDS)
+
+
 def test_early_exit_hand_counted():
     ee = early_exit(_run(), thresholds=[0.0, 0.9, 1.1])
     # 0.0: all stop at t = 1 (2 of 3 right); 0.9: image 0 at t = 1, the others at T

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from halting import HaltingConfig
 from stas_core.provenance import provenance_of_args
+from stas_core.baselines import halting_baselines, load_runs
 from stas_core.stats import paired_bootstrap, seed_interval
 from stas_core.checkpoint import atomic_write, atomic_write_text
 from stas_core.data import build_datasets
@@ -266,13 +267,19 @@ def versus_t1(results: dict, name: str, stage1: str) -> Optional[dict]:
 
 
 def versus_stage1(results: dict, name: str) -> dict:
-    """A halting variant against its stage-1 model's fewer-timesteps hull and per-image
-    early exit (each run's own paired intervals), with a Student-t interval over seeds."""
+    """A halting run against its stage-1 model's fewer-timesteps hull and per-image early
+    exit, recomputed from the run's ``predictions.npz`` (the stage-1 model's answers after
+    every t beside the halted model's) with the library's current baselines; paired 95%
+    intervals over the test images per seed, Student-t over seeds."""
+    per: dict[str, dict] = {}
+    for s, r in results["runs"][name].items():
+        runs = load_runs(Path(r["checkpoint"]).parent / "predictions.npz")
+        per[s] = halting_baselines(runs["unhalted"], runs["halted"])["vs"]
     out = {}
     for ledger in ("conventional", "full"):
         for base in ("fewer_timesteps", "early_exit"):
-            rows = {s: r["vs"][ledger][base] for s, r in results["runs"][name].items()
-                    if r.get("vs")}
+            rows = {s: {k: vs[ledger][base].get(k) for k in ("difference", "ci95")}
+                    for s, vs in per.items()}
             d = [v["difference"] for v in rows.values()]
             out[f"{ledger}/vs_{base}"] = {"per_seed": rows, "over_seeds": None if None in d
                                           else seed_interval(d)}

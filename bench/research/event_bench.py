@@ -190,7 +190,7 @@ def aggregate(results: dict) -> dict:
             a, b = f"{variant}/{stage}", f"vanilla/{stage}"
             if variant != "vanilla" and a in results["runs"] and b in results["runs"]:
                 images[f"{variant} - vanilla ({stage})"] = paired_top1(absolute, a, b)
-    stage1 = {name: versus_stage1(results, name) for name, per_seed in results["runs"].items()
+    stage1 = {name: versus_stage1(absolute, name) for name, per_seed in results["runs"].items()
               if any(r.get("vs") for r in per_seed.values())}
     first = {name: versus_t1(absolute, name, f"{name.split('/')[0]}/stage1") for name in stage1
              if f"{name.split('/')[0]}/stage1" in results["runs"]}
@@ -277,7 +277,12 @@ def samples_png(path: Path, frames: int) -> None:
 
 def write(results: dict, root: Path, args) -> None:
     results["aggregate"] = aggregate(results)
-    results["provenance"] = provenance_of_args(args)
+    results["provenance"] = provenance_of_args(
+        args, seeds=args.seeds, images={"test": build_datasets(
+            DATASET, val_subset=args.val_subset, augment=False, frames=args.timesteps)[1]},
+        chose="val", reported="test",
+        checkpoints=[_abs(r["checkpoint"]) for per in results["runs"].values()
+                     for r in per.values()])
     atomic_write_text(root / "event_bench.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(root / "event_bench.md", markdown(results))
     plot(results, root / "event_bench.png")
