@@ -223,17 +223,25 @@ def _final_correct(record: dict) -> np.ndarray:
 def paired_top1(results: dict, a: str, b: str) -> Optional[dict]:
     """Top-1 of ``a`` minus ``b``: per seed a paired bootstrap 95% interval over the same
     test images, then a Student-t interval over the seeds' differences."""
+    def one(ra: dict, rb: dict, s: str) -> dict:
+        ca, cb = _final_correct(ra), _final_correct(rb)
+        if ca.shape != cb.shape:
+            raise RuntimeError(f"{a} and {b} (seed {s}) were not measured on the same images")
+        return {k: v for k, v in paired_bootstrap(ca.astype(float), cb.astype(float)).items()
+                if k in ("difference", "ci95", "items", "excludes_zero")}
+
+    return _over_seeds(results, a, b, one)
+
+
+def _over_seeds(results: dict, a: str, b: str, one) -> Optional[dict]:
+    """``one(record_a, record_b, seed)`` for every seed both runs have (each a dict with
+    a ``difference``), and a Student-t interval over those differences; None without a
+    common seed."""
     ra, rb = results["runs"].get(a, {}), results["runs"].get(b, {})
     seeds = sorted(set(ra) & set(rb), key=int)
     if not seeds:
         return None
-    per_seed = {}
-    for s in seeds:
-        ca, cb = _final_correct(ra[s]), _final_correct(rb[s])
-        if ca.shape != cb.shape:
-            raise RuntimeError(f"{a} and {b} (seed {s}) were not measured on the same images")
-        per_seed[s] = {k: v for k, v in paired_bootstrap(ca.astype(float), cb.astype(float)).items()
-                       if k in ("difference", "ci95", "items", "excludes_zero")}
+    per_seed = {s: one(ra[s], rb[s], s) for s in seeds}
     return {"per_seed": per_seed,
             "over_seeds": seed_interval([v["difference"] for v in per_seed.values()])}
 
@@ -243,27 +251,22 @@ def versus_t1(results: dict, name: str, stage1: str) -> Optional[dict]:
     the fewer-timesteps curve: a run cheaper than it lies outside the curve's reach, where
     the hull comparison says nothing. Per seed a paired bootstrap 95% interval over the
     test images, with both energies under both ledgers; Student-t over seeds."""
-    ra, rb = results["runs"].get(name, {}), results["runs"].get(stage1, {})
-    seeds = sorted(set(ra) & set(rb), key=int)
-    if not seeds:
-        return None
-    per_seed = {}
-    for s in seeds:
-        h = np.load(Path(ra[s]["checkpoint"]).parent / "predictions.npz")
-        b = np.load(Path(rb[s]["checkpoint"]).parent / "predictions.npz")
+    def one(rec: dict, base: dict, s: str) -> dict:
+        h = np.load(Path(rec["checkpoint"]).parent / "predictions.npz")
+        b = np.load(Path(base["checkpoint"]).parent / "predictions.npz")
         if not np.array_equal(h["labels"], b["labels"]):
             raise RuntimeError(f"{name} and {stage1} (seed {s}) were not measured on the "
                                f"same images")
         halted = (h["halted.pred"][-1] == h["labels"]).astype(float)
         first = (b["model.pred"][0] == b["labels"]).astype(float)
         r = paired_bootstrap(halted, first)
-        per_seed[s] = {"difference": r["difference"], "ci95": r["ci95"],
-                       "energy_mj": float(h["halted.energy_mj"][-1]),
-                       "t1_energy_mj": float(b["model.energy_mj"][0]),
-                       "full_energy_mj": float(h["halted.full_energy_mj"][-1]),
-                       "t1_full_energy_mj": float(b["model.full_energy_mj"][0])}
-    return {"per_seed": per_seed,
-            "over_seeds": seed_interval([v["difference"] for v in per_seed.values()])}
+        return {"difference": r["difference"], "ci95": r["ci95"],
+                "energy_mj": float(h["halted.energy_mj"][-1]),
+                "t1_energy_mj": float(b["model.energy_mj"][0]),
+                "full_energy_mj": float(h["halted.full_energy_mj"][-1]),
+                "t1_full_energy_mj": float(b["model.full_energy_mj"][0])}
+
+    return _over_seeds(results, name, stage1, one)
 
 
 def versus_stage1(results: dict, name: str) -> dict:
